@@ -1,0 +1,406 @@
+"""PyTorch <-> Flax weight conversion for MobileNetV1/V2.
+
+Layouts understood (detected from the key names):
+
+* ``'torchvision'``: ``torchvision.models.mobilenet_v2`` at any ``width_mult``.
+* ``'amc_v1'``: the MobileNetV1 PyTorch code in the design notes (``conv1.0/1``,
+  ``features.N.0/1/3/4``, ``classifier.0``), any channel profile (``normal``,
+  AMC ``0.5flops``, pruned lists).
+* ``'notes_v2'``: the MobileNetV2 PyTorch port in the design notes
+  (``features.N.conv.M``, ``int(c * width)`` channel rounding).
+
+Usage::
+
+    model, variables = convert.from_torch("mobilenet_v2.pth")
+    logits = model.apply(variables, images_nhwc)
+    state_dict = convert.to_torch(model, variables)   # torchvision layout
+
+Command line: ``python -m mobilenet_jax.convert IN.pth OUT_DIR`` writes an orbax
+checkpoint of the variables and the detected architecture (``model.json``).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from mobilenet_jax.models import (
+    V1_PROFILES,
+    MobileNetV1,
+    MobileNetV2,
+    make_divisible,
+    v1_architecture,
+    v2_architecture,
+)
+
+LAYOUTS = ("torchvision", "amc_v1", "notes_v2")
+# Strides of the 13 depthwise-separable blocks of every MobileNetV1 profile.
+V1_STRIDES = tuple(s for _, s in v1_architecture("normal")[1])
+
+# Permutations from a Flax kernel to the PyTorch weight: conv HWIO -> OIHW, dense IO -> OI.
+_CONV_TO_TORCH = (3, 2, 0, 1)
+_CONV_TO_FLAX = (2, 3, 1, 0)
+_DENSE = (1, 0)
+
+
+class StateDictMismatchError(ValueError):
+    """A state dict does not fit the architecture; lists missing, unexpected and mis-shaped keys."""
+
+
+# ----------------------------------------------------------------------------- layout tables
+
+
+def _v1_modules(model: MobileNetV1) -> list[tuple[str, str]]:
+    _, blocks = v1_architecture(model.profile, model.width)
+    names = [("stem_conv", "conv1.0"), ("stem_bn", "conv1.1")]
+    for i in range(len(blocks)):
+        names += [
+            (f"block_{i}/conv_dw", f"features.{i}.0"),
+            (f"block_{i}/bn_dw", f"features.{i}.1"),
+            (f"block_{i}/conv_pw", f"features.{i}.3"),
+            (f"block_{i}/bn_pw", f"features.{i}.4"),
+        ]
+    return names + [("classifier", "classifier.0")]
+
+
+def _v2_modules(model: MobileNetV2, layout: str) -> list[tuple[str, str]]:
+    _, blocks, _ = v2_architecture(model.width, model.rounding, tuple(map(tuple, model.block_table)))
+    names = [("stem_conv", "features.0.0"), ("stem_bn", "features.0.1")]
+    for i, (cin, hidden, _, _) in enumerate(blocks):
+        prefix = f"features.{i + 1}.conv"
+        parts = ["conv_dw", "bn_dw", "conv_pwl", "bn_pwl"]
+        if hidden != cin:
+            parts = ["conv_pw", "bn_pw"] + parts
+        if layout == "torchvision":
+            # Conv-BN-ReLU6 triples are Sequentials (".k.0", ".k.1"), the projection is flat.
+            nested = len(parts) // 2 - 1
+            torch_names = [f"{prefix}.{k}.{j}" for k in range(nested) for j in (0, 1)]
+            torch_names += [f"{prefix}.{nested}", f"{prefix}.{nested + 1}"]
+        else:
+            # One flat Sequential: conv, bn, relu6 per layer, the projection without relu6.
+            torch_names = [f"{prefix}.{3 * k + j}" for k in range(len(parts) // 2) for j in (0, 1)]
+        names += [(f"block_{i}/{part}", name) for part, name in zip(parts, torch_names)]
+    last = f"features.{len(blocks) + 1}"
+    return names + [("last_conv", f"{last}.0"), ("last_bn", f"{last}.1"), ("classifier", "classifier.1")]
+
+
+def _modules(model: nn.Module, layout: str) -> list[tuple[str, str]]:
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; use one of {LAYOUTS}.")
+    if isinstance(model, MobileNetV1):
+        if layout != "amc_v1":
+            raise ValueError(f"MobileNetV1 converts to the 'amc_v1' layout only, not {layout!r}.")
+        names = _v1_modules(model)
+    elif isinstance(model, MobileNetV2):
+        if layout == "amc_v1":
+            raise ValueError("MobileNetV2 converts to the 'torchvision' or 'notes_v2' layout, not 'amc_v1'.")
+        names = _v2_modules(model, layout)
+    else:
+        raise TypeError(f"Expected a MobileNetV1 or MobileNetV2 module, got {type(model).__name__}.")
+    if model.num_classes is None:
+        names = [(flax, torch) for flax, torch in names if flax != "classifier"]
+    return names
+
+
+def _entries(model: nn.Module, layout: str, flax_params: Mapping) -> list[tuple[str, str | None, tuple, tuple | None]]:
+    """``(torch_key, flax_collection, flax_path, permutation)`` for every tensor, in PyTorch order.
+
+    ``flax_collection`` is None for BatchNorm's ``num_batches_tracked``, which Flax does not keep.
+    """
+    entries = []
+    for flax_name, torch_name in _modules(model, layout):
+        path = tuple(flax_name.split("/"))
+        leaves = _get(flax_params, path)
+        if "scale" in leaves:  # BatchNorm
+            entries += [
+                (f"{torch_name}.weight", "params", path + ("scale",), None),
+                (f"{torch_name}.bias", "params", path + ("bias",), None),
+                (f"{torch_name}.running_mean", "batch_stats", path + ("mean",), None),
+                (f"{torch_name}.running_var", "batch_stats", path + ("var",), None),
+                (f"{torch_name}.num_batches_tracked", None, path, None),
+            ]
+        elif "bias" in leaves:  # classifier
+            entries += [
+                (f"{torch_name}.weight", "params", path + ("kernel",), _DENSE),
+                (f"{torch_name}.bias", "params", path + ("bias",), None),
+            ]
+        else:  # bias-free convolution
+            entries.append((f"{torch_name}.weight", "params", path + ("kernel",), _CONV_TO_TORCH))
+    return entries
+
+
+def _get(tree: Mapping, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _abstract_variables(model: nn.Module, in_channels: int = 3) -> dict:
+    images = jax.ShapeDtypeStruct((1, 32, 32, in_channels), np.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+
+
+def _expected_shapes(model: nn.Module, layout: str, in_channels: int = 3) -> dict[str, tuple]:
+    variables = _abstract_variables(model, in_channels)
+    shapes = {}
+    for key, collection, path, perm in _entries(model, layout, variables["params"]):
+        if collection is None:
+            shapes[key] = ()
+            continue
+        shape = _get(variables[collection], path).shape
+        shapes[key] = tuple(shape[p] for p in perm) if perm else tuple(shape)
+    return shapes
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_state_dict(source: Any) -> dict[str, np.ndarray]:
+    """Reads a state dict from a path, a checkpoint dict or a state dict, as numpy arrays.
+
+    A file is read with ``torch.load(weights_only=True)``: loading a checkpoint never
+    runs code from it. ``{'state_dict': ...}`` wrappers and DataParallel's
+    ``module.`` prefixes are removed.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        import torch
+
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"No PyTorch checkpoint at {os.fspath(source)!r}.")
+        try:
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many kinds; all mean "not a safe weights file"
+            raise ValueError(
+                f"Could not read {os.fspath(source)!r} as a weights-only PyTorch checkpoint ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''})."
+            ) from None
+    if not isinstance(source, Mapping):
+        raise TypeError(f"Expected a state dict, a checkpoint dict or a path, got {type(source).__name__}.")
+    if "state_dict" in source and isinstance(source["state_dict"], Mapping):
+        source = source["state_dict"]
+    state = {}
+    for key, value in source.items():
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        elif not isinstance(value, np.ndarray):
+            continue  # metadata such as epoch numbers stored beside the tensors
+        state[key[len("module.") :] if key.startswith("module.") else key] = value
+    return state
+
+
+def detect_layout(state: Mapping[str, Any]) -> str | None:
+    """The layout of a (prefix-free) state dict, or None when no MobileNet layout fits."""
+    keys = list(state)
+    if any(k.startswith("conv1.") for k in keys) and any(re.match(r"features\.\d+\.3\.weight$", k) for k in keys):
+        return "amc_v1"
+    if any(re.match(r"features\.\d+\.conv\.\d+\.\d+\.weight$", k) for k in keys):
+        return "torchvision"
+    if any(re.match(r"features\.\d+\.conv\.\d+\.weight$", k) for k in keys):
+        return "notes_v2"
+    return None
+
+
+def _num_classes(state: Mapping, key: str) -> int:
+    return int(state[key].shape[0]) if key in state and state[key].ndim == 2 else 1000
+
+
+def _detect_v1(state: Mapping, strides: Sequence[int] | None) -> MobileNetV1:
+    num_classes = _num_classes(state, "classifier.0.weight")
+    stem = state["conv1.0.weight"].shape[0] if "conv1.0.weight" in state else 32
+    indices = sorted({int(m.group(1)) for k in state if (m := re.match(r"features\.(\d+)\.3\.weight$", k))})
+    channels = tuple(int(state[f"features.{i}.3.weight"].shape[0]) for i in indices)
+    if indices != list(range(len(indices))) or (strides is None and len(indices) != len(V1_STRIDES)):
+        # Blocks missing or a non-standard depth without strides: compare with the standard network.
+        return MobileNetV1(num_classes=num_classes, width=stem / 32)
+    strides = tuple(strides) if strides is not None else V1_STRIDES
+    if len(strides) != len(channels):
+        raise ValueError(f"The state dict has {len(channels)} MobileNetV1 blocks but {len(strides)} strides were given.")
+    for name, (base_stem, _) in V1_PROFILES.items():
+        for width in (1.0, stem / base_stem):
+            if v1_architecture(name, width) == (stem, tuple(zip(channels, strides))):
+                return MobileNetV1(num_classes=num_classes, width=width, profile=name)
+    blocks = tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides))
+    return MobileNetV1(num_classes=num_classes, profile=(int(stem), blocks))
+
+
+def _candidate_widths() -> list[float]:
+    # Round widths first, so that the width recorded for torchvision's 0.35 is 0.35.
+    widths = []
+    for denominator in (20, 100, 1000, 8000):
+        widths += [i / denominator for i in range(1, 4 * denominator + 1)]
+    return list(dict.fromkeys(widths))
+
+
+_WIDTHS = _candidate_widths()
+
+
+def _block_convs(architecture: tuple) -> dict[int, list[tuple]]:
+    """PyTorch conv weight shapes of each inverted-residual block, keyed by ``features`` index."""
+    _, blocks, _ = architecture
+    return {
+        i + 1: ([(hidden, cin, 1, 1)] if hidden != cin else []) + [(hidden, 1, 3, 3), (cout, hidden, 1, 1)]
+        for i, (cin, hidden, cout, _) in enumerate(blocks)
+    }
+
+
+def _detect_v2(state: Mapping, layout: str) -> MobileNetV2:
+    rounding = "torchvision" if layout == "torchvision" else "floor"
+    num_classes = _num_classes(state, "classifier.1.weight")
+    stem = state["features.0.0.weight"].shape[0] if "features.0.0.weight" in state else None
+    found = collections.defaultdict(list)
+    for key, value in state.items():
+        match = re.match(r"features\.(\d+)\.conv\.([\d.]+)\.weight$", key)
+        if match and value.ndim == 4:
+            found[int(match[1])].append((tuple(map(int, match[2].split("."))), tuple(value.shape)))
+    observed = {i: [shape for _, shape in sorted(convs)] for i, convs in found.items()}
+
+    scale = make_divisible if rounding == "torchvision" else int
+    best_width, best_score = 1.0, -1
+    seen = set()
+    for width in _WIDTHS:
+        if stem is not None and scale(32 * width) != stem:
+            continue  # cheap pre-filter: the stem alone rules out most widths
+        architecture = v2_architecture(width, rounding)
+        if architecture in seen:
+            continue
+        seen.add(architecture)
+        score = sum(observed.get(i) == convs for i, convs in _block_convs(architecture).items())
+        if score > best_score:
+            best_width, best_score = width, score
+    return MobileNetV2(num_classes=num_classes, width=best_width, rounding=rounding)
+
+
+def _mismatch_message(model: nn.Module, layout: str, state: Mapping, expected: Mapping, limit: int = 12) -> str | None:
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
+    if not (missing or unexpected or misshaped):
+        return None
+
+    def listing(title: str, items: list[str]) -> str:
+        more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+        return f"{len(items)} {title}: [{', '.join(items[:limit])}{more}]"
+
+    return (
+        f"The state dict does not fit {_describe(model)} in the {layout!r} layout: "
+        + "; ".join(listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)))
+        + "."
+    )
+
+
+def _describe(model: nn.Module) -> str:
+    if isinstance(model, MobileNetV1):
+        return f"MobileNetV1(width={model.width}, profile={model.profile!r}, num_classes={model.num_classes})"
+    return f"MobileNetV2(width={model.width}, rounding={model.rounding!r}, num_classes={model.num_classes})"
+
+
+def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn.Module, dict]:
+    """Builds the Flax model a PyTorch MobileNet state dict describes, and its variables.
+
+    Args:
+      source: a state dict (torch tensors or numpy arrays), a checkpoint dict holding
+        ``'state_dict'``, or a path to a ``.pth`` file.
+      strides: MobileNetV1 only: the per-block strides of a network whose depth is not
+        the standard 13 blocks.
+
+    Returns:
+      ``(model, {'params': ..., 'batch_stats': ...})``.
+
+    Raises:
+      StateDictMismatchError: the state dict does not fit any supported MobileNet;
+        the message lists the missing, unexpected and mis-shaped keys.
+    """
+    state = load_state_dict(source)
+    layout = detect_layout(state)
+    if layout is None:
+        reference = MobileNetV2()
+        message = _mismatch_message(reference, "torchvision", state, _expected_shapes(reference, "torchvision"))
+        raise StateDictMismatchError(f"No MobileNet layout this converter knows fits. {message}")
+    model = _detect_v1(state, strides) if layout == "amc_v1" else _detect_v2(state, layout)
+    stem_key = "conv1.0.weight" if layout == "amc_v1" else "features.0.0.weight"
+    in_channels = state[stem_key].shape[1] if stem_key in state and state[stem_key].ndim == 4 else 3
+    expected = _expected_shapes(model, layout, in_channels)
+    message = _mismatch_message(model, layout, state, expected)
+    if message:
+        raise StateDictMismatchError(message)
+
+    variables: dict = {"params": {}, "batch_stats": {}}
+    for key, collection, path, perm in _entries(model, layout, _abstract_variables(model, in_channels)["params"]):
+        if collection is None:
+            continue
+        value = np.asarray(state[key], dtype=np.float32)
+        if perm == _CONV_TO_TORCH:
+            value = value.transpose(_CONV_TO_FLAX)
+        elif perm is not None:
+            value = value.transpose(perm)
+        _set(variables[collection], path, jax.numpy.asarray(value))
+    return model, variables
+
+
+def to_torch(
+    model: nn.Module, variables: Mapping, layout: str | None = None, num_batches_tracked: int = 0
+) -> "collections.OrderedDict[str, Any]":
+    """Writes Flax variables as a PyTorch state dict (torch tensors, PyTorch's key order).
+
+    ``layout`` defaults to 'torchvision' for MobileNetV2 and 'amc_v1' for MobileNetV1.
+    Flax keeps no ``num_batches_tracked``; it is written as ``num_batches_tracked``
+    (PyTorch reads it only when BatchNorm's momentum is None).
+    """
+    import torch
+
+    if layout is None:
+        layout = "amc_v1" if isinstance(model, MobileNetV1) else "torchvision"
+    state = collections.OrderedDict()
+    for key, collection, path, perm in _entries(model, layout, variables["params"]):
+        if collection is None:
+            state[key] = torch.tensor(num_batches_tracked, dtype=torch.int64)
+            continue
+        value = np.asarray(_get(variables[collection], path), dtype=np.float32)
+        state[key] = torch.from_numpy(np.array(value.transpose(perm) if perm else value, copy=True))
+    return state
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mobilenet_jax.convert IN.pth OUT_DIR``: write an orbax checkpoint and model.json."""
+    import argparse
+
+    from mobilenet_jax import checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mobilenet_jax.convert", description="Convert a PyTorch MobileNet checkpoint to Flax."
+    )
+    parser.add_argument("source", help="PyTorch .pth file (state dict or checkpoint dict)")
+    parser.add_argument("out_dir", help="directory for the orbax checkpoint and model.json")
+    parser.add_argument("--strides", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="MobileNetV1 per-block strides, comma-separated, for non-standard depths")
+    args = parser.parse_args(argv)
+    try:
+        model, variables = from_torch(args.source, strides=args.strides)
+        checkpoint.save_model(args.out_dir, model, variables)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote {_describe(model)} to {os.path.abspath(args.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""MobileNetV1 (Howard et al., 2017, https://arxiv.org/abs/1704.04861).
+
+A 3x3 stride-2 stem convolution, then depthwise-separable blocks (3x3 depthwise
+conv + BN + ReLU, 1x1 pointwise conv + BN + ReLU); downsampling by stride-2
+depthwise convolutions, no pooling until the global average before the classifier.
+
+The channel list is data: a profile is ``(stem_channels, blocks)`` where each block
+is ``channels`` (stride 1) or ``(channels, stride)``, the notation of the PyTorch
+code in the design notes, so pruned networks (e.g. AMC's ``0.5flops``) load as-is.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mobilenet_jax.models import layers
+
+Profile = Union[str, tuple]
+
+V1_PROFILES: dict[str, tuple[int, tuple]] = {
+    # Table 1 of the paper.
+    "normal": (32, (64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, (1024, 2), 1024)),
+    # AMC (He et al., 2018, https://arxiv.org/abs/1802.03494), 50% of the FLOPs.
+    "0.5flops": (24, (48, (96, 2), 80, (192, 2), 200, (328, 2), 352, 368, 360, 328, 400, (736, 2), 752)),
+}
+
+
+def v1_architecture(profile: Profile = "normal", width: float = 1.0) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """Returns ``(stem_channels, ((channels, stride), ...))`` after the width multiplier.
+
+    Channels scale as TF-slim's MobileNetV1 does: ``max(8, int(c * width))``.
+    """
+    if not (isinstance(width, (int, float)) and width > 0):
+        raise ValueError(f"MobileNetV1 width must be a positive number, got {width!r}.")
+    if isinstance(profile, str):
+        if profile not in V1_PROFILES:
+            raise ValueError(f"Unknown MobileNetV1 profile {profile!r}; use one of {sorted(V1_PROFILES)} or (stem, blocks).")
+        profile = V1_PROFILES[profile]
+    try:
+        stem, cfg = profile
+        blocks = tuple((entry, 1) if isinstance(entry, int) else (int(entry[0]), int(entry[1])) for entry in cfg)
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(
+            f"A MobileNetV1 profile is (stem_channels, [channels or (channels, stride), ...]), got {profile!r}."
+        ) from None
+    if not isinstance(stem, int) or stem <= 0 or not blocks:
+        raise ValueError(f"A MobileNetV1 profile needs a positive stem channel count and at least one block, got {profile!r}.")
+    for channels, stride in blocks:
+        if channels <= 0 or stride not in (1, 2):
+            raise ValueError(f"MobileNetV1 block ({channels}, {stride}) needs channels > 0 and stride 1 or 2.")
+
+    def scale(c: int) -> int:
+        return max(8, int(c * width))
+
+    return scale(stem), tuple((scale(c), s) for c, s in blocks)
+
+
+class DepthwiseSeparable(nn.Module):
+    """3x3 depthwise conv + BN + ReLU, then 1x1 pointwise conv + BN + ReLU."""
+
+    features: int
+    strides: int
+    conv: Any
+    norm: Any
+    depthwise: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.depthwise(strides=self.strides, name="conv_dw")(x)
+        x = nn.relu(self.norm(name="bn_dw")(x))
+        x = self.conv(self.features, (1, 1), name="conv_pw")(x)
+        return nn.relu(self.norm(name="bn_pw")(x))
+
+
+class MobileNetV1(nn.Module):
+    """MobileNetV1 classifier or backbone.
+
+    Attributes:
+      num_classes: classifier outputs; ``None`` drops the head and returns the pooled features.
+      width: the width multiplier alpha (any positive number; 1.0, 0.75, 0.5, 0.25 in the paper).
+      profile: ``'normal'``, ``'0.5flops'`` (AMC) or ``(stem_channels, blocks)``.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); ``param_dtype`` stores parameters.
+      bn_momentum, bn_epsilon: BatchNorm settings (defaults are PyTorch's momentum 0.1 and eps 1e-5).
+      bn_axis_name: mapped/sharded axis over which to average BatchNorm statistics.
+      depthwise_impl: 'auto' (per backend), 'xla' or 'shift'; the parameters are the same.
+
+    ``model.apply(variables, images, train=False)`` takes NHWC images and returns the
+    logits; with ``return_features=True`` it returns ``(logits, features)`` where
+    ``features`` maps ``'stride_2'`` ... ``'stride_32'`` to the last feature map at
+    that stride and ``'pre_logits'`` to the pooled vector.
+    """
+
+    num_classes: int | None = 1000
+    width: float = 1.0
+    profile: Profile = "normal"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_axis_name: str | None = None
+    depthwise_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        if x.ndim != 4:
+            raise ValueError(f"MobileNetV1 expects NHWC images of rank 4, got shape {x.shape}.")
+        stem_channels, blocks = v1_architecture(self.profile, self.width)
+        conv = functools.partial(
+            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.conv_kernel_init
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        depthwise = functools.partial(
+            layers.DepthwiseConv, implementation=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+
+        features = {}
+        x = conv(stem_channels, (3, 3), strides=2, padding=((1, 1), (1, 1)), name="stem_conv")(x)
+        x = nn.relu(norm(name="stem_bn")(x))
+        stride = 2
+        features[f"stride_{stride}"] = x
+        for i, (channels, block_stride) in enumerate(blocks):
+            x = DepthwiseSeparable(channels, block_stride, conv, norm, depthwise, name=f"block_{i}")(x)
+            stride *= block_stride
+            features[f"stride_{stride}"] = x
+
+        x = jnp.mean(x, axis=(1, 2))
+        features["pre_logits"] = x
+        if self.num_classes is not None:
+            x = nn.Dense(
+                self.num_classes,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=layers.dense_kernel_init,
+                name="classifier",
+            )(x)
+        return (x, features) if return_features else x
+

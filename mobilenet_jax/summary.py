@@ -1,0 +1,106 @@
+"""Parameter and multiply-add counts, measured on the model itself.
+
+``summary(model, image_size)`` traces one abstract forward pass (``jax.eval_shape``:
+nothing is allocated or compiled) and records the shapes seen by every convolution
+and dense layer. Multiply-adds count convolutions and the classifier, as the papers
+do; BatchNorm, activations and pooling are not counted.
+
+``python -m mobilenet_jax.summary`` prints the variants of the papers' tables.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mobilenet_jax.models import MobileNetV1, MobileNetV2
+from mobilenet_jax.models.layers import DepthwiseConv
+
+
+class ModelSummary(NamedTuple):
+    params: int  # trainable parameters, BN scale/bias included (torchvision's count)
+    params_excluding_bn: int  # convolution and classifier weights only (the papers' count)
+    macs: int  # multiply-adds for one image
+
+
+def _layer_macs(module: nn.Module, inputs: jax.ShapeDtypeStruct, outputs: jax.ShapeDtypeStruct) -> int:
+    in_channels = inputs.shape[-1]
+    out_positions = math.prod(outputs.shape[1:-1])
+    if isinstance(module, DepthwiseConv):
+        return out_positions * in_channels * module.kernel_size**2
+    if isinstance(module, nn.Conv):
+        kernel = math.prod(module.kernel_size)
+        return out_positions * outputs.shape[-1] * kernel * in_channels // module.feature_group_count
+    if isinstance(module, nn.Dense):
+        return in_channels * outputs.shape[-1]
+    return 0
+
+
+def summary(model: nn.Module, image_size: int | tuple[int, int] = 224, in_channels: int = 3) -> ModelSummary:
+    """Counts the parameters and the multiply-adds of ``model`` on one ``image_size`` image."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    macs = []
+
+    def count(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            macs.append(_layer_macs(context.module, args[0], out))
+        return out
+
+    images = jax.ShapeDtypeStruct((1, height, width, in_channels), jnp.float32)
+    with nn.intercept_methods(count):
+        variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    sizes = {
+        jax.tree_util.keystr(path): math.prod(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+    }
+    return ModelSummary(
+        params=sum(sizes.values()),
+        params_excluding_bn=sum(n for path, n in sizes.items() if "bn" not in path),
+        macs=sum(macs),
+    )
+
+
+# The papers' rows: (name, model, image size, published params in M, published MACs in M).
+PAPER_ROWS = (
+    # MobileNetV1 (arXiv:1704.04861), Table 6: width multiplier at 224.
+    ("MobileNetV1 1.0-224", MobileNetV1(width=1.0), 224, 4.2, 569),
+    ("MobileNetV1 0.75-224", MobileNetV1(width=0.75), 224, 2.6, 325),
+    ("MobileNetV1 0.5-224", MobileNetV1(width=0.5), 224, 1.3, 149),
+    ("MobileNetV1 0.25-224", MobileNetV1(width=0.25), 224, 0.5, 41),
+    # Table 7: resolution multiplier at width 1.0.
+    ("MobileNetV1 1.0-192", MobileNetV1(width=1.0), 192, 4.2, 418),
+    ("MobileNetV1 1.0-160", MobileNetV1(width=1.0), 160, 4.2, 290),
+    ("MobileNetV1 1.0-128", MobileNetV1(width=1.0), 128, 4.2, 186),
+    # The AMC profile of the design notes (pruned to about half the MACs).
+    ("MobileNetV1 AMC 0.5flops-224", MobileNetV1(profile="0.5flops"), 224, None, None),
+    # MobileNetV2 (arXiv:1801.04381), Table 4. The paper's 6.9M for width 1.4 does not
+    # follow from its own architecture: TF-slim's released 1.4 model has 6.06M
+    # parameters and 582M MACs, which is what this model counts.
+    ("MobileNetV2 1.0-224", MobileNetV2(width=1.0), 224, 3.4, 300),
+    ("MobileNetV2 1.4-224", MobileNetV2(width=1.4), 224, 6.9, 585),
+    ("MobileNetV2 0.5-160", MobileNetV2(width=0.5), 160, None, None),
+    ("MobileNetV2 0.35-96", MobileNetV2(width=0.35), 96, None, None),
+)
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def main() -> None:
+    print(f"{'model':30s} {'params (M)':>10s} {'w/o BN':>7s} {'paper':>6s} {'MACs (M)':>9s} {'paper':>6s}")
+    for name, model, size, paper_params, paper_macs in PAPER_ROWS:
+        result = summary(model, size)
+        print(
+            f"{name:30s} {result.params / 1e6:10.3f} {result.params_excluding_bn / 1e6:7.3f}"
+            f" {_format(paper_params):>6s} {result.macs / 1e6:9.1f} {_format(paper_macs):>6s}"
+        )
+
+
+if __name__ == "__main__":
+    main()
