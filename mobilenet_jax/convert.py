@@ -87,7 +87,7 @@ def _v2_modules(model: MobileNetV2, layout: str) -> list[tuple[str, str]]:
         else:
             # One flat Sequential: conv, bn, relu6 per layer, the projection without relu6.
             torch_names = [f"{prefix}.{3 * k + j}" for k in range(len(parts) // 2) for j in (0, 1)]
-        names += [(f"block_{i}/{part}", name) for part, name in zip(parts, torch_names)]
+        names += [(f"block_{i}/{part}", name) for part, name in zip(parts, torch_names, strict=True)]
     last = f"features.{len(blocks) + 1}"
     return names + [("last_conv", f"{last}.0"), ("last_bn", f"{last}.1"), ("classifier", "classifier.1")]
 
@@ -228,12 +228,14 @@ def _detect_v1(state: Mapping, strides: Sequence[int] | None) -> MobileNetV1:
         return MobileNetV1(num_classes=num_classes, width=stem / 32)
     strides = tuple(strides) if strides is not None else V1_STRIDES
     if len(strides) != len(channels):
-        raise ValueError(f"The state dict has {len(channels)} MobileNetV1 blocks but {len(strides)} strides were given.")
+        raise ValueError(
+            f"The state dict has {len(channels)} MobileNetV1 blocks but {len(strides)} strides were given."
+        )
     for name, (base_stem, _) in V1_PROFILES.items():
         for width in (1.0, stem / base_stem):
-            if v1_architecture(name, width) == (stem, tuple(zip(channels, strides))):
+            if v1_architecture(name, width) == (stem, tuple(zip(channels, strides, strict=True))):
                 return MobileNetV1(num_classes=num_classes, width=width, profile=name)
-    blocks = tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides))
+    blocks = tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides, strict=True))
     return MobileNetV1(num_classes=num_classes, profile=(int(stem), blocks))
 
 
@@ -301,7 +303,9 @@ def _mismatch_message(model: nn.Module, layout: str, state: Mapping, expected: M
 
     return (
         f"The state dict does not fit {_describe(model)} in the {layout!r} layout: "
-        + "; ".join(listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)))
+        + "; ".join(
+            listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+        )
         + "."
     )
 
@@ -357,7 +361,7 @@ def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn
 
 def to_torch(
     model: nn.Module, variables: Mapping, layout: str | None = None, num_batches_tracked: int = 0
-) -> "collections.OrderedDict[str, Any]":
+) -> collections.OrderedDict[str, Any]:
     """Writes Flax variables as a PyTorch state dict (torch tensors, PyTorch's key order).
 
     ``layout`` defaults to 'torchvision' for MobileNetV2 and 'amc_v1' for MobileNetV1.
@@ -389,8 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("source", help="PyTorch .pth file (state dict or checkpoint dict)")
     parser.add_argument("out_dir", help="directory for the orbax checkpoint and model.json")
-    parser.add_argument("--strides", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                        help="MobileNetV1 per-block strides, comma-separated, for non-standard depths")
+    parser.add_argument(
+        "--strides",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="MobileNetV1 per-block strides, comma-separated, for non-standard depths",
+    )
     args = parser.parse_args(argv)
     try:
         model, variables = from_torch(args.source, strides=args.strides)

@@ -35,18 +35,14 @@ def resolve_depthwise_impl(implementation: str, backend: str | None = None) -> s
     picks per backend.
     """
     if implementation not in DEPTHWISE_IMPLEMENTATIONS:
-        raise ValueError(
-            f"depthwise_impl must be one of {DEPTHWISE_IMPLEMENTATIONS}, got {implementation!r}."
-        )
+        raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLEMENTATIONS}, got {implementation!r}.")
     if implementation != "auto":
         return implementation
     backend = backend or jax.default_backend()
     return "shift" if backend == "cpu" else "xla"
 
 
-def depthwise_conv(
-    x: jax.Array, kernel: jax.Array, strides: int, padding: int, implementation: str
-) -> jax.Array:
+def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int, implementation: str) -> jax.Array:
     """Per-channel 2-D convolution of NHWC ``x`` with a ``(k, k, 1, C)`` kernel.
 
     Both implementations compute the same function; they differ only in the XLA ops

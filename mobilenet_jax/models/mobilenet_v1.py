@@ -12,7 +12,7 @@ code in the design notes, so pruned networks (e.g. AMC's ``0.5flops``) load as-i
 from __future__ import annotations
 
 import functools
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ from flax import linen as nn
 
 from mobilenet_jax.models import layers
 
-Profile = Union[str, tuple]
+Profile = str | tuple
 
 V1_PROFILES: dict[str, tuple[int, tuple]] = {
     # Table 1 of the paper.
@@ -39,7 +39,9 @@ def v1_architecture(profile: Profile = "normal", width: float = 1.0) -> tuple[in
         raise ValueError(f"MobileNetV1 width must be a positive number, got {width!r}.")
     if isinstance(profile, str):
         if profile not in V1_PROFILES:
-            raise ValueError(f"Unknown MobileNetV1 profile {profile!r}; use one of {sorted(V1_PROFILES)} or (stem, blocks).")
+            raise ValueError(
+                f"Unknown MobileNetV1 profile {profile!r}; use one of {sorted(V1_PROFILES)} or (stem, blocks)."
+            )
         profile = V1_PROFILES[profile]
     try:
         stem, cfg = profile
@@ -49,7 +51,9 @@ def v1_architecture(profile: Profile = "normal", width: float = 1.0) -> tuple[in
             f"A MobileNetV1 profile is (stem_channels, [channels or (channels, stride), ...]), got {profile!r}."
         ) from None
     if not isinstance(stem, int) or stem <= 0 or not blocks:
-        raise ValueError(f"A MobileNetV1 profile needs a positive stem channel count and at least one block, got {profile!r}.")
+        raise ValueError(
+            f"A MobileNetV1 profile needs a positive stem channel count and at least one block, got {profile!r}."
+        )
     for channels, stride in blocks:
         if channels <= 0 or stride not in (1, 2):
             raise ValueError(f"MobileNetV1 block ({channels}, {stride}) needs channels > 0 and stride 1 or 2.")
@@ -147,4 +151,3 @@ class MobileNetV1(nn.Module):
                 name="classifier",
             )(x)
         return (x, features) if return_features else x
-

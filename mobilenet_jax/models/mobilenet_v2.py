@@ -59,7 +59,9 @@ def v2_architecture(
     in_channels = stem
     for t, c, n, s in block_table:
         if t < 1 or n < 1 or s not in (1, 2):
-            raise ValueError(f"MobileNetV2 block row (t={t}, c={c}, n={n}, s={s}) needs t >= 1, n >= 1 and s in (1, 2).")
+            raise ValueError(
+                f"MobileNetV2 block row (t={t}, c={c}, n={n}, s={s}) needs t >= 1, n >= 1 and s in (1, 2)."
+            )
         out_channels = scale(c * width)
         for i in range(n):
             blocks.append((in_channels, int(round(in_channels * t)), out_channels, s if i == 0 else 1))

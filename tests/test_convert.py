@@ -1,0 +1,201 @@
+"""PyTorch -> Flax conversion: parity with PyTorch's own forward pass, round trips, errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, convert  # noqa: E402
+from tests import torch_reference as ref  # noqa: E402
+
+TOLERANCE = 1e-4
+
+
+def flax_logits(model, variables, images_nchw: np.ndarray) -> np.ndarray:
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return np.asarray(apply(variables, jnp.asarray(images_nchw.transpose(0, 2, 3, 1))))
+
+
+def torch_logits(module, images_nchw: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(images_nchw)).numpy()
+
+
+def images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randn(batch, 3, height, width).astype(np.float32)
+
+
+def assert_parity(module, size, expected_type, **expected_fields):
+    model, variables = convert.from_torch(module.state_dict())
+    assert isinstance(model, expected_type)
+    for field, value in expected_fields.items():
+        assert getattr(model, field) == value, (field, getattr(model, field), value)
+    x = images(2, *size)
+    expected = torch_logits(module, x)
+    got = flax_logits(model, variables, x)
+    error = float(np.abs(got - expected).max())
+    print(f"parity {type(module).__name__} {expected_fields} {size}: max abs error {error:.2e}")
+    assert expected.std() > 0.1  # O(1) logits, so the tolerance means something
+    assert error <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "width, size",
+    [(0.35, (57, 57)), (0.5, (64, 47)), (0.75, (33, 33)), (1.0, (96, 97)), (1.3, (41, 64))],
+)
+def test_torchvision_mobilenet_v2_parity(width, size):
+    torch.manual_seed(0)
+    module = ref.randomize(torchvision.models.mobilenet_v2(width_mult=width, num_classes=11))
+    assert_parity(module, size, MobileNetV2, width=width, num_classes=11, rounding="torchvision")
+
+
+@pytest.mark.parametrize(
+    "stem_cfg, width, profile, size",
+    [
+        (ref.V1_NORMAL, 1.0, "normal", (67, 67)),
+        (
+            (8, [16, (32, 2), 32, (64, 2), 64, (128, 2), 128, 128, 128, 128, 128, (256, 2), 256]),
+            0.25,
+            "normal",
+            (64, 49),
+        ),
+        (ref.V1_HALF_FLOPS, 1.0, "0.5flops", (45, 45)),
+    ],
+)
+def test_amc_mobilenet_v1_parity(stem_cfg, width, profile, size):
+    torch.manual_seed(0)
+    module = ref.randomize(ref.TorchMobileNetV1(7, *stem_cfg))
+    assert_parity(module, size, MobileNetV1, width=width, profile=profile, num_classes=7)
+
+
+def test_pruned_mobilenet_v1_parity():
+    torch.manual_seed(1)
+    cfg = [40, (72, 2), 64, (150, 2), 200, (300, 2), 310, 290, 333, 301, 280, (600, 2), 640]
+    module = ref.randomize(ref.TorchMobileNetV1(5, 20, cfg))
+    model, _ = convert.from_torch(module.state_dict())
+    assert model.profile == (20, tuple(cfg))
+    assert_parity(module, (51, 51), MobileNetV1)
+
+
+def test_pruned_mobilenet_v1_other_depth_needs_strides():
+    cfg = [16, (32, 2), (64, 2), (128, 2), (256, 2)]
+    module = ref.randomize(ref.TorchMobileNetV1(4, 8, cfg))
+    with pytest.raises(convert.StateDictMismatchError, match="unexpected|missing"):
+        convert.from_torch(module.state_dict())
+    model, variables = convert.from_torch(module.state_dict(), strides=[1, 2, 2, 2, 2])
+    x = images(2, 37, 37)
+    assert np.abs(flax_logits(model, variables, x) - torch_logits(module, x)).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("width, size", [(0.5, (64, 64)), (0.75, (35, 53)), (1.0, (32, 32))])
+def test_notes_mobilenet_v2_port_parity(width, size):
+    torch.manual_seed(2)
+    module = ref.randomize(ref.TorchMobileNetV2Port(num_classes=9, width_mult=width))
+    assert convert.detect_layout(module.state_dict()) == "notes_v2"
+    assert_parity(module, size, MobileNetV2, width=width, rounding="floor", num_classes=9)
+
+
+@pytest.mark.parametrize(
+    "make_module, layout",
+    [
+        (lambda: torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=10), "torchvision"),
+        (lambda: ref.TorchMobileNetV1(10, *ref.V1_HALF_FLOPS), "amc_v1"),
+        (lambda: ref.TorchMobileNetV2Port(10, width_mult=0.35), "notes_v2"),
+    ],
+)
+def test_round_trip_reproduces_state_dict_exactly(make_module, layout):
+    torch.manual_seed(3)
+    state = ref.randomize(make_module()).state_dict()
+    model, variables = convert.from_torch(state)
+    back = convert.to_torch(model, variables, layout=layout)
+    assert list(back) == list(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+    # The result loads into the PyTorch module under strict checking.
+    make_module().load_state_dict(back, strict=True)
+
+
+def test_loads_paths_checkpoint_dicts_and_dataparallel_prefixes(tmp_path):
+    torch.manual_seed(4)
+    state = ref.randomize(torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=3)).state_dict()
+    _, reference = convert.from_torch(state)
+    path = tmp_path / "wrapped.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    model, variables = convert.from_torch(str(path))
+    assert model.width == 0.35 and model.num_classes == 3
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), reference, variables))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "pickled_module.pth"
+    torch.save(ref.TorchMobileNetV2Port(10, width_mult=0.35), path)  # a whole pickled nn.Module
+    with pytest.raises(ValueError, match="weights-only"):
+        convert.from_torch(str(path))
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No PyTorch checkpoint"):
+        convert.from_torch(str(tmp_path / "nope.pth"))
+
+
+def test_other_architecture_lists_missing_and_unexpected_keys():
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    with pytest.raises(convert.StateDictMismatchError) as info:
+        convert.from_torch(state)
+    message = str(info.value)
+    assert "missing" in message and "features.0.0.weight" in message
+    assert "unexpected" in message and "layer1.0.conv1.weight" in message
+
+
+def test_truncated_state_dict_lists_missing_keys():
+    state = torchvision.models.mobilenet_v2(width_mult=0.5).state_dict()
+    truncated = {k: v for k, v in state.items() if not k.startswith(("features.17", "features.18"))}
+    with pytest.raises(convert.StateDictMismatchError) as info:
+        convert.from_torch(truncated)
+    message = str(info.value)
+    removed = [k for k in state if k not in truncated and not k.endswith("num_batches_tracked")]
+    assert f"{len(removed)} missing: [features.17.conv.0.0.weight," in message
+    assert "0 unexpected" in message and "0 mis-shaped" in message
+
+
+def test_wrong_shapes_and_extra_keys_are_listed():
+    state = dict(torchvision.models.mobilenet_v2(width_mult=1.0, num_classes=5).state_dict())
+    state["features.3.conv.1.0.weight"] = torch.zeros(144, 1, 5, 5)
+    state["features.3.extra.weight"] = torch.zeros(3)
+    with pytest.raises(convert.StateDictMismatchError) as info:
+        convert.from_torch(state)
+    message = str(info.value)
+    assert "features.3.conv.1.0.weight (144, 1, 5, 5) != (144, 1, 3, 3)" in message
+    assert "1 unexpected: [features.3.extra.weight]" in message
+
+
+def test_cli_writes_a_checkpoint_the_loader_restores(tmp_path):
+    torch.manual_seed(5)
+    module = ref.randomize(ref.TorchMobileNetV1(6, *ref.V1_HALF_FLOPS))
+    torch.save(module.state_dict(), tmp_path / "amc.pth")
+    out = tmp_path / "converted"
+    result = subprocess.run(
+        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "amc.pth"), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr
+    model, variables = checkpoint.load_model(out)
+    assert isinstance(model, MobileNetV1) and model.profile == "0.5flops" and model.num_classes == 6
+    x = images(1, 40, 40)
+    assert np.abs(flax_logits(model, variables, x) - torch_logits(module, x)).max() <= TOLERANCE
+
+    again = subprocess.run(
+        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "missing.pth"), str(tmp_path / "other")],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 1 and "No PyTorch checkpoint" in again.stderr and "Traceback" not in again.stderr

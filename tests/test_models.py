@@ -1,0 +1,184 @@
+"""MobileNetV1/V2 modules: shapes, features, BatchNorm modes, dtypes, initialisation, errors."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mobilenet_jax import MobileNetV1, MobileNetV2
+from mobilenet_jax.models import DepthwiseConv, layers, model_from_dict, model_to_dict
+
+
+def output_shape(model, size, **kwargs):
+    images = jax.ShapeDtypeStruct((2, *size, 3), jnp.float32)
+
+    def forward(x):
+        variables = model.init(jax.random.key(0), x)
+        return model.apply(variables, x, **kwargs)
+
+    return jax.eval_shape(forward, images)
+
+
+@pytest.mark.parametrize("width", [0.25, 0.5, 0.75, 1.0, 1.3])
+@pytest.mark.parametrize("size", [(224, 224), (128, 128), (97, 61)])
+def test_v1_output_shapes(width, size):
+    assert output_shape(MobileNetV1(num_classes=17, width=width), size).shape == (2, 17)
+    assert output_shape(MobileNetV1(num_classes=None, width=width), size).shape == (2, max(8, int(1024 * width)))
+
+
+@pytest.mark.parametrize("width, last", [(0.35, 1280), (0.5, 1280), (1.0, 1280), (1.4, 1792)])
+@pytest.mark.parametrize("size", [(224, 224), (160, 160), (33, 65)])
+def test_v2_output_shapes(width, last, size):
+    assert output_shape(MobileNetV2(num_classes=5, width=width), size).shape == (2, 5)
+    assert output_shape(MobileNetV2(num_classes=None, width=width), size).shape == (2, last)
+
+
+@pytest.mark.parametrize(
+    "model, channels",
+    [
+        (MobileNetV1(width=1.0), {4: 128, 8: 256, 16: 512, 32: 1024}),
+        (MobileNetV1(profile="0.5flops"), {4: 80, 8: 200, 16: 400, 32: 752}),
+        (MobileNetV2(width=1.0), {4: 24, 8: 32, 16: 96, 32: 1280}),
+    ],
+)
+def test_backbone_features_at_every_stride(model, channels):
+    logits, features = output_shape(model, (224, 224), return_features=True)
+    for stride, c in channels.items():
+        assert features[f"stride_{stride}"].shape == (2, 224 // stride, 224 // stride, c)
+    assert features["pre_logits"].shape == (2, channels[32])
+    assert logits.shape == (2, 1000)
+
+
+def test_user_channel_list_and_width_scaling():
+    model = MobileNetV1(num_classes=3, profile=(16, [24, (40, 2), (80, 2)]))
+    _, features = output_shape(model, (32, 32), return_features=True)
+    assert features["stride_8"].shape == (2, 4, 4, 80)
+    assert MobileNetV1(width=0.5).apply  # width is data, not a subclass
+    assert layers.make_divisible(32 * 0.35) == 16 and layers.make_divisible(320 * 1.4) == 448
+
+
+@pytest.fixture(scope="module")
+def small_v1():
+    model = MobileNetV1(num_classes=4, width=0.25)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    return model, variables, x
+
+
+def test_batchnorm_statistics_update_in_train_mode_only(small_v1):
+    model, variables, x = small_v1
+    train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+    _, updated = train(variables, x)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updated["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    # Eval mode reads the running statistics and cannot write them.
+    _, state = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables["batch_stats"], state["batch_stats"])
+    assert all(jax.tree.leaves(same))
+
+
+def test_same_seed_same_parameters_and_other_seed_differs():
+    model = MobileNetV1(num_classes=4, width=0.25)
+    x = jnp.zeros((1, 32, 32, 3))
+    init = jax.jit(model.init)
+    a, b, c = init(jax.random.key(7), x), init(jax.random.key(7), x), init(jax.random.key(8), x)
+    assert jax.tree.all(jax.tree.map(lambda u, v: bool(jnp.array_equal(u, v)), a, b))
+    assert not np.array_equal(a["params"]["block_3"]["conv_pw"]["kernel"], c["params"]["block_3"]["conv_pw"]["kernel"])
+    assert a["params"]["block_3"]["conv_pw"]["kernel"].shape == (1, 1, 32, 64)
+
+
+def test_initialisation_follows_the_reference_code():
+    model = MobileNetV1(num_classes=1000, width=1.0)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    pw = params["block_12"]["conv_pw"]["kernel"]  # 1x1, 1024 outputs: std sqrt(2 / 1024)
+    assert pw.std() == pytest.approx(np.sqrt(2 / 1024), rel=0.02)
+    dw = params["block_12"]["conv_dw"]["kernel"]  # 3x3 depthwise, 1024 outputs: std sqrt(2 / (9 * 1024))
+    assert dw.shape == (3, 3, 1, 1024) and dw.std() == pytest.approx(np.sqrt(2 / (9 * 1024)), rel=0.05)
+    assert params["classifier"]["kernel"].std() == pytest.approx(0.01, rel=0.02)
+    assert not params["classifier"]["bias"].any()
+    assert (params["block_0"]["bn_dw"]["scale"] == 1).all() and not params["block_0"]["bn_dw"]["bias"].any()
+
+
+def test_bfloat16_compute_with_float32_parameters():
+    model = MobileNetV2(num_classes=4, width=0.35, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+    logits, features = jax.jit(lambda v, x: model.apply(v, x, return_features=True))(variables, x)
+    assert logits.dtype == jnp.bfloat16 and features["stride_8"].dtype == jnp.bfloat16
+    assert bool(jnp.isfinite(logits.astype(jnp.float32)).all())
+
+
+def test_v2_dropout_is_random_in_train_mode_and_off_in_eval():
+    model = MobileNetV2(num_classes=4, width=0.35)
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    train = jax.jit(lambda v, x, r: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": r})[0])
+    a, b = train(variables, x, jax.random.key(1)), train(variables, x, jax.random.key(2))
+    assert np.abs(a).max() > 0 and not np.allclose(a, b)
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))  # no dropout rng needed
+    np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (9, 7)])
+def test_depthwise_implementations_agree_in_value_and_gradient(strides, size):
+    x = jax.random.normal(jax.random.key(0), (2, *size, 6))
+    outputs, grads = {}, {}
+    for impl in ("xla", "shift"):
+        layer = DepthwiseConv(strides=strides, implementation=impl)
+        variables = layer.init(jax.random.key(1), x)
+
+        def loss(v, x, layer=layer):
+            return jnp.sum(jnp.sin(layer.apply(v, x)))
+
+        outputs[impl] = layer.apply(variables, x)
+        grads[impl] = jax.grad(loss, argnums=(0, 1))(variables, x)
+    np.testing.assert_allclose(outputs["xla"], outputs["shift"], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads["xla"]), jax.tree.leaves(grads["shift"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_depthwise_implementation_does_not_change_the_parameter_tree():
+    x = jnp.zeros((1, 32, 32, 3))
+    trees = [
+        jax.tree.map(
+            lambda a: a.shape, jax.eval_shape(MobileNetV2(width=0.35, depthwise_impl=impl).init, jax.random.key(0), x)
+        )
+        for impl in ("xla", "shift")
+    ]
+    assert trees[0] == trees[1]
+    assert layers.resolve_depthwise_impl("auto", "cpu") == "shift"
+    assert layers.resolve_depthwise_impl("auto", "gpu") == "xla"
+
+
+def test_model_record_round_trip():
+    for model in (MobileNetV1(num_classes=3, profile=(16, (24, (40, 2)))), MobileNetV2(width=0.75, rounding="floor")):
+        record = json.loads(json.dumps(model_to_dict(model)))  # as stored beside a checkpoint
+        assert model_from_dict(record) == model
+    with pytest.raises(ValueError, match="does not take"):
+        model_from_dict({"architecture": "MobileNetV2", "alpha": 0.5})
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (MobileNetV1(width=0), "width must be a positive number"),
+        (MobileNetV1(profile="tiny"), "Unknown MobileNetV1 profile"),
+        (MobileNetV1(profile=(32, [(64, 3)])), "stride 1 or 2"),
+        (MobileNetV2(width=-1.0), "width must be a positive number"),
+        (MobileNetV2(rounding="ceil"), "rounding must be one of"),
+        (MobileNetV2(depthwise_impl="fast"), "depthwise_impl must be one of"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(model, message):
+    with pytest.raises(ValueError, match=message):
+        output_shape(model, (32, 32))
+
+
+def test_images_must_be_nhwc():
+    with pytest.raises(ValueError, match="NHWC images of rank 4"):
+        jax.eval_shape(MobileNetV1().init, jax.random.key(0), jax.ShapeDtypeStruct((32, 32, 3), jnp.float32))

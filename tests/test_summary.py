@@ -1,0 +1,53 @@
+"""Parameter and multiply-add counts against the papers' tables and torchvision."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mobilenet_jax import MobileNetV1, MobileNetV2, summary
+
+
+@pytest.mark.parametrize(
+    "width, size, paper_params_m, paper_macs_m",
+    [
+        # MobileNetV1 paper, Table 6 (width multiplier) and Table 7 (resolution).
+        (1.0, 224, 4.2, 569),
+        (0.75, 224, 2.6, 325),
+        (0.5, 224, 1.3, 149),
+        (0.25, 224, 0.5, 41),
+        (1.0, 192, 4.2, 418),
+        (1.0, 160, 4.2, 290),
+        (1.0, 128, 4.2, 186),
+    ],
+)
+def test_mobilenet_v1_paper_tables(width, size, paper_params_m, paper_macs_m):
+    result = summary(MobileNetV1(width=width), size)
+    assert round(result.params_excluding_bn / 1e6, 1) == paper_params_m
+    assert abs(result.macs / 1e6 - paper_macs_m) <= 1.0
+
+
+def test_mobilenet_v2_paper_and_torchvision():
+    result = summary(MobileNetV2(width=1.0), 224)
+    assert result.params == 3_504_872  # torchvision's published mobilenet_v2 parameter count
+    assert int(result.params_excluding_bn / 1e5) / 10 == 3.4  # paper: 3.4M
+    assert abs(result.macs / 1e6 - 300) <= 3  # paper: 300M
+    wide = summary(MobileNetV2(width=1.4), 224)
+    assert abs(wide.macs / 1e6 - 585) / 585 < 0.01  # paper: 585M
+    # The paper's 6.9M is not reproducible from its own table; TF-slim's released
+    # mobilenet_v2_1.4_224 lists 6.06M parameters and 582M MACs.
+    assert round(wide.params_excluding_bn / 1e6, 2) == 6.06
+    assert round(wide.macs / 1e6) == 582
+
+
+def test_counts_follow_the_architecture_not_a_table():
+    assert summary(MobileNetV1(profile="0.5flops"), 224).macs < 0.55 * summary(MobileNetV1(), 224).macs
+    small = summary(MobileNetV1(num_classes=10, profile=(8, [16])), 8)
+    # stem 3x3x3->8 on 4x4, dw 3x3x8 on 4x4, pw 8->16 on 4x4, classifier 16->10
+    assert small.macs == 4 * 4 * 8 * 27 + 4 * 4 * 8 * 9 + 4 * 4 * 16 * 8 + 16 * 10
+
+
+def test_cli_prints_the_table():
+    out = subprocess.run([sys.executable, "-m", "mobilenet_jax.summary"], capture_output=True, text=True, check=True)
+    assert "MobileNetV1 0.25-224" in out.stdout and "MobileNetV2 1.4-224" in out.stdout
+    assert "568.7" in out.stdout and "RuntimeWarning" not in out.stderr
