@@ -56,3 +56,57 @@ def _stem_in_channels(directory: str) -> int:
     tree = getattr(metadata, "item_metadata", metadata)
     kernel = tree["params"]["stem_conv"]["kernel"]
     return int(kernel.shape[2])
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates ``workdir`` or raises one sentence saying why it cannot be used."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise PermissionError(f"Cannot create workdir {workdir} ({error.strerror}); choose a writable directory.") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise PermissionError(f"Workdir {workdir} is not writable; choose a writable directory.")
+
+
+def write_model_record(workdir: str, model: nn.Module) -> None:
+    """``workdir/model.json``: lets the evaluation CLI rebuild the trained architecture."""
+    with open(os.path.join(workdir, MODEL_JSON), "w") as f:
+        json.dump(model_to_dict(model), f, indent=2)
+
+
+class TrainCheckpoints:
+    """Periodic (asynchronous) saves of the whole train state, keeping the last ``keep``.
+
+    orbax writes each step to a temporary directory and renames it when complete, so
+    a run killed at any moment restarts from the last complete step.
+    """
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+        )
+        self._manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore_latest(self, abstract_state: Any, sharding: Any) -> Any | None:
+        step = self._manager.latest_step()
+        if step is None:
+            return None
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_state)
+        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+
+    def save(self, step: int, state: Any, force: bool = False) -> None:
+        if step in self._manager.all_steps():
+            return
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
