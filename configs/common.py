@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.width = 1.0  # width multiplier alpha
     config.model_args = ml_collections.ConfigDict()  # other architecture fields (profile, dropout_rate, ...)
     config.bn_momentum = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch
-    config.bn_epsilon = 1e-3  # TF-slim's MobileNet BatchNorm epsilon
+    config.bn_epsilon = 1e-5  # PyTorch's; with the fan-out init, depthwise outputs have variance ~2/C, so 1e-3 would swamp them
     config.cross_replica_bn = False  # BN statistics over the whole global batch instead of per device
     config.depthwise_impl = "auto"  # per backend; 'xla' or 'shift' to force
 

@@ -325,8 +325,12 @@ def _initial_variables(config, model, num_classes: int, image_size: int, rng) ->
     return source
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains, checkpoints and evaluates as ``config`` says; returns the final evaluation."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[TrainState, dict]:
+    """Trains, checkpoints and evaluates as ``config`` says; returns the state and the final evaluation.
+
+    A workdir that holds checkpoints resumes from the latest one; after SIGTERM the
+    current step is saved and the results are ``{'preempted_at_step': step}``.
+    """
     validate_config(config)
     workdir = os.path.abspath(workdir)
     checkpoint.check_workdir(workdir)
@@ -440,7 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logging.warning("SIGTERM: saved step %d to %s; rerun the same command to resume.", step, workdir)
                 progress.close()
                 writer.close()
-                return {"preempted_at_step": step}
+                return state, {"preempted_at_step": step}
             if step % eval_every == 0 and step != num_steps:
                 results = run_eval(step)
                 progress.write(_format_results(step, results))
@@ -451,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager.close()
     if process_index == 0:
         print(_format_results(num_steps, results, final=True), flush=True)
-    return results
+    return state, results
 
 
 def _format_results(step: int, results: dict, final: bool = False) -> str:

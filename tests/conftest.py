@@ -12,3 +12,31 @@ try:
     import torch  # noqa: F401
 except ImportError:
     pass
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+CLASSES = ("circle", "square", "star", "t_shape")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """ROOT/{train,validation}/CLASS/*.jpg with shapes images, and one undecodable validation file.
+
+    train: 4 classes x 16 images; validation: 4 x 5 images + 1 broken file (21 entries).
+    """
+    from PIL import Image
+
+    from mobilenet_jax.datasets import shapes
+
+    root = tmp_path_factory.mktemp("folder")
+    for split, count in (("train", 16), ("validation", 5)):
+        for name in CLASSES:
+            directory = root / split / name
+            directory.mkdir(parents=True)
+            for i in range(count):
+                rng = np.random.default_rng([len(split), shapes.CLASSES.index(name), i])
+                pixels = shapes.render(shapes.CLASSES.index(name), 40 + (i % 3) * 8, rng)
+                Image.fromarray(pixels).save(directory / f"{i}.jpg", quality=90)
+    (root / "validation" / "circle" / "broken.jpg").write_bytes(b"this is not an image at all")
+    return root

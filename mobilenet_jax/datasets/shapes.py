@@ -90,16 +90,16 @@ def render(label: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     # Clutter: thin lines and small dots in random colours, never shaped like a class.
-    for _ in range(rng.integers(3, 9)):
+    for _ in range(rng.integers(2, 6)):
         x0, y0, x1, y1 = rng.uniform(0, size, 4)
-        draw.line((x0, y0, x1, y1), fill=tuple(_random_colour(rng)), width=int(rng.integers(1, 3) * _SUPERSAMPLE))
-    for _ in range(rng.integers(5, 20)):
+        draw.line((x0, y0, x1, y1), fill=tuple(_random_colour(rng)), width=_SUPERSAMPLE)
+    for _ in range(rng.integers(4, 12)):
         x, y = rng.uniform(0, size, 2)
-        r = rng.uniform(0.5, 1.5) * _SUPERSAMPLE
+        r = rng.uniform(0.4, 1.0) * _SUPERSAMPLE
         draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(_random_colour(rng)))
 
     colour = tuple(_random_colour(rng, avoid=background))
-    radius = rng.uniform(0.2, 0.38) * size
+    radius = rng.uniform(0.25, 0.42) * size
     center = rng.uniform(radius, size - radius, 2)
     angle = rng.uniform(0, 2 * math.pi)
     name = CLASSES[label]

@@ -1,0 +1,167 @@
+"""Data parallelism for real: 1 vs 2 simulated devices, 2 processes vs 1, resume after kill/SIGTERM.
+
+Each run is a fresh process (tests/train_worker.py), because the device count and
+jax.distributed must be set before JAX starts. All runs train the same tiny
+MobileNetV1 on the same image folder with cross-replica BatchNorm, so that any
+device or process count computes the same function of the same global batches.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+
+
+def worker_args(workdir, image_folder, cache_dir, **extra):
+    args = {
+        "workdir": str(workdir),
+        "cache_dir": str(cache_dir),
+        "overrides": {
+            "dataset": "folder",
+            "data_dir": str(image_folder),
+            "eval_split": "validation",
+            "width": 0.25,
+            "image_size": 32,
+            "batch_size": 8,
+            "num_train_steps": STEPS,
+            "checkpoint_every_steps": 2,
+            "log_every_steps": 1,
+            "half_precision": False,
+            "cross_replica_bn": True,
+            "progress_bar": False,
+            "shuffle_buffer_size": 64,
+            "ema_decay": 0.0,
+        },
+    }
+    args.update(extra)
+    return args
+
+
+def start(args, **popen):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.train_worker", json.dumps(args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return out
+
+
+def params(workdir):
+    with np.load(os.path.join(workdir, "final_params.npz")) as data:
+        return {k: data[k] for k in data.files}
+
+
+def losses(workdir):
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def assert_same_training(a, b, rtol=2e-4, atol=2e-5):
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([la[s] for s in sorted(la)], [lb[s] for s in sorted(lb)], rtol=rtol)
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        np.testing.assert_allclose(pa[key], pb[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, image_folder, cache_dir):
+    workdir = tmp_path_factory.mktemp("one_device")
+    finish(start(worker_args(workdir, image_folder, cache_dir, devices=1)))
+    return workdir
+
+
+def test_two_devices_match_one_device(one_device_run, tmp_path, image_folder, cache_dir):
+    finish(start(worker_args(tmp_path, image_folder, cache_dir, devices=2)))
+    assert_same_training(one_device_run, tmp_path)
+
+
+def test_two_processes_match_one_process(one_device_run, tmp_path, image_folder, cache_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = [
+        start(
+            worker_args(
+                tmp_path,
+                image_folder,
+                cache_dir,
+                devices=1,
+                coordinator=f"127.0.0.1:{port}",
+                num_processes=2,
+                process_id=i,
+            )
+        )
+        for i in range(2)
+    ]
+    for process in processes:
+        finish(process)
+    assert_same_training(one_device_run, tmp_path)
+
+
+def test_non_divisible_batch_is_a_clear_error(tmp_path, image_folder, cache_dir):
+    args = worker_args(tmp_path, image_folder, cache_dir, devices=2)
+    args["overrides"]["batch_size"] = 7
+    process = start(args)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "batch_size=7 must be a positive multiple of the device count (2)" in err
+
+
+def _wait_for_checkpoint(workdir, above, process, timeout=240):
+    directory = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"worker ended early: {process.stderr.read()[-2000:]}")
+        steps = [int(d) for d in os.listdir(directory)] if os.path.isdir(directory) else []
+        steps = [s for s in steps if s > above] if steps else []
+        if steps:
+            return max(steps)
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigterm_and_kill_then_resume_match_an_uninterrupted_run(one_device_run, tmp_path, image_folder, cache_dir):
+    args = worker_args(tmp_path, image_folder, cache_dir, devices=1)
+    # 1. Preemption: SIGTERM saves the current step and exits cleanly.
+    process = start(args)
+    _wait_for_checkpoint(tmp_path, 0, process)
+    process.send_signal(signal.SIGTERM)
+    out = finish(process)
+    preempted = int(out.split("PREEMPTED")[1].split()[0]) if "PREEMPTED" in out else STEPS
+    # 2. A hard kill at an arbitrary moment after the next checkpoint.
+    if preempted < STEPS - 2:
+        process = start(args)
+        _wait_for_checkpoint(tmp_path, preempted, process)
+        process.kill()
+        process.communicate()
+    # 3. Restart to the end.
+    finish(start(args))
+    assert_same_training(one_device_run, tmp_path, rtol=0, atol=0)

@@ -1,0 +1,154 @@
+"""Training pieces against hand-computed references, and short end-to-end runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import v1, v2
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(config, **overrides):
+    """The config made small enough for a CPU test."""
+    config.width = 0.25
+    config.image_size = 32
+    config.batch_size = 8
+    config.num_train_steps = 3
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 3
+    config.half_precision = False
+    config.progress_bar = False
+    config.shuffle_buffer_size = 64
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_learning_rate_schedule_values():
+    config = v1.get_config()
+    config.learning_rate, config.warmup_epochs, config.lr_decay_epochs, config.lr_decay_factor = 0.1, 2, 1, 0.5
+    lr = training.create_learning_rate_fn(config, steps_per_epoch=10)
+    expected = {0: 0.0, 5: 0.025, 10: 0.05, 20: 0.1, 29: 0.1, 30: 0.05, 39: 0.05, 45: 0.025, 60: 0.00625}
+    for step, value in expected.items():
+        assert float(lr(step)) == pytest.approx(value, abs=1e-7), step
+    config.warmup_epochs = 0
+    assert float(training.create_learning_rate_fn(config, 10)(0)) == pytest.approx(0.1)
+
+
+def test_recipes_scale_the_learning_rate_with_the_batch():
+    config = v2.get_config()
+    assert config.learning_rate == pytest.approx(0.045 * 1024 / 96)
+    assert config.label_smoothing == 0.1 and config.model_args.dropout_rate == 0.2
+    assert v1.get_config("width=0.5,resolution=160").image_size == 160
+    assert v1.get_config("profile=0.5flops").model_args.profile == "0.5flops"
+    with pytest.raises(ValueError, match="Unknown config option 'alpha'"):
+        v1.get_config("alpha=0.5")
+
+
+def test_rmsprop_matches_tensorflow_by_hand():
+    """Two steps of TF's RMSProp (ms starts at 1, eps in the sqrt, momentum on lr * step) plus L2."""
+    config = v1.get_config()
+    config.weight_decay, config.rmsprop_epsilon = 0.01, 1.0
+    lr = 0.2
+    tx = training.create_optimizer(config, optax.constant_schedule(lr))
+    params = {"conv_pw": {"kernel": jnp.array([1.0, -2.0])}, "bn": {"scale": jnp.array([0.5])}}
+    grads = [
+        {"conv_pw": {"kernel": jnp.array([0.3, 0.1])}, "bn": {"scale": jnp.array([-0.4])}},
+        {"conv_pw": {"kernel": jnp.array([-0.2, 0.5])}, "bn": {"scale": jnp.array([0.1])}},
+    ]
+    state = tx.init(params)
+    w, s = np.array([1.0, -2.0]), np.array([0.5])
+    ms_w, ms_s, mom_w, mom_s = np.ones(2), np.ones(1), np.zeros(2), np.zeros(1)
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        gw = np.asarray(g["conv_pw"]["kernel"]) + 0.01 * w  # L2 on the kernel only
+        gs = np.asarray(g["bn"]["scale"])  # no decay on BatchNorm
+        ms_w, ms_s = 0.9 * ms_w + 0.1 * gw**2, 0.9 * ms_s + 0.1 * gs**2
+        mom_w, mom_s = 0.9 * mom_w + lr * gw / np.sqrt(ms_w + 1.0), 0.9 * mom_s + lr * gs / np.sqrt(ms_s + 1.0)
+        w, s = w - mom_w, s - mom_s
+        np.testing.assert_allclose(params["conv_pw"]["kernel"], w, rtol=1e-6)
+        np.testing.assert_allclose(params["bn"]["scale"], s, rtol=1e-6)
+
+
+@pytest.mark.parametrize("model", [MobileNetV1(width=0.25), MobileNetV2(width=0.35)])
+def test_weight_decay_mask(model):
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    mask = training.weight_decay_mask(params)
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat["['stem_conv']['kernel']"] and flat["['classifier']['kernel']"]
+    assert flat["['block_1']['conv_pw']['kernel']"] if isinstance(model, MobileNetV1) else flat["['block_1']['conv_pwl']['kernel']"]
+    assert not flat["['classifier']['bias']"]
+    for path, decays in flat.items():
+        if "conv_dw" in path or "bn" in path or path.endswith("['bias']"):
+            assert not decays, path
+    assert sum(flat.values()) == sum(1 for p in flat if p.endswith("['kernel']") and "conv_dw" not in p)
+
+
+def test_train_and_evaluate_imagenet_config_on_mock_data(tmp_path):
+    config = tiny(v1.get_config(), half_precision=True)  # the recipe's bfloat16 path
+    with tfds.testing.mock_data(num_examples=20):
+        state, results = training.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 3
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert {"loss", "top1", "top5", "learning_rate", "images_per_sec"} <= set(train[0])
+    evals = [r for r in records if r["split"] == "validation"]
+    assert evals[-1]["examples"] == 20  # the whole split: 8 + 8 + 4 padded, nothing dropped
+    assert results["validation"]["examples"] == 20 and 0 <= results["validation_ema"]["top1"] <= 1
+    assert os.listdir(tmp_path / "tensorboard") and (tmp_path / "model.json").exists()
+    assert checkpoint.TrainCheckpoints(str(tmp_path)).latest_step() == 3
+
+
+def test_bad_config_values_are_clear_errors(tmp_path):
+    for field, value, message in [
+        ("learning_rate", -1.0, "learning_rate must be positive"),
+        ("crop_area_range", (0.9, 0.1), "crop_area_range"),
+        ("model", "ResNet50", "model must be one of"),
+        ("label_smoothing", 1.5, "label_smoothing"),
+    ]:
+        config = tiny(v1.get_config())
+        setattr(config, field, value)
+        with pytest.raises(training.ConfigError, match=message):
+            training.train_and_evaluate(config, str(tmp_path))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(PermissionError, match="Cannot create workdir"):
+        training.train_and_evaluate(tiny(v1.get_config()), str(not_a_dir / "run"))
+
+
+def test_cli_errors_are_one_sentence(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/v1.py", "--workdir", str(tmp_path), "--config.dataset=no_such_set"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 1
+    assert "error: Unknown dataset 'no_such_set'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_init_from_converted_weights_with_a_new_head(tmp_path, image_folder):
+    source = MobileNetV1(num_classes=10, width=0.25)
+    variables = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    checkpoint.save_model(tmp_path / "converted", source, variables)
+    config = tiny(v1.get_config(), dataset="folder", data_dir=str(image_folder), init_from=str(tmp_path / "converted"))
+    model = training.create_model(config, num_classes=4)
+    loaded = training._initial_variables(config, model, 4, 32, jax.random.key(0))
+    np.testing.assert_array_equal(loaded["params"]["block_5"]["conv_pw"]["kernel"], variables["params"]["block_5"]["conv_pw"]["kernel"])
+    np.testing.assert_array_equal(loaded["batch_stats"]["stem_bn"]["mean"], variables["batch_stats"]["stem_bn"]["mean"])
+    assert loaded["params"]["classifier"]["kernel"].shape == (256, 4)
+    config.width = 0.5
+    with pytest.raises(training.ConfigError, match="different architecture"):
+        training._initial_variables(config, training.create_model(config, 4), 4, 32, jax.random.key(0))

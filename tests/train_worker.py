@@ -1,0 +1,41 @@
+"""One training run in a fresh process, for the device-count, multi-process and resume tests.
+
+Usage: python -m tests.train_worker '{"devices": 2, "workdir": ..., "overrides": {...}}'
+Writes WORKDIR/final_params.npz (the flattened parameters) when training completes.
+"""
+
+import json
+import os
+import sys
+
+args = json.loads(sys.argv[1])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.get('devices', 1)}"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+if args.get("cache_dir"):
+    jax.config.update("jax_compilation_cache_dir", args["cache_dir"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+from configs import v1  # noqa: E402
+from mobilenet_jax import distributed, training  # noqa: E402
+
+if "process_id" in args:
+    distributed.initialize(args["coordinator"], args["num_processes"], args["process_id"])
+
+config = v1.get_config(args.get("config_arg"))
+for key, value in args.get("overrides", {}).items():
+    setattr(config, key, tuple(value) if isinstance(value, list) else value)
+state, results = training.train_and_evaluate(config, args["workdir"])
+if "preempted_at_step" in results:
+    print(f"PREEMPTED {results['preempted_at_step']}", flush=True)
+elif jax.process_index() == 0:
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    np.savez(
+        os.path.join(args["workdir"], "final_params.npz"),
+        **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat},
+    )
+    with open(os.path.join(args["workdir"], "results.json"), "w") as f:
+        json.dump(results, f)
