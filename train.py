@@ -12,7 +12,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/v1.py or configs/v2.py).", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/v1.py or configs/v2.py).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")

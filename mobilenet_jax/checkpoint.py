@@ -66,7 +66,9 @@ def check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as error:
-        raise PermissionError(f"Cannot create workdir {workdir} ({error.strerror}); choose a writable directory.") from None
+        raise PermissionError(
+            f"Cannot create workdir {workdir} ({error.strerror}); choose a writable directory."
+        ) from None
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise PermissionError(f"Workdir {workdir} is not writable; choose a writable directory.")
 

@@ -42,7 +42,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     # jaxlib. The setting only concerns the CPU client, so GPU/TPU runs are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    logging.info("Process %d of %d, %d local devices.", jax.process_index(), jax.process_count(), jax.local_device_count())
+    logging.info(
+        "Process %d of %d, %d local devices.", jax.process_index(), jax.process_count(), jax.local_device_count()
+    )
 
 
 def _cluster_detected() -> bool:
@@ -78,3 +80,12 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Assembles each process's numpy batch into one global array sharded over the batch axis."""
     sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def to_host(tree):
+    """Numpy copies of replicated arrays, read from this process's first local shard.
+
+    ``jax.device_get`` refuses arrays that span other processes' devices; a
+    replicated array holds the whole value on every device.
+    """
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)

@@ -44,11 +44,11 @@ def load_weights(config, num_classes: int):
     model = training.create_model(config, num_classes, bn_axis_name=None)
     steps_per_epoch = 1  # the schedule does not change the shapes of the optimizer state
     tx = training.create_optimizer(config, training.create_learning_rate_fn(config, steps_per_epoch))
-    abstract = jax.eval_shape(
-        lambda: training.create_train_state(jax.random.PRNGKey(0), model, tx, config.image_size)
-    )
+    abstract = jax.eval_shape(lambda: training.create_train_state(jax.random.PRNGKey(0), model, tx, config.image_size))
     mesh = distributed.make_mesh()
-    state = checkpoint.TrainCheckpoints(FLAGS.workdir, async_save=False).restore_latest(abstract, distributed.replicated(mesh))
+    state = checkpoint.TrainCheckpoints(FLAGS.workdir, async_save=False).restore_latest(
+        abstract, distributed.replicated(mesh)
+    )
     if state is None:
         raise FileNotFoundError(f"No checkpoint in {FLAGS.workdir}/checkpoints; train first or pass --model_dir.")
     if FLAGS.weights == "ema":

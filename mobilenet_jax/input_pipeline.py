@@ -51,7 +51,9 @@ def get_dataset(name: str, data_dir: str | None = None, manual_dir: str | None =
 
     if name == "folder":
         if not data_dir or not os.path.isdir(data_dir):
-            raise DatasetError(f"dataset='folder' needs data_dir set to a ROOT/SPLIT/CLASS/*.jpg directory, got {data_dir!r}.")
+            raise DatasetError(
+                f"dataset='folder' needs data_dir set to a ROOT/SPLIT/CLASS/*.jpg directory, got {data_dir!r}."
+            )
         builder = tfds.ImageFolder(data_dir)
     else:
         try:
@@ -81,11 +83,11 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str, manual_dir: str | Non
     try:
         builder.download_and_prepare(download_config=download_config)
     except Exception as error:  # AssertionError / NonMatchingChecksumError / network errors
-        manual = builder.manual_download_instructions
+        default_manual = os.path.join(os.path.dirname(os.path.dirname(builder.data_dir)), "downloads", "manual")
         hint = (
-            f"place the archives in the manual download directory ({manual_dir or builder.data_dir + '/../downloads/manual'}) "
-            f"and set config.manual_dir, as TFDS documents for {name}"
-            if manual
+            f"place its archives in the manual download directory ({manual_dir or default_manual}, "
+            f"or set config.manual_dir), as TFDS documents for {name}"
+            if builder.manual_download_instructions
             else f"run `tfds build {name}` on a machine with network access and copy the data_dir here"
         )
         raise DatasetError(f"Dataset {name!r} is not prepared in {builder.data_dir}; {hint}.") from error
@@ -117,7 +119,9 @@ def is_decodable(encoded: tf.Tensor) -> tf.Tensor:
     head = tf.strings.substr(encoded, 0, 8)
     return tf.logical_or(
         tf.logical_or(tf.io.is_jpeg(encoded), tf.equal(head, b"\x89PNG\r\n\x1a\n")),
-        tf.logical_or(tf.equal(tf.strings.substr(encoded, 0, 4), b"GIF8"), tf.equal(tf.strings.substr(encoded, 0, 2), b"BM")),
+        tf.logical_or(
+            tf.equal(tf.strings.substr(encoded, 0, 4), b"GIF8"), tf.equal(tf.strings.substr(encoded, 0, 2), b"BM")
+        ),
     )
 
 
@@ -309,7 +313,9 @@ def create_eval_dataset(
     ds = _encoded(info, split).shard(process_count, process_index)
     if cache:
         ds = ds.cache()
-    ds = ds.map(lambda image, label: preprocess_eval(image, label, image_size, method), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda image, label: preprocess_eval(image, label, image_size, method), num_parallel_calls=tf.data.AUTOTUNE
+    )
     padding = {
         "image": tf.zeros([image_size, image_size, 3], tf.float32),
         "label": tf.constant(0, tf.int32),

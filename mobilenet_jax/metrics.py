@@ -60,7 +60,9 @@ class ProgressBar:
         self._bar.update(step - self._last)
         self._last = step
         self._bar.set_postfix(
-            loss=f"{metrics['loss']:.3f}", top1=f"{100 * metrics['top1']:.1f}%", img_s=f"{metrics['images_per_sec']:.0f}"
+            loss=f"{metrics['loss']:.3f}",
+            top1=f"{100 * metrics['top1']:.1f}%",
+            img_s=f"{metrics['images_per_sec']:.0f}",
         )
 
     def write(self, text: str) -> None:

@@ -71,7 +71,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"crop_area_range must satisfy 0 < min <= max <= 1, got {tuple(config.crop_area_range)}",
         ),
         (config.log_every_steps > 0, f"log_every_steps must be positive, got {config.log_every_steps}"),
-        (config.checkpoint_every_steps > 0, f"checkpoint_every_steps must be positive, got {config.checkpoint_every_steps}"),
+        (
+            config.checkpoint_every_steps > 0,
+            f"checkpoint_every_steps must be positive, got {config.checkpoint_every_steps}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -122,7 +125,9 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
     """L2 weight decay on the masked kernels, then RMSprop as TensorFlow defines it.
 
     TF's RMSProp: the mean square starts at 1, epsilon is added inside the square
@@ -261,13 +266,13 @@ def sharded_eval_step(mesh, model: nn.Module):
     return jax.jit(step)
 
 
-def evaluate(eval_fn, variables: dict, dataset, mesh, num_padding_free: int | None = None) -> dict:
+def evaluate(eval_fn, variables: dict, dataset, mesh, total_examples: int | None = None) -> dict:
     """Runs ``eval_fn`` over a finite dataset and returns loss/top1/top5 over the valid examples."""
     totals = None
     for batch in dataset:
         sums = eval_fn(variables, distributed.global_batch(input_pipeline.as_numpy(batch), mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+    totals = distributed.to_host(totals)
     count = max(float(totals["count"]), 1.0)
     result = {
         "loss": float(totals["loss"]) / count,
@@ -275,8 +280,8 @@ def evaluate(eval_fn, variables: dict, dataset, mesh, num_padding_free: int | No
         "top5": float(totals["top5"]) / count,
         "examples": int(totals["count"]),
     }
-    if num_padding_free is not None:
-        result["skipped"] = num_padding_free - int(totals["count"])
+    if total_examples is not None:
+        result["skipped"] = total_examples - int(totals["count"])  # undecodable images
     return result
 
 
@@ -341,7 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
     train_examples = input_pipeline.num_examples(info, config.train_split)
     steps_per_epoch = max(1, train_examples // config.batch_size)
-    num_steps = config.num_train_steps if config.num_train_steps > 0 else int(math.ceil(config.num_epochs * steps_per_epoch))
+    num_steps = (
+        config.num_train_steps if config.num_train_steps > 0 else int(math.ceil(config.num_epochs * steps_per_epoch))
+    )
     eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
 
     model = create_model(config, info.num_classes)
@@ -355,13 +362,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
         return create_train_state(rng, model, tx, image_size, variables)
 
     manager = checkpoint.TrainCheckpoints(workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    abstract = jax.eval_shape(fresh_state)
+    abstract = jax.eval_shape(lambda: create_train_state(rng, model, tx, image_size))
     state = manager.restore_latest(abstract, distributed.replicated(mesh))
     if state is None:
-        state = jax.device_put(fresh_state(), distributed.replicated(mesh))
+        # Through host memory: every process holds the same values (same seed), and each
+        # places its own replicas.
+        state = jax.device_put(jax.device_get(fresh_state()), distributed.replicated(mesh))
         if process_index == 0:
             checkpoint.write_model_record(workdir, model)
-    start_step = int(state.step)
+    start_step = int(distributed.to_host(state.step))
     if process_index == 0:
         print(
             f"Training {config.model} (width {config.width}) on {config.dataset} at {image_size} px, "
@@ -393,24 +402,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
     )
     eval_examples = input_pipeline.num_examples(info, config.eval_split)
 
-    def eval_dataset():
-        return input_pipeline.create_eval_dataset(
-            info,
-            config.eval_split,
-            global_batch_size=config.batch_size,
-            image_size=image_size,
-            method=config.eval_preprocessing,
-            cache=config.cache,
-            process_index=process_index,
-            process_count=process_count,
-        )
+    eval_ds = input_pipeline.create_eval_dataset(
+        info,
+        config.eval_split,
+        global_batch_size=config.batch_size,
+        image_size=image_size,
+        method=config.eval_preprocessing,
+        cache=config.cache,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
     def run_eval(step: int) -> dict:
         live = {"params": state.params, "batch_stats": state.batch_stats}
-        results = {"validation": evaluate(eval_fn, live, eval_dataset(), mesh, eval_examples)}
+        results = {"validation": evaluate(eval_fn, live, eval_ds, mesh, eval_examples)}
         if config.ema_decay > 0:
             ema = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
-            results["validation_ema"] = evaluate(eval_fn, ema, eval_dataset(), mesh, eval_examples)
+            results["validation_ema"] = evaluate(eval_fn, ema, eval_ds, mesh, eval_examples)
         for split, values in results.items():
             writer.write(step, split, values)
         return results
@@ -427,12 +435,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
             pending.append(metrics)
             window_steps += 1
             if step % config.log_every_steps == 0 or step == num_steps:
-                summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+                logged = distributed.to_host(pending)
+                summary = {k: float(np.mean([m[k] for m in logged])) for k in logged[0]}
                 if not math.isfinite(summary["loss"]):
-                    raise FloatingPointError(f"Training loss became {summary['loss']} at step {step}; lower the learning rate.")
+                    raise FloatingPointError(
+                        f"Training loss became {summary['loss']} at step {step}; lower the learning rate."
+                    )
                 elapsed = time.perf_counter() - window_start
                 summary["images_per_sec"] = window_steps * config.batch_size / max(elapsed, 1e-9)
-                summary["skipped"] = float(np.sum([m["skipped"] for m in jax.device_get(pending)]))
+                summary["skipped"] = float(np.sum([m["skipped"] for m in logged]))
                 writer.write(step, "train", summary)
                 progress.update(step, summary)
                 pending, window_start, window_steps = [], time.perf_counter(), 0

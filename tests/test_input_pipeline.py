@@ -1,6 +1,7 @@
 """tf.data input functions: shapes, ranges, normalisation, crops, determinism, padding, bad images."""
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -72,7 +73,9 @@ def test_same_result_eagerly_and_inside_tf_data(gradient_image):
     encoded = encode(gradient_image)
     seed = tf.constant([1, 2], tf.int64)
     eager = ip.preprocess_train(encoded, 3, seed, 24, (0.3, 1.0))
-    ds = tf.data.Dataset.from_tensors((encoded, 3, seed)).map(lambda e, l, s: ip.preprocess_train(e, l, s, 24, (0.3, 1.0)))
+    ds = tf.data.Dataset.from_tensors((encoded, 3, seed)).map(
+        lambda e, label, s: ip.preprocess_train(e, label, s, 24, (0.3, 1.0))
+    )
     graph = next(iter(ds))
     for key in ("image", "label", "mask"):
         np.testing.assert_allclose(eager[key].numpy(), graph[key].numpy(), atol=1e-5)
@@ -101,7 +104,11 @@ def test_folder_dataset_eval_covers_the_whole_split_with_padding(image_folder):
 def test_eval_split_over_processes_stays_in_lockstep(image_folder):
     info = ip.get_dataset("folder", str(image_folder))
     parts = [
-        list(ip.create_eval_dataset(info, "validation", global_batch_size=8, image_size=16, process_index=i, process_count=2))
+        list(
+            ip.create_eval_dataset(
+                info, "validation", global_batch_size=8, image_size=16, process_index=i, process_count=2
+            )
+        )
         for i in range(2)
     ]
     assert len(parts[0]) == len(parts[1]) == ip.eval_batches(info, "validation", 8, 2)
@@ -111,9 +118,9 @@ def test_eval_split_over_processes_stays_in_lockstep(image_folder):
 def test_train_stream_is_the_same_for_any_process_count_and_resumes_exactly(image_folder):
     info = ip.get_dataset("folder", str(image_folder))
     kwargs = dict(global_batch_size=8, image_size=16, seed=5, area_range=(0.5, 1.0), shuffle_buffer_size=64)
-    one = [b for _, b in zip(range(12), ip.create_train_dataset(info, "train", **kwargs))]
+    one = list(itertools.islice(ip.create_train_dataset(info, "train", **kwargs), 12))
     two = [
-        [b for _, b in zip(range(12), ip.create_train_dataset(info, "train", process_index=i, process_count=2, **kwargs))]
+        list(itertools.islice(ip.create_train_dataset(info, "train", process_index=i, process_count=2, **kwargs), 12))
         for i in range(2)
     ]
     for step in range(12):
@@ -122,7 +129,7 @@ def test_train_stream_is_the_same_for_any_process_count_and_resumes_exactly(imag
         # The same examples with the same augmentations, grouped per process.
         order = lambda x: np.argsort(x.reshape(len(x), -1).sum(1))  # noqa: E731
         np.testing.assert_allclose(whole[order(whole)], halves[order(halves)], atol=1e-4)
-    resumed = [b for _, b in zip(range(4), ip.create_train_dataset(info, "train", start_step=8, **kwargs))]
+    resumed = list(itertools.islice(ip.create_train_dataset(info, "train", start_step=8, **kwargs), 4))
     for step in range(4):
         np.testing.assert_array_equal(resumed[step]["image"].numpy(), one[8 + step]["image"].numpy())
     # Epochs are reshuffled: 64 images / 8 = 8 steps per epoch.

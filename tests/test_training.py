@@ -87,7 +87,11 @@ def test_weight_decay_mask(model):
     mask = training.weight_decay_mask(params)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert flat["['stem_conv']['kernel']"] and flat["['classifier']['kernel']"]
-    assert flat["['block_1']['conv_pw']['kernel']"] if isinstance(model, MobileNetV1) else flat["['block_1']['conv_pwl']['kernel']"]
+    assert (
+        flat["['block_1']['conv_pw']['kernel']"]
+        if isinstance(model, MobileNetV1)
+        else flat["['block_1']['conv_pwl']['kernel']"]
+    )
     assert not flat["['classifier']['bias']"]
     for path, decays in flat.items():
         if "conv_dw" in path or "bn" in path or path.endswith("['bias']"):
@@ -130,7 +134,15 @@ def test_bad_config_values_are_clear_errors(tmp_path):
 
 def test_cli_errors_are_one_sentence(tmp_path):
     result = subprocess.run(
-        [sys.executable, "train.py", "--config", "configs/v1.py", "--workdir", str(tmp_path), "--config.dataset=no_such_set"],
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/v1.py",
+            "--workdir",
+            str(tmp_path),
+            "--config.dataset=no_such_set",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -146,9 +158,63 @@ def test_init_from_converted_weights_with_a_new_head(tmp_path, image_folder):
     config = tiny(v1.get_config(), dataset="folder", data_dir=str(image_folder), init_from=str(tmp_path / "converted"))
     model = training.create_model(config, num_classes=4)
     loaded = training._initial_variables(config, model, 4, 32, jax.random.key(0))
-    np.testing.assert_array_equal(loaded["params"]["block_5"]["conv_pw"]["kernel"], variables["params"]["block_5"]["conv_pw"]["kernel"])
+    np.testing.assert_array_equal(
+        loaded["params"]["block_5"]["conv_pw"]["kernel"], variables["params"]["block_5"]["conv_pw"]["kernel"]
+    )
     np.testing.assert_array_equal(loaded["batch_stats"]["stem_bn"]["mean"], variables["batch_stats"]["stem_bn"]["mean"])
     assert loaded["params"]["classifier"]["kernel"].shape == (256, 4)
     config.width = 0.5
     with pytest.raises(training.ConfigError, match="different architecture"):
         training._initial_variables(config, training.create_model(config, 4), 4, 32, jax.random.key(0))
+
+
+def test_quickstart_smoke_run(tmp_path):
+    """The README's first command, cut to a few steps (the full run is in .ci/run)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/v1.py:quickstart",
+            "--workdir",
+            str(tmp_path),
+            "--config.num_train_steps=4",
+            "--config.log_every_steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Final evaluation | validation: top-1" in result.stdout
+    assert "2000 images" in result.stdout  # the whole validation split
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
+
+
+def test_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
+    config = tiny(v1.get_config(), dataset="folder", data_dir=str(image_folder), num_train_steps=2)
+    training.train_and_evaluate(config, str(tmp_path))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mobilenet_jax.evaluate",
+            "--config",
+            "configs/v1.py",
+            "--workdir",
+            str(tmp_path),
+            "--config.dataset=folder",
+            f"--config.data_dir={image_folder}",
+            "--config.width=0.25",
+            "--config.image_size=32",
+            "--config.batch_size=8",
+            "--config.half_precision=False",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "folder validation: top-1" in result.stdout
+    assert "over 20 images, 1 undecodable images skipped" in result.stdout

@@ -32,7 +32,7 @@ state, results = training.train_and_evaluate(config, args["workdir"])
 if "preempted_at_step" in results:
     print(f"PREEMPTED {results['preempted_at_step']}", flush=True)
 elif jax.process_index() == 0:
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(state.params))[0]
     np.savez(
         os.path.join(args["workdir"], "final_params.npz"),
         **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat},

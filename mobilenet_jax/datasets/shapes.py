@@ -52,7 +52,9 @@ def _polygon(center: np.ndarray, radius: float, angle: float, points: list[tuple
 
 def _regular(n: int, inner: float | None = None) -> list[tuple[float, float]]:
     if inner is None:
-        return [(math.cos(2 * math.pi * k / n - math.pi / 2), math.sin(2 * math.pi * k / n - math.pi / 2)) for k in range(n)]
+        return [
+            (math.cos(2 * math.pi * k / n - math.pi / 2), math.sin(2 * math.pi * k / n - math.pi / 2)) for k in range(n)
+        ]
     points = []
     for k in range(2 * n):
         r = 1.0 if k % 2 == 0 else inner
@@ -65,8 +67,20 @@ _OUTLINES = {
     "square": [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)],
     "triangle": _regular(3),
     "star": _regular(5, inner=0.42),
-    "plus": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1), (-0.3, 0.3),
-             (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
+    "plus": [
+        (-0.3, -1),
+        (0.3, -1),
+        (0.3, -0.3),
+        (1, -0.3),
+        (1, 0.3),
+        (0.3, 0.3),
+        (0.3, 1),
+        (-0.3, 1),
+        (-0.3, 0.3),
+        (-1, 0.3),
+        (-1, -0.3),
+        (-0.3, -0.3),
+    ],
     "l_shape": [(-0.7, -1), (-0.15, -1), (-0.15, 0.45), (0.7, 0.45), (0.7, 1), (-0.7, 1)],
     "t_shape": [(-1, -0.9), (1, -0.9), (1, -0.35), (0.28, -0.35), (0.28, 1), (-0.28, 1), (-0.28, -0.35), (-1, -0.35)],
 }
@@ -75,7 +89,7 @@ _OUTLINES = {
 def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
     while True:
         colour = rng.integers(0, 256, size=3)
-        if avoid is None or np.abs(colour - avoid).sum() > 200:
+        if avoid is None or np.abs(colour - avoid).sum() > 250:
             return colour
 
 
@@ -99,9 +113,10 @@ def render(label: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
         draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(_random_colour(rng)))
 
     colour = tuple(_random_colour(rng, avoid=background))
-    radius = rng.uniform(0.25, 0.42) * size
+    radius = rng.uniform(0.28, 0.44) * size
     center = rng.uniform(radius, size - radius, 2)
-    angle = rng.uniform(0, 2 * math.pi)
+    # Upright within +-30 degrees: orientation varies, but a T stays a T and not a rotated L.
+    angle = rng.uniform(-math.pi / 6, math.pi / 6)
     name = CLASSES[label]
     box = (center[0] - radius, center[1] - radius, center[0] + radius, center[1] + radius)
     if name == "circle":
@@ -109,11 +124,11 @@ def render(label: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
     elif name == "ring":
         draw.ellipse(box, outline=colour, width=int(radius * 0.35))
     elif name == "half_disc":
-        start = math.degrees(angle)
+        start = math.degrees(angle) + 180
         draw.pieslice(box, start, start + 180, fill=colour)
     elif name == "crescent":
         draw.ellipse(box, fill=colour)
-        shift = np.array([math.cos(angle), math.sin(angle)]) * radius * 0.55
+        shift = np.array([math.cos(angle), math.sin(angle)]) * radius * 0.6
         cx, cy = center + shift
         r = radius * 0.85
         # Cut the bite with the background colour sampled under it, keeping the clutter.
