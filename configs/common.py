@@ -21,8 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Data.
     config.dataset = "imagenet2012"  # a TFDS name, or 'folder' with data_dir=ROOT (ROOT/SPLIT/CLASS/*.jpg)
-    config.data_dir = None  # TFDS data_dir (None: TFDS's default ~/tensorflow_datasets)
-    config.manual_dir = None  # where manually downloaded archives lie (imagenet2012)
+    # TFDS data_dir (None: TFDS's default ~/tensorflow_datasets); placeholders stay
+    # overridable from the command line while None.
+    config.data_dir = ml_collections.config_dict.placeholder(str)
+    config.manual_dir = ml_collections.config_dict.placeholder(str)  # manually downloaded archives (imagenet2012)
     config.train_split = "train"
     config.eval_split = "validation"
     config.image_size = 224  # the resolution multiplier, as a size

@@ -87,7 +87,7 @@ def _prepare(builder: tfds.core.DatasetBuilder, name: str, manual_dir: str | Non
         hint = (
             f"place its archives in the manual download directory ({manual_dir or default_manual}, "
             f"or set config.manual_dir), as TFDS documents for {name}"
-            if builder.manual_download_instructions
+            if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
             else f"run `tfds build {name}` on a machine with network access and copy the data_dir here"
         )
         raise DatasetError(f"Dataset {name!r} is not prepared in {builder.data_dir}; {hint}.") from error

@@ -207,7 +207,7 @@ def train_step(
             mutable=["batch_stats"],
             rngs={"dropout": dropout_rng},
         )
-        logits = logits.astype(jnp.float32)
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bfloat16 -> float32
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
         per_example = optax.softmax_cross_entropy(logits, targets)
         # Scaled so that the pmean of the per-device gradients is the gradient of the
@@ -215,7 +215,11 @@ def train_step(
         loss = jnp.sum(per_example * batch["mask"]) * num_devices / jnp.maximum(count, 1.0)
         return loss, (logits, per_example, new_model_state["batch_stats"])
 
-    grads, (logits, per_example, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    # Differentiate this device's copy of the parameters ('varying' over the batch
+    # axis), then all-reduce explicitly: without the cast, shard_map would already sum
+    # the gradients of the replicated parameters over devices in the backward pass.
+    local_params = lax.pcast(state.params, BATCH, to="varying")
+    grads, (logits, per_example, batch_stats) = jax.grad(loss_fn, has_aux=True)(local_params)
     grads = lax.pmean(grads, BATCH)
     # Replicas keep one copy of the BN statistics: identical already with cross-replica
     # BN, averaged over the replicas' shards otherwise.
@@ -247,7 +251,8 @@ def train_step(
 
 def eval_step(variables: dict, batch: dict, *, model: nn.Module) -> dict:
     """Sums of loss, top-1/top-5 hits and valid examples over the global batch."""
-    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    logits = model.apply(variables, batch["image"], train=False)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     sums = _metrics(logits, batch["label"], batch["mask"], per_example)
     sums["skipped"] = jnp.sum(1.0 - batch["mask"])

@@ -19,8 +19,36 @@ if args.get("cache_dir"):
     jax.config.update("jax_compilation_cache_dir", args["cache_dir"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
+import functools  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+
 from configs import v1  # noqa: E402
 from mobilenet_jax import distributed, training  # noqa: E402
+
+if args.get("float64"):
+    # Float64 end to end, so that runs which differ only in how the work is split
+    # over devices must agree to ~1e-12 instead of float32 rounding noise amplified
+    # by training.
+    jax.config.update("jax_enable_x64", True)
+    training.create_model = functools.partial(training.create_model, dtype=jnp.float64, param_dtype=jnp.float64)
+
+if args.get("step_delay"):
+    # Slow steps, so that a test's signal lands while training is still running.
+    import time
+
+    make_step = training.sharded_train_step
+
+    def slow_step(*a, **k):
+        step = make_step(*a, **k)
+
+        def run(*x):
+            time.sleep(args["step_delay"])
+            return step(*x)
+
+        return run
+
+    training.sharded_train_step = slow_step
 
 if "process_id" in args:
     distributed.initialize(args["coordinator"], args["num_processes"], args["process_id"])
