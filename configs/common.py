@@ -35,7 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Optimisation (TF's RMSProp: decay 0.9, momentum 0.9, epsilon 1.0 inside the sqrt, accumulator starts at 1).
     config.batch_size = 1024  # global, over all devices and hosts
-    config.learning_rate = 0.045 * config.batch_size / 96  # 0.045 per 96 images, scaled linearly
+    # Peak learning rate per lr_batch_size images; the run uses
+    # learning_rate * batch_size / lr_batch_size, so --config.batch_size rescales it.
+    config.learning_rate = 0.045
+    config.lr_batch_size = 96
     config.warmup_epochs = 5.0  # linear warmup for large batches (Goyal et al., 2017)
     config.lr_decay_factor = 0.98
     config.lr_decay_epochs = 2.5
@@ -61,6 +64,17 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def apply_options(config: ml_collections.ConfigDict, options: dict) -> ml_collections.ConfigDict:
+    """The config-string options both recipes share: quickstart, width, resolution."""
+    if options["quickstart"]:
+        config = quickstart(config)
+    if options["width"] is not None:
+        config.width = float(options["width"])
+    if options["resolution"] is not None:
+        config.image_size = int(options["resolution"])
+    return config
+
+
 def quickstart(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The same recipe, small: the embedded shapes dataset on a laptop CPU in minutes.
 
@@ -71,7 +85,8 @@ def quickstart(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.image_size = 32
     config.width = 0.5
     config.batch_size = 128
-    config.learning_rate = 0.1  # above the linear rule's 0.06: the schedule is 24 epochs, not 300
+    config.learning_rate = 0.1  # per 128 images, above the recipe's 0.045 per 96: 24 epochs, not 300
+    config.lr_batch_size = 128
     config.warmup_epochs = 2.0
     config.lr_decay_factor = 0.9
     config.lr_decay_epochs = 1.0

@@ -30,10 +30,4 @@ def get_config(arg=None):
     config = common.base_config()
     config.model = "MobileNetV1"
     config.model_args.profile = options["profile"]
-    if options["quickstart"]:
-        config = common.quickstart(config)
-    if options["width"] is not None:
-        config.width = float(options["width"])
-    if options["resolution"] is not None:
-        config.image_size = int(options["resolution"])
-    return config
+    return common.apply_options(config, options)

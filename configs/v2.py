@@ -30,10 +30,4 @@ def get_config(arg=None):
     config.model_args.dropout_rate = 0.2
     config.model_args.rounding = options["rounding"]
     config.label_smoothing = 0.1
-    if options["quickstart"]:
-        config = common.quickstart(config)
-    if options["width"] is not None:
-        config.width = float(options["width"])
-    if options["resolution"] is not None:
-        config.image_size = int(options["resolution"])
-    return config
+    return common.apply_options(config, options)

@@ -193,9 +193,9 @@ def resize_then_center_crop(encoded: tf.Tensor, image_size: int, resize_size: in
     new_shape = tf.cast(tf.floor(shape * scale), tf.int32)
     new_shape = tf.maximum(new_shape, resize_size)
     image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
-    offset_y = (new_shape[0] - image_size) // 2
-    offset_x = (new_shape[1] - image_size) // 2
-    return tf.image.crop_to_bounding_box(image, offset_y, offset_x, image_size, image_size)
+    # torchvision's CenterCrop offset: round((size - crop) / 2), halves to even.
+    offsets = tf.cast(tf.round(tf.cast(new_shape - image_size, tf.float32) / 2.0), tf.int32)
+    return tf.image.crop_to_bounding_box(image, offsets[0], offsets[1], image_size, image_size)
 
 
 def preprocess_train(encoded, label, seed, image_size: int, area_range: tuple[float, float]) -> dict:

@@ -59,6 +59,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (config.image_size >= 8, f"image_size must be at least 8 pixels, got {config.image_size}"),
         (config.width > 0, f"width must be positive, got {config.width}"),
         (config.learning_rate > 0, f"learning_rate must be positive, got {config.learning_rate}"),
+        (config.lr_batch_size > 0, f"lr_batch_size must be positive, got {config.lr_batch_size}"),
         (config.num_epochs > 0 or config.num_train_steps > 0, "set num_epochs or num_train_steps to a positive value"),
         (0 <= config.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {config.label_smoothing}"),
         (0 <= config.ema_decay < 1, f"ema_decay must be in [0, 1), got {config.ema_decay}"),
@@ -100,18 +101,24 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, **override
         raise ConfigError(f"Bad config: {config.model} does not take these arguments ({error}).") from None
 
 
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """``learning_rate`` per ``lr_batch_size`` images, scaled linearly to ``batch_size``."""
+    return config.learning_rate * config.batch_size / config.lr_batch_size
+
+
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """Linear warmup to ``learning_rate``, then ``lr_decay_factor`` every ``lr_decay_epochs`` (staircase)."""
+    """Linear warmup to the peak rate, then ``lr_decay_factor`` every ``lr_decay_epochs`` (staircase)."""
+    peak = peak_learning_rate(config)
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
     decay = optax.exponential_decay(
-        config.learning_rate,
+        peak,
         transition_steps=max(1, int(round(config.lr_decay_epochs * steps_per_epoch))),
         decay_rate=config.lr_decay_factor,
         staircase=True,
     )
     if warmup_steps == 0:
         return decay
-    warmup = optax.linear_schedule(0.0, config.learning_rate, warmup_steps)
+    warmup = optax.linear_schedule(0.0, peak, warmup_steps)
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 

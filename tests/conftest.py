@@ -1,7 +1,7 @@
 """Test set-up shared by all tests.
 
-torch must be imported before TensorFlow: the other order crashes the process with
-the wheels pinned here, and both are imported in one test session.
+torch and torchvision must be imported before TensorFlow: the other order crashes
+the process with the wheels pinned here, and all three are imported in one session.
 """
 
 import os
@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 try:
     import torch  # noqa: F401
+    import torchvision  # noqa: F401
 except ImportError:
     pass
 

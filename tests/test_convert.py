@@ -199,3 +199,55 @@ def test_cli_writes_a_checkpoint_the_loader_restores(tmp_path):
         text=True,
     )
     assert again.returncode == 1 and "No PyTorch checkpoint" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_evaluate_cli_with_torch_weights_uses_torchvision_preprocessing(tmp_path, image_folder):
+    torch.manual_seed(6)
+    module = ref.randomize(torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=4))
+    torch.save(module.state_dict(), tmp_path / "tv.pth")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mobilenet_jax.evaluate",
+            "--config",
+            "configs/v2.py",
+            "--torch_weights",
+            str(tmp_path / "tv.pth"),
+            "--config.dataset=folder",
+            f"--config.data_dir={image_folder}",
+            "--config.image_size=32",
+            "--config.batch_size=8",
+            "--config.half_precision=False",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "folder validation: top-1" in result.stdout and "over 20 images" in result.stdout
+
+
+def test_torchvision_style_eval_preprocessing_matches_torchvision_transforms():
+    """resize shorter side + center crop, against torchvision.transforms on the same image."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from mobilenet_jax import input_pipeline as ip
+
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((75, 110, 3)) * 255).astype(np.uint8)
+    pixels = np.asarray(Image.fromarray(pixels).resize((220, 150), Image.Resampling.BILINEAR))  # smooth content
+    import io
+
+    import tensorflow as tf
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    ours = ip.resize_then_center_crop(tf.constant(buffer.getvalue()), 112, resize_size=128).numpy()
+    theirs = transforms.Compose([transforms.Resize(128), transforms.CenterCrop(112), transforms.PILToTensor()])(
+        Image.fromarray(pixels)
+    )
+    theirs = theirs.numpy().transpose(1, 2, 0).astype(np.float32)
+    assert ours.shape == theirs.shape == (112, 112, 3)
+    assert np.abs(ours - theirs).mean() < 1.5  # 0..255 scale; resamplers differ only in rounding

@@ -37,6 +37,7 @@ def tiny(config, **overrides):
 def test_learning_rate_schedule_values():
     config = v1.get_config()
     config.learning_rate, config.warmup_epochs, config.lr_decay_epochs, config.lr_decay_factor = 0.1, 2, 1, 0.5
+    config.batch_size = config.lr_batch_size = 96
     lr = training.create_learning_rate_fn(config, steps_per_epoch=10)
     expected = {0: 0.0, 5: 0.025, 10: 0.05, 20: 0.1, 29: 0.1, 30: 0.05, 39: 0.05, 45: 0.025, 60: 0.00625}
     for step, value in expected.items():
@@ -47,7 +48,10 @@ def test_learning_rate_schedule_values():
 
 def test_recipes_scale_the_learning_rate_with_the_batch():
     config = v2.get_config()
-    assert config.learning_rate == pytest.approx(0.045 * 1024 / 96)
+    assert training.peak_learning_rate(config) == pytest.approx(0.045 * 1024 / 96)
+    config.batch_size = 512  # an override rescales the rate
+    assert training.peak_learning_rate(config) == pytest.approx(0.045 * 512 / 96)
+    assert training.peak_learning_rate(v1.get_config("quickstart")) == pytest.approx(0.1)
     assert config.label_smoothing == 0.1 and config.model_args.dropout_rate == 0.2
     assert v1.get_config("width=0.5,resolution=160").image_size == 160
     assert v1.get_config("profile=0.5flops").model_args.profile == "0.5flops"

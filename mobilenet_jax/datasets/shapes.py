@@ -1,13 +1,13 @@
 """`mobilenet_shapes`: the embedded dataset, generated offline and deterministically.
 
-Ten classes of geometric shapes on cluttered backgrounds. Colour, size, rotation and
-position of every shape are drawn independently of its class, and the background
-carries random lines and dots in random colours, so neither colour nor size separates
-the classes: a model has to see the outline.
+Ten classes of geometric shapes on cluttered backgrounds. Colour, size, rotation
+(within +-30 degrees of upright) and position of every shape are drawn independently
+of its class, and the background carries random lines and dots in random colours, so
+neither colour nor size separates the classes: a model has to see the outline.
 
 Builder configs are named by resolution (``mobilenet_shapes/64``, ``mobilenet_shapes/32``,
 ``mobilenet_shapes/128``). Image ``i`` of a split depends only on (split, i), so every
-machine generates the same bytes.
+machine generates the same pixels (PNG-encoded by TFDS).
 """
 
 from __future__ import annotations
