@@ -7,8 +7,9 @@ example index), so the data order and the augmentations of a run depend on nothi
 but the config: a resumed run sees exactly the batches an uninterrupted one would,
 and N processes together see the same global batches as one process.
 
-Undecodable images are not a crash: they come out as blank examples with
-``mask == 0``, which the training and evaluation steps leave out and count.
+Undecodable images are not a crash: files that are not JPEG/PNG/GIF/BMP come out as
+blank examples with ``mask == 0``, which the steps leave out and count; a file with a
+valid header and a corrupt body is dropped from the stream (evaluation counts it).
 """
 
 from __future__ import annotations
@@ -279,6 +280,9 @@ def create_train_dataset(
     options.deterministic = True
     options.threading.private_threadpool_size = max(os.cpu_count() or 1, 1)
     stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    # A file with a valid header but a corrupt body fails inside the decoder: drop it
+    # (TF logs a warning) rather than stop the run.
+    stream = stream.ignore_errors(log_warning=True)
     stream = stream.batch(global_batch_size // process_count, drop_remainder=True)
     return stream.with_options(options).prefetch(tf.data.AUTOTUNE)
 
@@ -316,6 +320,9 @@ def create_eval_dataset(
     ds = ds.map(
         lambda image, label: preprocess_eval(image, label, image_size, method), num_parallel_calls=tf.data.AUTOTUNE
     )
+    # Corrupt bodies behind valid headers are dropped here; the evaluation counts them
+    # as skipped (split size minus images seen).
+    ds = ds.ignore_errors(log_warning=True)
     padding = {
         "image": tf.zeros([image_size, image_size, 3], tf.float32),
         "label": tf.constant(0, tf.int32),

@@ -148,3 +148,23 @@ def test_unknown_dataset_and_missing_folder_are_clear_errors(tmp_path):
 def test_unprepared_imagenet_says_how_to_prepare_it(tmp_path):
     with pytest.raises(ip.DatasetError, match="not prepared.*manual download directory"):
         ip.get_dataset("imagenet2012", data_dir=str(tmp_path))
+
+
+def test_corrupt_body_behind_a_valid_header_is_skipped_not_a_crash(tmp_path, gradient_image):
+    """A PNG whose data is damaged: evaluation drops it and the run goes on."""
+    from PIL import Image as PILImage
+
+    root = tmp_path / "folder"
+    for split in ("train", "validation"):
+        for name in ("a", "b"):
+            directory = root / split / name
+            directory.mkdir(parents=True)
+            for i in range(3):
+                PILImage.fromarray(gradient_image).save(directory / f"{i}.png")
+    good = (root / "validation" / "a" / "0.png").read_bytes()
+    (root / "validation" / "a" / "0.png").write_bytes(good[:60] + b"\x00" * 200 + good[260:])
+    info = ip.get_dataset("folder", str(root))
+    batches = list(ip.create_eval_dataset(info, "validation", global_batch_size=4, image_size=16))
+    assert sum(float(b["mask"].numpy().sum()) for b in batches) == 5  # 6 files, 1 corrupt
+    train = ip.create_train_dataset(info, "train", global_batch_size=2, image_size=16, seed=0, shuffle_buffer_size=8)
+    assert len(list(itertools.islice(train, 6))) == 6
