@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mobilenet_jax.models import MobileNetV1, MobileNetV2
-from mobilenet_jax.models.layers import DepthwiseConv
+from mobilenet_jax.models.layers import DepthwiseConv, PointwiseConv
 
 
 class ModelSummary(NamedTuple):
@@ -32,6 +32,8 @@ def _layer_macs(module: nn.Module, inputs: jax.ShapeDtypeStruct, outputs: jax.Sh
     out_positions = math.prod(outputs.shape[1:-1])
     if isinstance(module, DepthwiseConv):
         return out_positions * in_channels * module.kernel_size**2
+    if isinstance(module, PointwiseConv):
+        return out_positions * in_channels * outputs.shape[-1]
     if isinstance(module, nn.Conv):
         kernel = math.prod(module.kernel_size)
         return out_positions * outputs.shape[-1] * kernel * in_channels // module.feature_group_count

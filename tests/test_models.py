@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from mobilenet_jax import MobileNetV1, MobileNetV2
 from mobilenet_jax.models import DepthwiseConv, layers, model_from_dict, model_to_dict
@@ -123,13 +124,16 @@ def test_v2_dropout_is_random_in_train_mode_and_off_in_eval():
     np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
 
 
+@pytest.mark.parametrize("kernel_size", [3, 5])
 @pytest.mark.parametrize("strides", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (9, 7)])
-def test_depthwise_implementations_agree_in_value_and_gradient(strides, size):
+def test_depthwise_implementations_agree_in_value_and_gradient(strides, size, kernel_size):
+    # 'shift' has a hand-written backward pass (input and kernel gradients); 'xla' is
+    # lax's grouped convolution differentiated by JAX: an independent reference.
     x = jax.random.normal(jax.random.key(0), (2, *size, 6))
     outputs, grads = {}, {}
     for impl in ("xla", "shift"):
-        layer = DepthwiseConv(strides=strides, implementation=impl)
+        layer = DepthwiseConv(kernel_size=kernel_size, strides=strides, implementation=impl)
         variables = layer.init(jax.random.key(1), x)
 
         def loss(v, x, layer=layer):
@@ -140,6 +144,47 @@ def test_depthwise_implementations_agree_in_value_and_gradient(strides, size):
     np.testing.assert_allclose(outputs["xla"], outputs["shift"], atol=1e-5)
     for a, b in zip(jax.tree.leaves(grads["xla"]), jax.tree.leaves(grads["shift"]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_whole_network_gradients_agree_across_depthwise_implementations():
+    # The training loss of a short MobileNetV2 (train-mode BN, a residual, both strides) in float64.
+    blocks = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2))
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (2, 19, 17, 3), jnp.float64)
+        labels = jnp.array([1, 3])
+        results = {}
+        for impl in ("xla", "shift"):
+            model = MobileNetV2(
+                num_classes=5, width=0.35, block_table=blocks, dropout_rate=0.0, depthwise_impl=impl, dtype=jnp.float64
+            )
+            variables = model.init(jax.random.key(1), x)
+            variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
+
+            def loss(params, model=model, variables=variables):
+                logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+                return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+            results[impl] = jax.value_and_grad(loss)(variables["params"])
+        np.testing.assert_allclose(results["xla"][0], results["shift"][0], rtol=1e-12)
+        flat_xla = jax.tree_util.tree_leaves_with_path(results["xla"][1])
+        flat_shift = jax.tree.leaves(results["shift"][1])
+        assert len(flat_xla) == len(flat_shift)
+        for (path, a), b in zip(flat_xla, flat_shift, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10, err_msg=jax.tree_util.keystr(path))
+
+
+def test_pointwise_conv_is_a_1x1_nn_conv():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
+    ours, reference = layers.PointwiseConv(4), nn.Conv(4, (1, 1), use_bias=False, kernel_init=layers.conv_kernel_init)
+    variables = ours.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, variables, reference.init(jax.random.key(1), x))  # same init
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-6)
+
+    def grads(layer):
+        return jax.grad(lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x))), argnums=(0, 1))(variables, x)
+
+    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(reference)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_depthwise_implementation_does_not_change_the_parameter_tree():

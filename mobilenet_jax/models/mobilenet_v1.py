@@ -69,7 +69,7 @@ class DepthwiseSeparable(nn.Module):
 
     features: int
     strides: int
-    conv: Any
+    pointwise: Any
     norm: Any
     depthwise: Any
 
@@ -77,7 +77,7 @@ class DepthwiseSeparable(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.depthwise(strides=self.strides, name="conv_dw")(x)
         x = nn.relu(self.norm(name="bn_dw")(x))
-        x = self.conv(self.features, (1, 1), name="conv_pw")(x)
+        x = self.pointwise(self.features, name="conv_pw")(x)
         return nn.relu(self.norm(name="bn_pw")(x))
 
 
@@ -126,6 +126,7 @@ class MobileNetV1(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+        pointwise = functools.partial(layers.PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype)
         depthwise = functools.partial(
             layers.DepthwiseConv, implementation=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype
         )
@@ -136,7 +137,7 @@ class MobileNetV1(nn.Module):
         stride = 2
         features[f"stride_{stride}"] = x
         for i, (channels, block_stride) in enumerate(blocks):
-            x = DepthwiseSeparable(channels, block_stride, conv, norm, depthwise, name=f"block_{i}")(x)
+            x = DepthwiseSeparable(channels, block_stride, pointwise, norm, depthwise, name=f"block_{i}")(x)
             stride *= block_stride
             features[f"stride_{stride}"] = x
 

@@ -78,7 +78,7 @@ class InvertedResidual(nn.Module):
     hidden_channels: int
     out_channels: int
     strides: int
-    conv: Any
+    pointwise: Any
     norm: Any
     depthwise: Any
 
@@ -86,11 +86,11 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         shortcut = x
         if self.hidden_channels != self.in_channels:
-            x = self.conv(self.hidden_channels, (1, 1), name="conv_pw")(x)
+            x = self.pointwise(self.hidden_channels, name="conv_pw")(x)
             x = nn.relu6(self.norm(name="bn_pw")(x))
         x = self.depthwise(strides=self.strides, name="conv_dw")(x)
         x = nn.relu6(self.norm(name="bn_dw")(x))
-        x = self.conv(self.out_channels, (1, 1), name="conv_pwl")(x)
+        x = self.pointwise(self.out_channels, name="conv_pwl")(x)
         x = self.norm(name="bn_pwl")(x)
         if self.strides == 1 and self.in_channels == self.out_channels:
             x = x + shortcut
@@ -144,6 +144,7 @@ class MobileNetV2(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+        pointwise = functools.partial(layers.PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype)
         depthwise = functools.partial(
             layers.DepthwiseConv, implementation=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype
         )
@@ -153,10 +154,10 @@ class MobileNetV2(nn.Module):
         x = nn.relu6(norm(name="stem_bn")(x))
         stride = 2
         for i, (cin, hidden, cout, block_stride) in enumerate(blocks):
-            x = InvertedResidual(cin, hidden, cout, block_stride, conv, norm, depthwise, name=f"block_{i}")(x)
+            x = InvertedResidual(cin, hidden, cout, block_stride, pointwise, norm, depthwise, name=f"block_{i}")(x)
             stride *= block_stride
             features[f"stride_{stride}"] = x
-        x = conv(last, (1, 1), name="last_conv")(x)
+        x = pointwise(last, name="last_conv")(x)
         x = nn.relu6(norm(name="last_bn")(x))
         features[f"stride_{stride}"] = x
 
