@@ -26,6 +26,15 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # the progress bar and metrics.jsonl report progress
+    from mobilenet_jax import host
+
+    if host.cpu_only():
+        host.keep_freed_memory()  # before XLA starts its threads; see host.py for the measured effect
+    try:
+        host.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     import tensorflow as tf
 
     # TensorFlow only feeds data; keep it off the accelerators JAX uses.

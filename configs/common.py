@@ -61,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.async_checkpoints = True
     config.progress_bar = True
+    # Persistent XLA compilation cache: a second start of the same config skips compilation ('' = off).
+    config.compilation_cache_dir = "~/.cache/mobilenet_jax/xla"
     return config
 
 

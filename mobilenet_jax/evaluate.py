@@ -83,6 +83,10 @@ def run(config) -> dict:
 
 def main(argv):
     del argv
+    from mobilenet_jax import host
+
+    if host.cpu_only():
+        host.keep_freed_memory()
     if FLAGS.torch_weights:
         import torch  # noqa: F401  (before TensorFlow, which otherwise crashes torch's import)
     import tensorflow as tf
