@@ -32,7 +32,7 @@ def child(config_path: str, batch: int | None, cache_dir: str) -> dict:
     import jax
     import numpy as np
 
-    from mobilenet_jax import distributed, host, training
+    from mobilenet_jax import distributed, host, optim, steps
 
     host.keep_freed_memory()
     host.enable_compilation_cache(cache_dir or None)
@@ -43,22 +43,15 @@ def child(config_path: str, batch: int | None, cache_dir: str) -> dict:
         config.batch_size = batch
     imported = time.perf_counter()
 
-    model = training.create_model(config, num_classes=10)
-    lr = training.create_learning_rate_fn(config, steps_per_epoch=100)
-    tx = training.create_optimizer(config, lr)
+    model = steps.create_model(config, num_classes=10)
+    lr = optim.create_learning_rate_fn(config, steps_per_epoch=100)
+    tx = optim.create_optimizer(config, lr)
     mesh = distributed.make_mesh()
-    state = training.create_train_state(jax.random.key(config.seed), model, tx, config.image_size)
+    state = optim.create_train_state(jax.random.key(config.seed), model, tx, config.image_size)
     jax.block_until_ready(state)
     initialised = time.perf_counter()
 
-    step = training.sharded_train_step(
-        mesh,
-        model=model,
-        tx=tx,
-        learning_rate_fn=lr,
-        label_smoothing=config.label_smoothing,
-        ema_decay=config.ema_decay,
-    )
+    step = steps.make_train_step(config, model, mesh, tx, lr)
     rng = np.random.default_rng(0)
     size = config.image_size
     batch_arrays = distributed.global_batch(

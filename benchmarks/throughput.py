@@ -8,7 +8,7 @@ For each candidate (this project's model; torchvision's ``mobilenet_v2`` or the
 design notes' PyTorch MobileNetV1 when torch is installed) it measures, on one
 device:
   * train: images/s of a full training step (forward, backward, optimizer update).
-    For JAX this is ``training.train_step``, the step ``train.py`` runs (RMSprop,
+    For JAX this is ``steps.make_train_step``, the step ``train.py`` runs (RMSprop,
     weight decay, EMA, BN statistics); for PyTorch, forward + cross-entropy +
     backward + ``torch.optim.RMSprop``.
   * infer: images/s of the forward pass in inference mode (BN with running statistics).
@@ -34,17 +34,17 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-try:  # torch before TensorFlow (pulled in by the input pipeline): the other order crashes with these wheels
+from mobilenet_jax import host  # noqa: E402
+
+if host.import_torch_before_tensorflow():
     import torch
     import torchvision
-except ImportError:
+else:
     torch = None
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-from mobilenet_jax import host  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,24 +95,22 @@ class JaxCandidate(Candidate):
     def __init__(self, args):
         import optax
 
-        from configs import common
-        from mobilenet_jax import distributed, training
+        from configs import v1, v2
+        from mobilenet_jax import distributed, optim, steps
 
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         self.name = f"mobilenet_jax {args.arch.upper()} (depthwise {args.depthwise_impl})"
-        config = common.base_config()
-        config.model = "MobileNetV1" if args.arch == "v1" else "MobileNetV2"
-        config.width = args.width
-        config.depthwise_impl = args.depthwise_impl
+        config = (v1 if args.arch == "v1" else v2).get_config()
+        config.model.width = args.width
+        config.model.depthwise_impl = args.depthwise_impl
         config.half_precision = args.dtype == "bfloat16"
-        model = training.create_model(config, num_classes=1000)
+        config.label_smoothing = 0.1
+        model = steps.create_model(config, num_classes=1000)
         lr = optax.constant_schedule(0.01)
-        tx = training.create_optimizer(config, lr)
+        tx = optim.create_optimizer(config, lr)
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (distributed.BATCH_AXIS,))  # one device
-        self.state = training.create_train_state(jax.random.key(0), model, tx, args.resolution)
-        self.step = training.sharded_train_step(
-            mesh, model=model, tx=tx, learning_rate_fn=lr, label_smoothing=0.1, ema_decay=config.ema_decay
-        )
+        self.state = optim.create_train_state(jax.random.key(0), model, tx, args.resolution)
+        self.step = steps.make_train_step(config, model, mesh, tx, lr)
         rng = np.random.default_rng(0)
         self.batch = distributed.global_batch(
             {
@@ -151,7 +149,7 @@ class TorchCandidate(Candidate):
             model = torchvision.models.mobilenet_v2(width_mult=args.width)
             self.name = "torchvision mobilenet_v2, eager"
         else:
-            from tests import torch_reference
+            from mobilenet_jax import torch_reference
 
             stem, cfg = torch_reference.V1_NORMAL
             scale = lambda c: max(8, int(c * args.width))  # noqa: E731  (the design notes' width rule)

@@ -1,23 +1,27 @@
 """The fields every training config has, with the defaults shared by v1.py and v2.py.
 
-Field names follow Flax's ImageNet example where they overlap.
+Field names follow Flax's ImageNet example where they overlap. The architecture is
+all in ``config.model`` (the fields of ``model.json``); everything else is data,
+optimisation and bookkeeping.
 """
+
+import ast
+from typing import Any
 
 import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # Model.
-    config.model = "MobileNetV1"
-    config.width = 1.0  # width multiplier alpha
-    config.model_args = ml_collections.ConfigDict()  # other architecture fields (profile, dropout_rate, ...)
-    config.bn_momentum = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch
-    config.bn_epsilon = (
-        1e-5  # PyTorch's; with the fan-out init, depthwise outputs have variance ~2/C, so 1e-3 would swamp them
-    )
+    # Model: every field of the architecture, passed to its class (MobileNetV1/V2 add theirs).
+    config.model = ml_collections.ConfigDict()
+    config.model.architecture = "MobileNetV1"
+    config.model.width = 1.0  # width multiplier alpha
+    config.model.bn_momentum = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch
+    # PyTorch's; with the fan-out init, depthwise outputs have variance ~2/C, so 1e-3 would swamp them.
+    config.model.bn_epsilon = 1e-5
+    config.model.depthwise_impl = "auto"  # per backend; 'xla' or 'shift' to force (same parameters)
     config.cross_replica_bn = False  # BN statistics over the whole global batch instead of per device
-    config.depthwise_impl = "auto"  # per backend; 'xla' or 'shift' to force
 
     # Data.
     config.dataset = "imagenet2012"  # a TFDS name, or 'folder' with data_dir=ROOT (ROOT/SPLIT/CLASS/*.jpg)
@@ -52,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.half_precision = True  # bfloat16 compute, float32 parameters and optimizer state
     config.init_from = ""  # a converted model directory (python -m mobilenet_jax.convert) to start from
+    # > 0: skip updates whose gradients are not finite (optax.apply_if_finite), stopping after
+    # this many in a row; 0: a non-finite step stops the run before anything is saved.
+    config.max_consecutive_nonfinite_skips = 0
 
     # Bookkeeping.
     config.seed = 0
@@ -66,12 +73,33 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def parse_options(arg: str | None, **defaults: Any) -> dict[str, Any]:
+    """Parses a config string ``'quickstart,width=0.5'`` into ``{'quickstart': True, 'width': 0.5}`` over ``defaults``.
+
+    Keys must be among ``defaults``, so a typo is an error, not a silently ignored option.
+    """
+    values = dict(defaults)
+    for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+        key, sep, raw = token.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"Unknown config option {key!r}; known options: {', '.join(sorted(defaults))}.")
+        if not sep:
+            values[key] = True
+            continue
+        try:
+            values[key] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            values[key] = raw.strip()
+    return values
+
+
 def apply_options(config: ml_collections.ConfigDict, options: dict) -> ml_collections.ConfigDict:
     """The config-string options both recipes share: quickstart, width, resolution."""
     if options["quickstart"]:
         config = quickstart(config)
     if options["width"] is not None:
-        config.width = float(options["width"])
+        config.model.width = float(options["width"])
     if options["resolution"] is not None:
         config.image_size = int(options["resolution"])
     return config
@@ -85,7 +113,7 @@ def quickstart(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     config.dataset = "mobilenet_shapes/32"
     config.image_size = 32
-    config.width = 0.5
+    config.model.width = 0.5
     config.batch_size = 128
     config.learning_rate = 0.1  # per 128 images, above the recipe's 0.045 per 96: 24 epochs, not 300
     config.lr_batch_size = 128

@@ -21,13 +21,19 @@ Expected: 70.6% top-1 for 1.0-224, 63.7% for 0.5-224 (paper Table 6); the
 quickstart reaches >= 95% top-1 on the embedded shapes dataset in minutes on a CPU.
 """
 
-from configs import common
-from mobilenet_jax import config_args
+import os
+import sys
+
+try:
+    from configs import common
+except ImportError:  # loaded by path (--config /path/to/configs/v1.py) from another working directory
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import common
 
 
 def get_config(arg=None):
-    options = config_args.parse(arg, quickstart=False, width=None, resolution=None, profile="normal")
+    options = common.parse_options(arg, quickstart=False, width=None, resolution=None, profile="normal")
     config = common.base_config()
-    config.model = "MobileNetV1"
-    config.model_args.profile = options["profile"]
+    config.model.architecture = "MobileNetV1"
+    config.model.profile = options["profile"]
     return common.apply_options(config, options)

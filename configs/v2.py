@@ -19,15 +19,21 @@ Run:
 Expected: 72.0% top-1 for 1.0-224, 74.7% for 1.4-224 (paper Table 4).
 """
 
-from configs import common
-from mobilenet_jax import config_args
+import os
+import sys
+
+try:
+    from configs import common
+except ImportError:  # loaded by path (--config /path/to/configs/v2.py) from another working directory
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import common
 
 
 def get_config(arg=None):
-    options = config_args.parse(arg, quickstart=False, width=None, resolution=None, rounding="torchvision")
+    options = common.parse_options(arg, quickstart=False, width=None, resolution=None, rounding="torchvision")
     config = common.base_config()
-    config.model = "MobileNetV2"
-    config.model_args.dropout_rate = 0.2
-    config.model_args.rounding = options["rounding"]
+    config.model.architecture = "MobileNetV2"
+    config.model.dropout_rate = 0.2
+    config.model.rounding = options["rounding"]
     config.label_smoothing = 0.1
     return common.apply_options(config, options)

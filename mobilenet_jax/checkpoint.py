@@ -1,25 +1,36 @@
-"""Model checkpoints: orbax-saved variables beside a JSON record of the architecture.
+"""Checkpoints: model directories (variables + ``model.json``) and the train states of a run.
 
 A model directory holds ``variables/`` (an orbax checkpoint of ``{'params',
 'batch_stats'}``) and ``model.json`` (``model_to_dict``). The converter writes one;
-training and evaluation can start from one.
+training, evaluation and export start from one. A training workdir holds
+``model.json`` and ``checkpoints/<step>/`` (whole train states).
+
+Restores are defensive: a checkpoint that fails to restore, or restores with a
+non-finite array, is reported in one line and skipped for the next older one;
+training moves it aside to ``corrupt_checkpoints/`` (renamed, never deleted).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import linen as nn
 
-from mobilenet_jax.models.config import model_from_dict, model_to_dict
+from mobilenet_jax.errors import CheckpointError, sentence
+from mobilenet_jax.models.registry import model_from_dict, model_to_dict
 
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
+CHECKPOINTS_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"
 
 
 def save_model(directory: str | os.PathLike, model: nn.Module, variables: dict) -> None:
@@ -28,79 +39,186 @@ def save_model(directory: str | os.PathLike, model: nn.Module, variables: dict) 
     if os.path.exists(os.path.join(directory, VARIABLES_DIR)):
         raise FileExistsError(f"{directory} already holds a model; choose an empty directory.")
     os.makedirs(directory, exist_ok=True)
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(directory, VARIABLES_DIR), dict(variables))
+        checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables)
         checkpointer.wait_until_finished()
+    write_model_record(directory, model)
+
+
+def write_model_record(directory: str, model: nn.Module) -> None:
+    """``directory/model.json``: lets evaluation, export and fine-tuning rebuild the architecture."""
     with open(os.path.join(directory, MODEL_JSON), "w") as f:
         json.dump(model_to_dict(model), f, indent=2)
+
+
+def read_model_record(directory: str, **runtime: Any) -> nn.Module:
+    path = os.path.join(directory, MODEL_JSON)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{directory} has no {MODEL_JSON}; name a model directory (python -m mobilenet_jax.convert) "
+            "or a training workdir."
+        )
+    try:
+        with open(path) as f:
+            return model_from_dict(json.load(f), **runtime)
+    except (json.JSONDecodeError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a model record ({sentence(error)}).") from None
 
 
 def load_model(directory: str | os.PathLike, **runtime: Any) -> tuple[nn.Module, dict]:
     """Reads a directory written by :func:`save_model`; ``runtime`` sets e.g. ``dtype``."""
     directory = os.path.abspath(os.fspath(directory))
-    record_path = os.path.join(directory, MODEL_JSON)
-    if not os.path.isfile(record_path):
-        raise FileNotFoundError(f"{directory} has no {MODEL_JSON}; is it a directory written by the converter?")
-    with open(record_path) as f:
-        model = model_from_dict(json.load(f), **runtime)
-    in_channels = _stem_in_channels(directory)
-    images = jax.ShapeDtypeStruct((1, 32, 32, in_channels), np.float32)
-    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-    with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR), dict(abstract))
+    model = read_model_record(directory, **runtime)
+    path = os.path.join(directory, VARIABLES_DIR)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(path)
+            tree = getattr(metadata, "item_metadata", metadata)
+            in_channels = int(tree["params"]["stem_conv"]["kernel"].shape[2])
+            images = jax.ShapeDtypeStruct((1, 32, 32, in_channels), np.float32)
+            abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+            variables = checkpointer.restore(
+                path, {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
+            )
+    except Exception as error:  # orbax raises many kinds for missing, truncated or foreign files
+        raise CheckpointError(f"Cannot read the model in {path} ({_short(error)}).") from None
+    problem = nonfinite_problem(variables)
+    if problem:
+        raise CheckpointError(f"The model in {path} is unusable: {problem}.")
     return model, variables
 
 
-def _stem_in_channels(directory: str) -> int:
-    metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, VARIABLES_DIR))
-    tree = getattr(metadata, "item_metadata", metadata)
-    kernel = tree["params"]["stem_conv"]["kernel"]
-    return int(kernel.shape[2])
+def load_any(source: str | os.PathLike, weights: str = "ema", step: int | None = None, **runtime: Any):
+    """``(model, variables)`` from a model directory or a training workdir (its newest good checkpoint).
 
-
-# ----------------------------------------------------------------------------- training runs
-
-
-def check_workdir(workdir: str) -> None:
-    """Creates ``workdir`` or raises one sentence saying why it cannot be used."""
+    ``weights`` picks a training checkpoint's ``'ema'`` or ``'live'`` weights; ``step``
+    a particular checkpoint.
+    """
+    source = os.path.abspath(os.fspath(source))
+    if not os.path.isdir(source):
+        raise CheckpointError(f"{source} is not a directory; name a model directory or a training workdir.")
+    if os.path.isdir(os.path.join(source, VARIABLES_DIR)):
+        return load_model(source, **runtime)
+    if weights not in ("ema", "live"):
+        raise ValueError(f"weights must be 'ema' or 'live', got {weights!r}.")
+    model = read_model_record(source, **runtime)
+    manager = TrainCheckpoints(source, read_only=True)
     try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as error:
-        raise PermissionError(
-            f"Cannot create workdir {workdir} ({error.strerror}); choose a writable directory."
-        ) from None
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise PermissionError(f"Workdir {workdir} is not writable; choose a writable directory.")
+        state = manager.restore_weights(step)
+    finally:
+        manager.close()
+    if weights == "ema":
+        return model, {"params": state["ema_params"], "batch_stats": state["ema_batch_stats"]}
+    return model, {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
-def write_model_record(workdir: str, model: nn.Module) -> None:
-    """``workdir/model.json``: lets the evaluation CLI rebuild the trained architecture."""
-    with open(os.path.join(workdir, MODEL_JSON), "w") as f:
-        json.dump(model_to_dict(model), f, indent=2)
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = f"{type(error).__name__}: {sentence(error)}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@jax.jit
+def _finite_leaves(tree: Any) -> list:
+    return [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+
+
+def nonfinite_problem(tree: Any) -> str | None:
+    """None when every floating-point array of ``tree`` is finite, else which ones are not."""
+    floats = {
+        jax.tree_util.keystr(path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)
+    }
+    flags = _finite_leaves(list(floats.values()))
+    bad = [name for name, ok in zip(floats, flags, strict=True) if not bool(ok)]
+    if not bad:
+        return None
+    return f"{len(bad)} non-finite array(s), e.g. {bad[0]}"
 
 
 class TrainCheckpoints:
     """Periodic (asynchronous) saves of the whole train state, keeping the last ``keep``.
 
     orbax writes each step to a temporary directory and renames it when complete, so
-    a run killed at any moment restarts from the last complete step.
+    a run killed at any moment restarts from the last complete step. ``read_only``
+    opens an existing directory without creating or cleaning anything (evaluation).
     """
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.workdir = workdir
+        self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
+        self.read_only = read_only
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointError(f"No checkpoint in {self.directory}; train first, or name a model directory.")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+            max_to_keep=keep,
+            create=not read_only,
+            enable_async_checkpointing=async_save and not read_only,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def restore_latest(self, abstract_state: Any, sharding: Any) -> Any | None:
-        step = self._manager.latest_step()
-        if step is None:
-            return None
+        """The newest checkpoint that restores with the expected shapes and dtypes and is finite.
+
+        Returns None when there is no checkpoint; raises CheckpointError when there are
+        some and none is usable. Unusable ones are logged (and moved aside unless read-only).
+        """
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_state)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        return self._newest_good(lambda step: self._manager.restore(step, args=ocp.args.StandardRestore(target)))
+
+    def restore_weights(self, step: int | None = None) -> dict:
+        """The arrays of one checkpoint (the newest good one by default) as a dict, without an optimizer."""
+        restore = lambda s: self._manager.restore(s, args=ocp.args.StandardRestore())  # noqa: E731
+        if step is None:
+            state = self._newest_good(restore)
+            if state is None:
+                raise CheckpointError(f"No checkpoint in {self.directory}; train first, or name a model directory.")
+            return state
+        if step not in self._manager.all_steps():
+            steps = sorted(self._manager.all_steps())
+            raise CheckpointError(f"{self.directory} has no step {step}; it has {steps or 'none'}.")
+        return self._checked(step, restore)
+
+    def _checked(self, step: int, restore) -> Any:
+        try:
+            state = restore(step)
+        except Exception as error:  # truncated, missing or foreign files: orbax raises many kinds
+            raise CheckpointError(f"checkpoint {step} does not restore ({_short(error)})") from None
+        problem = nonfinite_problem(state)
+        if problem:
+            raise CheckpointError(f"checkpoint {step} holds {problem}")
+        return state
+
+    def _newest_good(self, restore) -> Any | None:
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return self._checked(step, restore)
+            except CheckpointError as error:
+                moved = "" if self.read_only else f"; moved to {self._move_aside(step)}"
+                logging.warning("Skipping %s%s.", error, moved)
+        if steps:
+            raise CheckpointError(
+                f"None of the {len(steps)} checkpoint(s) in {self.directory} is usable (see the lines above); "
+                f"start a new workdir or restore a copy."
+            )
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        destination = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        while os.path.exists(destination):
+            destination += "+"
+        if jax.process_index() == 0:  # one process renames; all forget the step
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            os.rename(os.path.join(self.directory, str(step)), destination)
+        self._manager.reload()
+        return destination
 
     def save(self, step: int, state: Any, force: bool = False) -> None:
         if step in self._manager.all_steps():

@@ -22,9 +22,9 @@ checkpoint of the variables and the detected architecture (``model.json``).
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from mobilenet_jax import errors
 from mobilenet_jax.models import (
     V1_PROFILES,
     MobileNetV1,
@@ -169,6 +170,14 @@ def _expected_shapes(model: nn.Module, layout: str, in_channels: int = 3) -> dic
 # ----------------------------------------------------------------------------- loading
 
 
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise errors.UserError("Reading or writing PyTorch weights needs torch: pip install -e '.[torch]'.") from None
+    return torch
+
+
 def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     """Reads a state dict from a path, a checkpoint dict or a state dict, as numpy arrays.
 
@@ -177,7 +186,7 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     ``module.`` prefixes are removed.
     """
     if isinstance(source, (str, os.PathLike)):
-        import torch
+        torch = _import_torch()
 
         if not os.path.isfile(source):
             raise FileNotFoundError(f"No PyTorch checkpoint at {os.fspath(source)!r}.")
@@ -239,15 +248,13 @@ def _detect_v1(state: Mapping, strides: Sequence[int] | None) -> MobileNetV1:
     return MobileNetV1(num_classes=num_classes, profile=(int(stem), blocks))
 
 
-def _candidate_widths() -> list[float]:
-    # Round widths first, so that the width recorded for torchvision's 0.35 is 0.35.
+@functools.cache
+def _candidate_widths() -> tuple[float, ...]:
+    """Widths to try when detecting a MobileNetV2, round ones first (so torchvision's 0.35 is recorded as 0.35)."""
     widths = []
     for denominator in (20, 100, 1000, 8000):
         widths += [i / denominator for i in range(1, 4 * denominator + 1)]
-    return list(dict.fromkeys(widths))
-
-
-_WIDTHS = _candidate_widths()
+    return tuple(dict.fromkeys(widths))
 
 
 def _block_convs(architecture: tuple) -> dict[int, list[tuple]]:
@@ -273,7 +280,7 @@ def _detect_v2(state: Mapping, layout: str) -> MobileNetV2:
     scale = make_divisible if rounding == "torchvision" else int
     best_width, best_score = 1.0, -1
     seen = set()
-    for width in _WIDTHS:
+    for width in _candidate_widths():
         if stem is not None and scale(32 * width) != stem:
             continue  # cheap pre-filter: the stem alone rules out most widths
         architecture = v2_architecture(width, rounding)
@@ -368,8 +375,7 @@ def to_torch(
     Flax keeps no ``num_batches_tracked``; it is written as ``num_batches_tracked``
     (PyTorch reads it only when BatchNorm's momentum is None).
     """
-    import torch
-
+    torch = _import_torch()
     if layout is None:
         layout = "amc_v1" if isinstance(model, MobileNetV1) else "torchvision"
     state = collections.OrderedDict()
@@ -382,7 +388,7 @@ def to_torch(
     return state
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> None:
     """``python -m mobilenet_jax.convert IN.pth OUT_DIR``: write an orbax checkpoint and model.json."""
     import argparse
 
@@ -400,15 +406,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="MobileNetV1 per-block strides, comma-separated, for non-standard depths",
     )
     args = parser.parse_args(argv)
-    try:
+
+    def convert_and_save() -> None:
         model, variables = from_torch(args.source, strides=args.strides)
         checkpoint.save_model(args.out_dir, model, variables)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Wrote {_describe(model)} to {os.path.abspath(args.out_dir)}")
-    return 0
+        print(f"Wrote {_describe(model)} to {os.path.abspath(args.out_dir)}")
+
+    errors.run(convert_and_save)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

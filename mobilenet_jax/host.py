@@ -69,6 +69,25 @@ def keep_freed_memory() -> bool:
     return bool(ok)
 
 
+def import_torch_before_tensorflow() -> bool:
+    """Imports torch and torchvision, if installed, before anything imports TensorFlow.
+
+    With the wheels pinned here, importing torch after TensorFlow crashes the process;
+    every entry point that may use both calls this first. Returns whether torch is there.
+    """
+    try:
+        import torch  # noqa: F401, PLC0415
+        import torchvision  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def configure_cpu_allocator() -> bool:
+    """:func:`keep_freed_memory` when JAX will run on the CPU only (call before JAX starts)."""
+    return keep_freed_memory() if cpu_only() else False
+
+
 def enable_compilation_cache(cache_dir: str | None) -> str | None:
     """Turns on JAX's persistent compilation cache in ``cache_dir`` (created if missing).
 

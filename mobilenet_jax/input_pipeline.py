@@ -17,19 +17,18 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from mobilenet_jax.errors import DatasetError
 
 # ImageNet statistics on the 0..255 scale, as torchvision normalises.
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 EVAL_CROP_FRACTION = 0.875
 _MAX_EPOCHS = 1_000_000
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be found, prepared or read as configured."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +54,7 @@ def get_dataset(name: str, data_dir: str | None = None, manual_dir: str | None =
             raise DatasetError(
                 f"dataset='folder' needs data_dir set to a ROOT/SPLIT/CLASS/*.jpg directory, got {data_dir!r}."
             )
-        builder = tfds.ImageFolder(data_dir)
+        builder = _image_folder(data_dir)
     else:
         try:
             builder = tfds.builder(name, data_dir=data_dir)
@@ -69,6 +68,32 @@ def get_dataset(name: str, data_dir: str | None = None, manual_dir: str | None =
     if image_key not in features or not hasattr(features[label_key], "num_classes"):
         raise DatasetError(f"Dataset {name!r} is not an image-classification dataset (no image and class label).")
     return DatasetInfo(builder, image_key, label_key, int(features[label_key].num_classes))
+
+
+def _image_folder(root: str) -> tfds.core.DatasetBuilder:
+    splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not splits:
+        raise DatasetError(f"Image folder {root} has no split folders; expected ROOT/train/CLASS/*.jpg.")
+    builder = tfds.ImageFolder(root)
+    if not builder.info.splits or not any(s.num_examples for s in builder.info.splits.values()):
+        raise DatasetError(f"Image folder {root} holds no images in ROOT/SPLIT/CLASS/*.jpg ({', '.join(splits)}).")
+    return builder
+
+
+def check_split(info: DatasetInfo, split: str) -> None:
+    """Raises one sentence when ``split`` is not among the dataset's splits."""
+    splits = info.builder.info.splits
+    base = split.split("[", 1)[0]
+    if splits and base not in splits and not _is_mocked(info.builder):
+        if isinstance(info.builder, tfds.ImageFolder):
+            raise DatasetError(
+                f"Image folder {info.builder.data_dir} has no {base}/ folder (it has {', '.join(sorted(splits))}/); "
+                f"add ROOT/{base}/CLASS/*.jpg or set the config's train_split/eval_split."
+            )
+        raise DatasetError(
+            f"Dataset {info.builder.name!r} has no split {base!r} (it has {', '.join(sorted(splits))}); "
+            "set the config's train_split/eval_split."
+        )
 
 
 def _is_mocked(builder: tfds.core.DatasetBuilder) -> bool:
@@ -331,6 +356,30 @@ def create_eval_dataset(
     batches = eval_batches(info, split, global_batch_size, process_count)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(batches * local_batch)
     return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(
+    config: ml_collections.ConfigDict, info: DatasetInfo, method: str | None = None
+) -> tuple[tf.data.Dataset, int]:
+    """The evaluation split of a training config, in this process's batches, and its size.
+
+    One builder for the training loop and the evaluation CLI; ``method`` overrides
+    ``config.eval_preprocessing``.
+    """
+    import jax
+
+    check_split(info, config.eval_split)
+    dataset = create_eval_dataset(
+        info,
+        config.eval_split,
+        global_batch_size=config.batch_size,
+        image_size=config.image_size,
+        method=method or config.eval_preprocessing,
+        cache=config.cache,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return dataset, num_examples(info, config.eval_split)
 
 
 def as_numpy(batch: dict) -> dict:

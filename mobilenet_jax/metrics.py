@@ -51,9 +51,8 @@ def _plain(value):
 class ProgressBar:
     """tqdm bar over training steps showing images/s, loss, top-1 and the ETA."""
 
-    def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True):
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not enabled)
-        self._batch_size = batch_size
         self._last = start_step
 
     def update(self, step: int, metrics: dict) -> None:

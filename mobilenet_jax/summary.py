@@ -1,6 +1,6 @@
 """Parameter and multiply-add counts, measured on the model itself.
 
-``summary(model, image_size)`` traces one abstract forward pass (``jax.eval_shape``:
+``summarize(model, image_size)`` traces one abstract forward pass (``jax.eval_shape``:
 nothing is allocated or compiled) and records the shapes seen by every convolution
 and dense layer. Multiply-adds count convolutions and the classifier, as the papers
 do; BatchNorm, activations and pooling are not counted.
@@ -42,7 +42,7 @@ def _layer_macs(module: nn.Module, inputs: jax.ShapeDtypeStruct, outputs: jax.Sh
     return 0
 
 
-def summary(model: nn.Module, image_size: int | tuple[int, int] = 224, in_channels: int = 3) -> ModelSummary:
+def summarize(model: nn.Module, image_size: int | tuple[int, int] = 224, in_channels: int = 3) -> ModelSummary:
     """Counts the parameters and the multiply-adds of ``model`` on one ``image_size`` image."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     macs = []
@@ -94,14 +94,48 @@ def _format(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-def main() -> None:
-    print(f"{'model':30s} {'params (M)':>10s} {'w/o BN':>7s} {'paper':>6s} {'MACs (M)':>9s} {'paper':>6s}")
-    for name, model, size, paper_params, paper_macs in PAPER_ROWS:
-        result = summary(model, size)
-        print(
-            f"{name:30s} {result.params / 1e6:10.3f} {result.params_excluding_bn / 1e6:7.3f}"
-            f" {_format(paper_params):>6s} {result.macs / 1e6:9.1f} {_format(paper_macs):>6s}"
-        )
+def main(argv=None) -> None:
+    """``python -m mobilenet_jax.summary``: the papers' table, or one model's counts."""
+    import argparse
+
+    from mobilenet_jax import errors
+    from mobilenet_jax.models import create_model
+
+    parser = argparse.ArgumentParser(prog="python -m mobilenet_jax.summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="MobileNetV1 or MobileNetV2 (default: the papers' table)")
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--model_dir", help="a model directory or training workdir (its model.json)")
+    args = parser.parse_args(argv)
+
+    def report() -> None:
+        if args.image_size < 1:
+            raise errors.UserError(f"--image_size must be positive, got {args.image_size}.")
+        if args.model_dir:
+            from mobilenet_jax import checkpoint
+
+            rows = [(args.model_dir, checkpoint.read_model_record(args.model_dir), args.image_size, None, None)]
+        elif args.model:
+            rows = [
+                (
+                    f"{args.model} {args.width:g}-{args.image_size}",
+                    create_model({"architecture": args.model, "width": args.width}),
+                    args.image_size,
+                    None,
+                    None,
+                )
+            ]
+        else:
+            rows = PAPER_ROWS
+        print(f"{'model':30s} {'params (M)':>10s} {'w/o BN':>7s} {'paper':>6s} {'MACs (M)':>9s} {'paper':>6s}")
+        for name, model, size, paper_params, paper_macs in rows:
+            result = summarize(model, size)
+            print(
+                f"{name:30s} {result.params / 1e6:10.3f} {result.params_excluding_bn / 1e6:7.3f}"
+                f" {_format(paper_params):>6s} {result.macs / 1e6:9.1f} {_format(paper_macs):>6s}"
+            )
+
+    errors.run(report)
 
 
 if __name__ == "__main__":

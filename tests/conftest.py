@@ -1,18 +1,12 @@
-"""Test set-up shared by all tests.
-
-torch and torchvision must be imported before TensorFlow: the other order crashes
-the process with the wheels pinned here, and all three are imported in one session.
-"""
+"""Test set-up shared by all tests (torch, when installed, is imported before TensorFlow)."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-try:
-    import torch  # noqa: F401
-    import torchvision  # noqa: F401
-except ImportError:
-    pass
+from mobilenet_jax import host  # noqa: E402
+
+host.import_torch_before_tensorflow()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, convert  # noqa: E402
-from tests import torch_reference as ref  # noqa: E402
+from mobilenet_jax import torch_reference as ref  # noqa: E402
 
 TOLERANCE = 1e-4
 

@@ -33,7 +33,7 @@ def worker_args(workdir, image_folder, cache_dir, **extra):
             "dataset": "folder",
             "data_dir": str(image_folder),
             "eval_split": "validation",
-            "width": 0.25,
+            "model.width": 0.25,
             "image_size": 32,
             "batch_size": 8,
             "num_train_steps": STEPS,

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, summary
+from mobilenet_jax import MobileNetV1, MobileNetV2, summarize
 
 
 @pytest.mark.parametrize(
@@ -22,17 +22,17 @@ from mobilenet_jax import MobileNetV1, MobileNetV2, summary
     ],
 )
 def test_mobilenet_v1_paper_tables(width, size, paper_params_m, paper_macs_m):
-    result = summary(MobileNetV1(width=width), size)
+    result = summarize(MobileNetV1(width=width), size)
     assert round(result.params_excluding_bn / 1e6, 1) == paper_params_m
     assert abs(result.macs / 1e6 - paper_macs_m) <= 1.0
 
 
 def test_mobilenet_v2_paper_and_torchvision():
-    result = summary(MobileNetV2(width=1.0), 224)
+    result = summarize(MobileNetV2(width=1.0), 224)
     assert result.params == 3_504_872  # torchvision's published mobilenet_v2 parameter count
     assert int(result.params_excluding_bn / 1e5) / 10 == 3.4  # paper: 3.4M
     assert abs(result.macs / 1e6 - 300) <= 3  # paper: 300M
-    wide = summary(MobileNetV2(width=1.4), 224)
+    wide = summarize(MobileNetV2(width=1.4), 224)
     assert abs(wide.macs / 1e6 - 585) / 585 < 0.01  # paper: 585M
     # The paper's 6.9M is not reproducible from its own table; TF-slim's released
     # mobilenet_v2_1.4_224 lists 6.06M parameters and 582M MACs.
@@ -41,8 +41,8 @@ def test_mobilenet_v2_paper_and_torchvision():
 
 
 def test_counts_follow_the_architecture_not_a_table():
-    assert summary(MobileNetV1(profile="0.5flops"), 224).macs < 0.55 * summary(MobileNetV1(), 224).macs
-    small = summary(MobileNetV1(num_classes=10, profile=(8, [16])), 8)
+    assert summarize(MobileNetV1(profile="0.5flops"), 224).macs < 0.55 * summarize(MobileNetV1(), 224).macs
+    small = summarize(MobileNetV1(num_classes=10, profile=(8, [16])), 8)
     # stem 3x3x3->8 on 4x4, dw 3x3x8 on 4x4, pw 8->16 on 4x4, classifier 16->10
     assert small.macs == 4 * 4 * 8 * 27 + 4 * 4 * 8 * 9 + 4 * 4 * 16 * 8 + 16 * 10
 

@@ -13,14 +13,15 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import v1, v2
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, training
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, optim, steps, training
+from mobilenet_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(config, **overrides):
     """The config made small enough for a CPU test."""
-    config.width = 0.25
+    config.model.width = 0.25
     config.image_size = 32
     config.batch_size = 8
     config.num_train_steps = 3
@@ -38,23 +39,24 @@ def test_learning_rate_schedule_values():
     config = v1.get_config()
     config.learning_rate, config.warmup_epochs, config.lr_decay_epochs, config.lr_decay_factor = 0.1, 2, 1, 0.5
     config.batch_size = config.lr_batch_size = 96
-    lr = training.create_learning_rate_fn(config, steps_per_epoch=10)
+    lr = optim.create_learning_rate_fn(config, steps_per_epoch=10)
     expected = {0: 0.0, 5: 0.025, 10: 0.05, 20: 0.1, 29: 0.1, 30: 0.05, 39: 0.05, 45: 0.025, 60: 0.00625}
     for step, value in expected.items():
         assert float(lr(step)) == pytest.approx(value, abs=1e-7), step
     config.warmup_epochs = 0
-    assert float(training.create_learning_rate_fn(config, 10)(0)) == pytest.approx(0.1)
+    assert float(optim.create_learning_rate_fn(config, 10)(0)) == pytest.approx(0.1)
 
 
 def test_recipes_scale_the_learning_rate_with_the_batch():
     config = v2.get_config()
-    assert training.peak_learning_rate(config) == pytest.approx(0.045 * 1024 / 96)
+    assert optim.peak_learning_rate(config) == pytest.approx(0.045 * 1024 / 96)
     config.batch_size = 512  # an override rescales the rate
-    assert training.peak_learning_rate(config) == pytest.approx(0.045 * 512 / 96)
-    assert training.peak_learning_rate(v1.get_config("quickstart")) == pytest.approx(0.1)
-    assert config.label_smoothing == 0.1 and config.model_args.dropout_rate == 0.2
+    assert optim.peak_learning_rate(config) == pytest.approx(0.045 * 512 / 96)
+    assert optim.peak_learning_rate(v1.get_config("quickstart")) == pytest.approx(0.1)
+    assert config.label_smoothing == 0.1 and config.model.dropout_rate == 0.2
     assert v1.get_config("width=0.5,resolution=160").image_size == 160
-    assert v1.get_config("profile=0.5flops").model_args.profile == "0.5flops"
+    assert v1.get_config("width=0.5,resolution=160").model.width == 0.5
+    assert v1.get_config("profile=0.5flops").model.profile == "0.5flops"
     with pytest.raises(ValueError, match="Unknown config option 'alpha'"):
         v1.get_config("alpha=0.5")
 
@@ -64,7 +66,7 @@ def test_rmsprop_matches_tensorflow_by_hand():
     config = v1.get_config()
     config.weight_decay, config.rmsprop_epsilon = 0.01, 1.0
     lr = 0.2
-    tx = training.create_optimizer(config, optax.constant_schedule(lr))
+    tx = optim.create_optimizer(config, optax.constant_schedule(lr))
     params = {"conv_pw": {"kernel": jnp.array([1.0, -2.0])}, "bn": {"scale": jnp.array([0.5])}}
     grads = [
         {"conv_pw": {"kernel": jnp.array([0.3, 0.1])}, "bn": {"scale": jnp.array([-0.4])}},
@@ -88,7 +90,7 @@ def test_rmsprop_matches_tensorflow_by_hand():
 @pytest.mark.parametrize("model", [MobileNetV1(width=0.25), MobileNetV2(width=0.35)])
 def test_weight_decay_mask(model):
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    mask = training.weight_decay_mask(params)
+    mask = optim.weight_decay_mask(params)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert flat["['stem_conv']['kernel']"] and flat["['classifier']['kernel']"]
     assert (
@@ -123,12 +125,13 @@ def test_bad_config_values_are_clear_errors(tmp_path):
     for field, value, message in [
         ("learning_rate", -1.0, "learning_rate must be positive"),
         ("crop_area_range", (0.9, 0.1), "crop_area_range"),
-        ("model", "ResNet50", "model must be one of"),
+        ("model.architecture", "ResNet50", "model.architecture must be one of"),
         ("label_smoothing", 1.5, "label_smoothing"),
     ]:
         config = tiny(v1.get_config())
-        setattr(config, field, value)
-        with pytest.raises(training.ConfigError, match=message):
+        node, _, name = field.rpartition(".")
+        setattr(config[node] if node else config, name, value)
+        with pytest.raises(ConfigError, match=message):
             training.train_and_evaluate(config, str(tmp_path))
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
@@ -160,16 +163,16 @@ def test_init_from_converted_weights_with_a_new_head(tmp_path, image_folder):
     variables = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
     checkpoint.save_model(tmp_path / "converted", source, variables)
     config = tiny(v1.get_config(), dataset="folder", data_dir=str(image_folder), init_from=str(tmp_path / "converted"))
-    model = training.create_model(config, num_classes=4)
-    loaded = training._initial_variables(config, model, 4, 32, jax.random.key(0))
+    model = steps.create_model(config, num_classes=4)
+    loaded = training.initial_variables(config, model, 32, jax.random.key(0))
     np.testing.assert_array_equal(
         loaded["params"]["block_5"]["conv_pw"]["kernel"], variables["params"]["block_5"]["conv_pw"]["kernel"]
     )
     np.testing.assert_array_equal(loaded["batch_stats"]["stem_bn"]["mean"], variables["batch_stats"]["stem_bn"]["mean"])
     assert loaded["params"]["classifier"]["kernel"].shape == (256, 4)
-    config.width = 0.5
-    with pytest.raises(training.ConfigError, match="different architecture"):
-        training._initial_variables(config, training.create_model(config, 4), 4, 32, jax.random.key(0))
+    config.model.width = 0.5
+    with pytest.raises(ConfigError, match="different architecture"):
+        training.initial_variables(config, steps.create_model(config, 4), 32, jax.random.key(0))
 
 
 def test_quickstart_smoke_run(tmp_path):
@@ -210,7 +213,7 @@ def test_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
             str(tmp_path),
             "--config.dataset=folder",
             f"--config.data_dir={image_folder}",
-            "--config.width=0.25",
+            "--config.model.width=0.25",
             "--config.image_size=32",
             "--config.batch_size=8",
             "--config.half_precision=False",

@@ -24,20 +24,20 @@ import functools  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import v1  # noqa: E402
-from mobilenet_jax import distributed, training  # noqa: E402
+from mobilenet_jax import distributed, steps, training  # noqa: E402
 
 if args.get("float64"):
     # Float64 end to end, so that runs which differ only in how the work is split
     # over devices must agree to ~1e-12 instead of float32 rounding noise amplified
     # by training.
     jax.config.update("jax_enable_x64", True)
-    training.create_model = functools.partial(training.create_model, dtype=jnp.float64, param_dtype=jnp.float64)
+    steps.create_model = functools.partial(steps.create_model, dtype=jnp.float64, param_dtype=jnp.float64)
 
 if args.get("step_delay"):
     # Slow steps, so that a test's signal lands while training is still running.
     import time
 
-    make_step = training.sharded_train_step
+    make_step = steps.make_train_step
 
     def slow_step(*a, **k):
         step = make_step(*a, **k)
@@ -48,14 +48,15 @@ if args.get("step_delay"):
 
         return run
 
-    training.sharded_train_step = slow_step
+    steps.make_train_step = slow_step
 
 if "process_id" in args:
     distributed.initialize(args["coordinator"], args["num_processes"], args["process_id"])
 
 config = v1.get_config(args.get("config_arg"))
 for key, value in args.get("overrides", {}).items():
-    setattr(config, key, tuple(value) if isinstance(value, list) else value)
+    node, _, field = key.rpartition(".")
+    setattr(config[node] if node else config, field, tuple(value) if isinstance(value, list) else value)
 state, results = training.train_and_evaluate(config, args["workdir"])
 if "preempted_at_step" in results:
     print(f"PREEMPTED {results['preempted_at_step']}", flush=True)

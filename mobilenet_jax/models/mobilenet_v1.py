@@ -11,14 +11,13 @@ code in the design notes, so pruned networks (e.g. AMC's ``0.5flops``) load as-i
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mobilenet_jax.models import layers
+from mobilenet_jax.models import common
 
 Profile = str | tuple
 
@@ -69,16 +68,14 @@ class DepthwiseSeparable(nn.Module):
 
     features: int
     strides: int
-    pointwise: Any
-    norm: Any
-    depthwise: Any
+    make: common.Layers
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.depthwise(strides=self.strides, name="conv_dw")(x)
-        x = nn.relu(self.norm(name="bn_dw")(x))
-        x = self.pointwise(self.features, name="conv_pw")(x)
-        return nn.relu(self.norm(name="bn_pw")(x))
+        x = self.make.depthwise(strides=self.strides, name="conv_dw")(x)
+        x = nn.relu(self.make.norm(name="bn_dw")(x))
+        x = self.make.pointwise(self.features, name="conv_pw")(x)
+        return nn.relu(self.make.norm(name="bn_pw")(x))
 
 
 class MobileNetV1(nn.Module):
@@ -111,44 +108,15 @@ class MobileNetV1(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        if x.ndim != 4:
-            raise ValueError(f"MobileNetV1 expects NHWC images of rank 4, got shape {x.shape}.")
+        common.check_images(x, "MobileNetV1")
         stem_channels, blocks = v1_architecture(self.profile, self.width)
-        conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.conv_kernel_init
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            axis_name=self.bn_axis_name,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        pointwise = functools.partial(layers.PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype)
-        depthwise = functools.partial(
-            layers.DepthwiseConv, implementation=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype
-        )
-
-        features = {}
-        x = conv(stem_channels, (3, 3), strides=2, padding=((1, 1), (1, 1)), name="stem_conv")(x)
-        x = nn.relu(norm(name="stem_bn")(x))
+        make = common.layer_factories(self, train)
+        x = common.stem(make, x, stem_channels, nn.relu)
         stride = 2
-        features[f"stride_{stride}"] = x
+        features = {f"stride_{stride}": x}
         for i, (channels, block_stride) in enumerate(blocks):
-            x = DepthwiseSeparable(channels, block_stride, pointwise, norm, depthwise, name=f"block_{i}")(x)
+            x = DepthwiseSeparable(channels, block_stride, make, name=f"block_{i}")(x)
             stride *= block_stride
             features[f"stride_{stride}"] = x
-
-        x = jnp.mean(x, axis=(1, 2))
-        features["pre_logits"] = x
-        if self.num_classes is not None:
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=layers.dense_kernel_init,
-                name="classifier",
-            )(x)
+        x, features = common.head(self, x, features, train)
         return (x, features) if return_features else x

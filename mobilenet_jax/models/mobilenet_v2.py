@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mobilenet_jax.models import layers
+from mobilenet_jax.models import common, layers
 
 # Table 2 of the paper. t: expansion factor, c: output channels, n: repeats,
 # s: stride of the first repeat.
@@ -78,20 +78,18 @@ class InvertedResidual(nn.Module):
     hidden_channels: int
     out_channels: int
     strides: int
-    pointwise: Any
-    norm: Any
-    depthwise: Any
+    make: common.Layers
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shortcut = x
         if self.hidden_channels != self.in_channels:
-            x = self.pointwise(self.hidden_channels, name="conv_pw")(x)
-            x = nn.relu6(self.norm(name="bn_pw")(x))
-        x = self.depthwise(strides=self.strides, name="conv_dw")(x)
-        x = nn.relu6(self.norm(name="bn_dw")(x))
-        x = self.pointwise(self.out_channels, name="conv_pwl")(x)
-        x = self.norm(name="bn_pwl")(x)
+            x = self.make.pointwise(self.hidden_channels, name="conv_pw")(x)
+            x = nn.relu6(self.make.norm(name="bn_pw")(x))
+        x = self.make.depthwise(strides=self.strides, name="conv_dw")(x)
+        x = nn.relu6(self.make.norm(name="bn_dw")(x))
+        x = self.make.pointwise(self.out_channels, name="conv_pwl")(x)
+        x = self.make.norm(name="bn_pwl")(x)
         if self.strides == 1 and self.in_channels == self.out_channels:
             x = x + shortcut
         return x
@@ -129,47 +127,17 @@ class MobileNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        if x.ndim != 4:
-            raise ValueError(f"MobileNetV2 expects NHWC images of rank 4, got shape {x.shape}.")
+        common.check_images(x, "MobileNetV2")
         stem, blocks, last = v2_architecture(self.width, self.rounding, tuple(map(tuple, self.block_table)))
-        conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=layers.conv_kernel_init
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            axis_name=self.bn_axis_name,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        pointwise = functools.partial(layers.PointwiseConv, dtype=self.dtype, param_dtype=self.param_dtype)
-        depthwise = functools.partial(
-            layers.DepthwiseConv, implementation=self.depthwise_impl, dtype=self.dtype, param_dtype=self.param_dtype
-        )
-
-        features = {}
-        x = conv(stem, (3, 3), strides=2, padding=((1, 1), (1, 1)), name="stem_conv")(x)
-        x = nn.relu6(norm(name="stem_bn")(x))
+        make = common.layer_factories(self, train)
+        x = common.stem(make, x, stem, nn.relu6)
         stride = 2
+        features = {}
         for i, (cin, hidden, cout, block_stride) in enumerate(blocks):
-            x = InvertedResidual(cin, hidden, cout, block_stride, pointwise, norm, depthwise, name=f"block_{i}")(x)
+            x = InvertedResidual(cin, hidden, cout, block_stride, make, name=f"block_{i}")(x)
             stride *= block_stride
             features[f"stride_{stride}"] = x
-        x = pointwise(last, name="last_conv")(x)
-        x = nn.relu6(norm(name="last_bn")(x))
-        features[f"stride_{stride}"] = x
-
-        x = jnp.mean(x, axis=(1, 2))
-        features["pre_logits"] = x
-        if self.num_classes is not None:
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=layers.dense_kernel_init,
-                name="classifier",
-            )(x)
+        x = make.pointwise(last, name="last_conv")(x)
+        features[f"stride_{stride}"] = x = nn.relu6(make.norm(name="last_bn")(x))
+        x, features = common.head(self, x, features, train, self.dropout_rate)
         return (x, features) if return_features else x

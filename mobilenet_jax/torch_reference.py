@@ -1,4 +1,4 @@
-"""Independent PyTorch references for the two non-torchvision layouts of the design notes.
+"""PyTorch MobileNets in the design notes' layouts, for the parity tests and the benchmarks (needs torch).
 
 Written here from the architecture descriptions in the design notes (AMC-style
 MobileNetV1 with a channel profile; the MobileNetV2 port with ``int(c * width)``
