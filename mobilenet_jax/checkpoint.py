@@ -170,20 +170,25 @@ class TrainCheckpoints:
         some and none is usable. Unusable ones are logged (and moved aside unless read-only).
         """
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract_state)
-        return self._newest_good(lambda step: self._manager.restore(step, args=ocp.args.StandardRestore(target)))
+        return self._newest_good(lambda step: self._restore(step, target))
 
     def restore_weights(self, step: int | None = None) -> dict:
         """The arrays of one checkpoint (the newest good one by default) as a dict, without an optimizer."""
-        restore = lambda s: self._manager.restore(s, args=ocp.args.StandardRestore())  # noqa: E731
         if step is None:
-            state = self._newest_good(restore)
+            state = self._newest_good(self._restore)
             if state is None:
                 raise CheckpointError(f"No checkpoint in {self.directory}; train first, or name a model directory.")
             return state
         if step not in self._manager.all_steps():
             steps = sorted(self._manager.all_steps())
             raise CheckpointError(f"{self.directory} has no step {step}; it has {steps or 'none'}.")
-        return self._checked(step, restore)
+        return self._checked(step, self._restore)
+
+    def _restore(self, step: int, target: Any = None) -> Any:
+        # Each step on its own, by path: a broken step directory cannot change how the
+        # manager reads the next one (orbax infers the item layout from what it finds).
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(os.path.join(self.directory, str(step), "default"), target)
 
     def _checked(self, step: int, restore) -> Any:
         try:

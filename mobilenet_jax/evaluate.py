@@ -55,8 +55,8 @@ def run(config, **sources) -> dict:
 
     from mobilenet_jax import distributed, input_pipeline, steps
 
-    info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
     model, variables = load_weights(config, **sources)
+    info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
     if model.num_classes != info.num_classes:
         raise errors.UserError(
             f"The weights have {model.num_classes} classes but {config.dataset} has {info.num_classes}."

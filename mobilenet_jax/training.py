@@ -216,35 +216,38 @@ def train_loop(run: Run, state, manager, writer: MetricWriter) -> tuple[Any, dic
     eval_data = input_pipeline.eval_dataset(config, run.info)
     progress = ProgressBar(run.num_steps, start_step, enabled=jax.process_index() == 0 and config.progress_bar)
     pending, window_start, results = [], time.perf_counter(), {}
-    with _Preemption() as preemption:
-        for step in range(start_step + 1, run.num_steps + 1):
-            batch = distributed.global_batch(input_pipeline.as_numpy(next(train_iter)), mesh)
-            state, metrics = train_fn(state, batch)
-            pending.append(metrics)
-            last = step == run.num_steps
-            log_now = step % config.log_every_steps == 0 or last
-            save_now = step % config.checkpoint_every_steps == 0 or last or preemption.requested
-            if log_now or save_now:
-                check_finite(pending, step - len(pending) + 1)
-            if log_now:
-                summary = _summarize(pending, config.batch_size, time.perf_counter() - window_start)
-                writer.write(step, "train", summary)
-                progress.update(step, summary)
-                pending, window_start = [], time.perf_counter()
-            if save_now:
-                manager.save(step, state, force=preemption.requested)
-            if preemption.requested:
-                manager.wait()
-                logging.warning("SIGTERM: saved step %d to %s; rerun the same command to resume.", step, run.workdir)
-                progress.close()
-                return state, {"preempted_at_step": step}
-            if step % run.eval_every == 0 or last:
-                results = _evaluate(run, eval_fn, eval_data, state)
-                for split, values in results.items():
-                    writer.write(step, split, values)
-                if not last:
-                    progress.write(steps.format_results(results, f"Step {step}"))
-    progress.close()
+    try:
+        with _Preemption() as preemption:
+            for step in range(start_step + 1, run.num_steps + 1):
+                batch = distributed.global_batch(input_pipeline.as_numpy(next(train_iter)), mesh)
+                state, metrics = train_fn(state, batch)
+                pending.append(metrics)
+                last = step == run.num_steps
+                log_now = step % config.log_every_steps == 0 or last
+                save_now = step % config.checkpoint_every_steps == 0 or last or preemption.requested
+                if log_now or save_now:
+                    check_finite(pending, step - len(pending) + 1)
+                if log_now:
+                    summary = _summarize(pending, config.batch_size, time.perf_counter() - window_start)
+                    writer.write(step, "train", summary)
+                    progress.update(step, summary)
+                    pending, window_start = [], time.perf_counter()
+                if save_now:
+                    manager.save(step, state, force=preemption.requested)
+                if preemption.requested:
+                    manager.wait()
+                    logging.warning(
+                        "SIGTERM: saved step %d to %s; rerun the same command to resume.", step, run.workdir
+                    )
+                    return state, {"preempted_at_step": step}
+                if step % run.eval_every == 0 or last:
+                    results = _evaluate(run, eval_fn, eval_data, state)
+                    for split, values in results.items():
+                        writer.write(step, split, values)
+                    if not last:
+                        progress.write(steps.format_results(results, f"Step {step}"))
+    finally:
+        progress.close()  # before any error message, so that it starts a line of its own
     if not results:  # resumed at the last step: nothing ran, evaluate what was restored
         results = _evaluate(run, eval_fn, eval_data, state)
     return state, results

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_throughput_reports_both_frameworks_side_by_side(tmp_path):
     out = tmp_path / "v1.json"
     command = [
@@ -38,6 +41,7 @@ def test_throughput_reports_both_frameworks_side_by_side(tmp_path):
     assert "ratio" in result.stdout and "train img/s" in result.stdout
 
 
+@pytest.mark.slow
 def test_throughput_rejects_unknown_modes():
     result = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--modes=train,fly"], cwd=REPO, capture_output=True, text=True

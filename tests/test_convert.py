@@ -176,6 +176,7 @@ def test_wrong_shapes_and_extra_keys_are_listed():
     assert "1 unexpected: [features.3.extra.weight]" in message
 
 
+@pytest.mark.slow
 def test_cli_writes_a_checkpoint_the_loader_restores(tmp_path):
     torch.manual_seed(5)
     module = ref.randomize(ref.TorchMobileNetV1(6, *ref.V1_HALF_FLOPS))
@@ -201,6 +202,7 @@ def test_cli_writes_a_checkpoint_the_loader_restores(tmp_path):
     assert again.returncode == 1 and "No PyTorch checkpoint" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_cli_with_torch_weights_uses_torchvision_preprocessing(tmp_path, image_folder):
     torch.manual_seed(6)
     module = ref.randomize(torchvision.models.mobilenet_v2(width_mult=0.35, num_classes=4))

@@ -102,11 +102,13 @@ def one_device_run(tmp_path_factory, image_folder, cache_dir):
     return workdir
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(one_device_run, tmp_path, image_folder, cache_dir):
     finish(start(worker_args(tmp_path, image_folder, cache_dir, devices=2)))
     assert_same_training(one_device_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(one_device_run, tmp_path, image_folder, cache_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,6 +132,7 @@ def test_two_processes_match_one_process(one_device_run, tmp_path, image_folder,
     assert_same_training(one_device_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_non_divisible_batch_is_a_clear_error(tmp_path, image_folder, cache_dir):
     args = worker_args(tmp_path, image_folder, cache_dir, devices=2)
     args["overrides"]["batch_size"] = 7
@@ -154,6 +157,7 @@ def _wait_for_checkpoint(workdir, above, process, timeout=240):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigterm_and_kill_then_resume_match_an_uninterrupted_run(one_device_run, tmp_path, image_folder, cache_dir):
     args = worker_args(tmp_path, image_folder, cache_dir, devices=1, step_delay=0.5)
     # 1. Preemption: SIGTERM saves the current step and exits cleanly.

@@ -71,6 +71,7 @@ def test_freed_memory_is_reused_without_page_faults():
     assert max(kept["faults"][1:]) * 10 <= min(default[1:])
 
 
+@pytest.mark.slow
 def test_second_start_loads_every_executable_from_the_cache(tmp_path):
     cache = str(tmp_path / "xla_cache")
     first = run_python(CACHE, cache)

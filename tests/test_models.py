@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mobilenet_jax import MobileNetV1, MobileNetV2
+from mobilenet_jax import MobileNetV1, MobileNetV2, reset_classifier
 from mobilenet_jax.models import DepthwiseConv, layers, model_from_dict, model_to_dict
 
 
@@ -227,3 +227,27 @@ def test_bad_configuration_is_a_clear_error(model, message):
 def test_images_must_be_nhwc():
     with pytest.raises(ValueError, match="NHWC images of rank 4"):
         jax.eval_shape(MobileNetV1().init, jax.random.key(0), jax.ShapeDtypeStruct((32, 32, 3), jnp.float32))
+
+
+def test_reset_classifier_keeps_the_backbone_and_replaces_the_head():
+    model = MobileNetV2(num_classes=1000, width=0.35)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    new_model, new_variables = reset_classifier(model, variables, num_classes=10, rng=jax.random.key(5))
+    assert new_model.num_classes == 10 and new_model.width == 0.35
+    head = new_variables["params"]["classifier"]
+    assert head["kernel"].shape == (1280, 10) and not np.any(head["bias"])
+    assert 0.005 < float(jnp.std(head["kernel"])) < 0.02  # N(0, 0.01), as the models initialise it
+    for name in ("stem_conv", "block_5", "last_conv"):
+        assert new_variables["params"][name] is variables["params"][name]
+    assert new_variables["batch_stats"] is variables["batch_stats"]
+    _, old_features = model.apply(variables, x, return_features=True)
+    logits, features = new_model.apply(new_variables, x, return_features=True)
+    assert logits.shape == (2, 10)
+    np.testing.assert_array_equal(features["pre_logits"], old_features["pre_logits"])
+
+    backbone, backbone_variables = reset_classifier(model, variables, num_classes=None)
+    assert "classifier" not in backbone_variables["params"]
+    assert backbone.apply(backbone_variables, x).shape == (2, 1280)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer or None"):
+        reset_classifier(model, variables, num_classes=0)

@@ -47,6 +47,7 @@ def test_counts_follow_the_architecture_not_a_table():
     assert small.macs == 4 * 4 * 8 * 27 + 4 * 4 * 8 * 9 + 4 * 4 * 16 * 8 + 16 * 10
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table():
     out = subprocess.run([sys.executable, "-m", "mobilenet_jax.summary"], capture_output=True, text=True, check=True)
     assert "MobileNetV1 0.25-224" in out.stdout and "MobileNetV2 1.4-224" in out.stdout

@@ -105,6 +105,7 @@ def test_weight_decay_mask(model):
     assert sum(flat.values()) == sum(1 for p in flat if p.endswith("['kernel']") and "conv_dw" not in p)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_imagenet_config_on_mock_data(tmp_path):
     config = tiny(v1.get_config(), half_precision=True)  # the recipe's bfloat16 path
     with tfds.testing.mock_data(num_examples=20):
@@ -139,6 +140,7 @@ def test_bad_config_values_are_clear_errors(tmp_path):
         training.train_and_evaluate(tiny(v1.get_config()), str(not_a_dir / "run"))
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_sentence(tmp_path):
     result = subprocess.run(
         [
@@ -175,8 +177,9 @@ def test_init_from_converted_weights_with_a_new_head(tmp_path, image_folder):
         training.initial_variables(config, steps.create_model(config, 4), 32, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_quickstart_smoke_run(tmp_path):
-    """The README's first command, cut to a few steps (the full run is in .ci/run)."""
+    """The README's first command, cut to a few steps (the full run is in .ci/run); data under tmp_path."""
     result = subprocess.run(
         [
             sys.executable,
@@ -184,7 +187,8 @@ def test_quickstart_smoke_run(tmp_path):
             "--config",
             "configs/v1.py:quickstart",
             "--workdir",
-            str(tmp_path),
+            str(tmp_path / "run"),
+            f"--config.data_dir={tmp_path / 'tensorflow_datasets'}",
             "--config.num_train_steps=4",
             "--config.log_every_steps=2",
         ],
@@ -195,10 +199,12 @@ def test_quickstart_smoke_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Final evaluation | validation: top-1" in result.stdout
     assert "2000 images" in result.stdout  # the whole validation split
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
+    assert (tmp_path / "tensorflow_datasets" / "mobilenet_shapes").is_dir()  # built here, not in ~
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
     config = tiny(v1.get_config(), dataset="folder", data_dir=str(image_folder), num_train_steps=2)
     training.train_and_evaluate(config, str(tmp_path))
@@ -225,3 +231,26 @@ def test_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "folder validation: top-1" in result.stdout
     assert "over 20 images, 1 undecodable images skipped" in result.stdout
+
+
+def test_configs_load_from_another_working_directory(tmp_path):
+    """config_flags loads configs/v1.py by path; it must import its sibling from any directory."""
+    script = (
+        "from mobilenet_jax import errors; "
+        f"c = errors.load_config({os.path.join(REPO, 'configs', 'v2.py')!r} + ':width=0.5'); "
+        "print(c.model.architecture, c.model.width)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["MobileNetV2", "0.5"]
+
+
+def test_config_model_section_is_the_architecture():
+    config = v2.get_config("width=0.75")
+    model = steps.create_model(config, num_classes=7)
+    assert isinstance(model, MobileNetV2) and model.width == 0.75 and model.num_classes == 7
+    assert model.dropout_rate == 0.2 and model.rounding == "torchvision" and model.dtype == jnp.bfloat16
+    assert set(config.model) - {"architecture"} <= set(checkpoint.model_to_dict(model)) | {"depthwise_impl"}
+    config.model.alpha = 0.5
+    with pytest.raises(ValueError, match=r"MobileNetV2 does not take the field\(s\) \['alpha'\]"):
+        steps.create_model(config, num_classes=7)
