@@ -3,7 +3,9 @@
 Weights come from one of:
 * ``--workdir DIR``: the newest good checkpoint of a training run (EMA weights unless ``--weights=live``);
 * ``--model_dir DIR``: a directory written by ``python -m mobilenet_jax.convert``;
-* ``--torch_weights FILE.pth``: a PyTorch state dict, converted on the fly.
+* ``--torch_weights FILE.pth``: a PyTorch state dict, converted on the fly;
+* ``--tflite FILE.tflite``: an exported file, run in the LiteRT interpreter (with one of
+  the above as well, both are evaluated and their top-1 agreement is reported).
 
 The dataset, split and resolution come from the config. For converted torchvision
 weights, ``--config.eval_preprocessing=torchvision`` (the default with
@@ -12,6 +14,8 @@ bilinear, ImageNet mean/std. The command only reads: it creates nothing in a wor
 """
 
 from __future__ import annotations
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,6 +28,7 @@ flags.DEFINE_string("workdir", None, "Training workdir whose newest good checkpo
 flags.DEFINE_string("model_dir", None, "Converted model directory (python -m mobilenet_jax.convert).")
 flags.DEFINE_string("torch_weights", None, "PyTorch .pth state dict to convert and evaluate.")
 flags.DEFINE_enum("weights", "ema", ["ema", "live"], "Which weights of a training checkpoint to evaluate.")
+flags.DEFINE_string("tflite", None, "A .tflite file (python -m mobilenet_jax.export) to run in the LiteRT interpreter.")
 
 
 def load_weights(
@@ -68,6 +73,60 @@ def run(config, **sources) -> dict:
     return steps.evaluate(steps.make_eval_step(mesh, model), variables, dataset, mesh, total)
 
 
+def evaluate_tflite(config, tflite_path: str, reference=None) -> dict:
+    """Top-1/top-5 of a ``.tflite`` file over ``config``'s eval split (batch 1 in the LiteRT interpreter).
+
+    ``reference`` (``images -> logits``, normalised pipeline images in) adds the JAX
+    model's figures on the same images and the share of images where both agree on top-1.
+    """
+    import numpy as np
+
+    from mobilenet_jax import export, input_pipeline
+
+    if not os.path.isfile(tflite_path):
+        raise FileNotFoundError(f"No .tflite file at {tflite_path!r}.")
+    model = export.TFLiteModel(tflite_path)
+    if model.image_size != config.image_size:
+        raise errors.UserError(
+            f"{tflite_path} takes {model.image_size}x{model.image_size} images but the config's image_size is "
+            f"{config.image_size}; pass --config.image_size={model.image_size}."
+        )
+    info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
+    dataset, total = input_pipeline.eval_dataset(config, info)
+    hits = {"tflite": np.zeros(2), "jax": np.zeros(2)}
+    count, agree = 0, 0
+    for batch in dataset.as_numpy_iterator():
+        mask = batch["mask"] > 0
+        if not mask.any():
+            continue
+        images, labels = batch["image"][mask], batch["label"][mask]
+        logits = {"tflite": model(export.normalized_to_rgb(images))}
+        if reference is not None:
+            logits["jax"] = np.asarray(reference(images))
+            agree += int(np.sum(logits["jax"].argmax(-1) == logits["tflite"].argmax(-1)))
+        for name, values in logits.items():
+            top5 = np.argsort(-values, axis=-1)[:, :5]
+            hits[name] += [np.sum(top5[:, 0] == labels), np.sum(np.any(top5 == labels[:, None], axis=-1))]
+        count += int(mask.sum())
+    result = {"examples": count, "skipped": total - count}
+    for name in logits:
+        result[f"{name}_top1"], result[f"{name}_top5"] = hits[name] / max(count, 1)
+    if reference is not None:
+        result["top1_agreement"] = agree / max(count, 1)
+    return result
+
+
+def _tflite_report(config, result: dict) -> str:
+    parts = [
+        f"{name}: top-1 {100 * result[name + '_top1']:.2f}%, top-5 {100 * result[name + '_top5']:.2f}%"
+        for name in ("tflite", "jax")
+        if name + "_top1" in result
+    ]
+    if "top1_agreement" in result:
+        parts.append(f"top-1 agreement {100 * result['top1_agreement']:.2f}%")
+    return f"{config.dataset} {config.eval_split} over {result['examples']} images | " + " | ".join(parts)
+
+
 def main() -> None:
     from mobilenet_jax import host
 
@@ -82,6 +141,22 @@ def main() -> None:
     config = FLAGS.config
     if FLAGS.torch_weights and "eval_preprocessing" not in config_flags.get_override_values(FLAGS["config"]):
         config.eval_preprocessing = "torchvision"
+    if FLAGS.tflite:
+        reference = None
+        if FLAGS.workdir or FLAGS.model_dir or FLAGS.torch_weights:
+            import jax
+
+            model, variables = load_weights(
+                config,
+                workdir=FLAGS.workdir,
+                model_dir=FLAGS.model_dir,
+                torch_weights=FLAGS.torch_weights,
+                weights=FLAGS.weights,
+            )
+            apply = jax.jit(lambda x: model.apply(variables, x, train=False))
+            reference = apply
+        print(_tflite_report(config, evaluate_tflite(config, FLAGS.tflite, reference)))
+        return
     result = run(
         config,
         workdir=FLAGS.workdir,

@@ -12,7 +12,8 @@ from mobilenet_jax import MobileNetV2
 
 @pytest.fixture(scope="module")
 def bridged():
-    linen = MobileNetV2(num_classes=4, width=0.35, dropout_rate=0.5)
+    # A short MobileNetV2 (expansion, residual and stride-2 blocks) keeps the compiles quick.
+    linen = MobileNetV2(num_classes=4, width=0.35, dropout_rate=0.5, block_table=((1, 16, 1, 1), (6, 24, 2, 2)))
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
     model = nnx.bridge.ToNNX(linen, rngs=nnx.Rngs(params=0, dropout=1))
     nnx.bridge.lazy_init(model, x, train=False)

@@ -205,29 +205,28 @@ def test_cli_bad_input_is_one_sentence(tmp_path, image_folder):
     assert_one_sentence(cli("-m", "mobilenet_jax.summary", "--model=ResNet50"), "must be one of", 1)
 
 
+def train_cli(workdir, image_folder, *overrides):
+    """train.py on the tiny folder config of these tests."""
+    tiny = ["--config.dataset=folder", f"--config.data_dir={image_folder}", "--config.model.width=0.25"]
+    tiny += ["--config.image_size=32", "--config.batch_size=8", "--config.num_train_steps=6"]
+    tiny += ["--config.half_precision=False", "--config.checkpoint_every_steps=2", "--config.progress_bar=False"]
+    tiny += ["--config.shuffle_buffer_size=64", "--config.compilation_cache_dir="]
+    return cli("train.py", "--config", "configs/v1.py", "--workdir", str(workdir), *tiny, *overrides)
+
+
 @pytest.mark.slow
-def test_divergence_on_the_command_line_is_one_sentence(tmp_path, image_folder):
-    result = cli(
-        "train.py",
-        "--config",
-        "configs/v1.py",
-        "--workdir",
-        str(tmp_path),
-        "--config.dataset=folder",
-        f"--config.data_dir={image_folder}",
-        "--config.model.width=0.25",
-        "--config.image_size=32",
-        "--config.batch_size=8",
-        "--config.num_train_steps=6",
-        "--config.half_precision=False",
-        "--config.learning_rate=1e30",
-        "--config.checkpoint_every_steps=2",
-        "--config.log_every_steps=10",
-        "--config.shuffle_buffer_size=64",
-        "--config.compilation_cache_dir=",
-    )
+def test_corrupt_checkpoint_and_divergence_on_the_command_line(tmp_path, image_folder, uninterrupted):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(uninterrupted, resumed)
+    _truncate_arrays(str(resumed / "checkpoints" / "6"))
+    result = train_cli(resumed, image_folder, "--config.log_every_steps=1")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Skipping checkpoint 6 does not restore" in result.stderr and "Final evaluation" in result.stdout
+
+    diverged = tmp_path / "diverged"
+    result = train_cli(diverged, image_folder, "--config.learning_rate=1e30", "--config.log_every_steps=10")
     assert_one_sentence(result, "lower the learning rate", 1)
-    manager = checkpoint.TrainCheckpoints(str(tmp_path), read_only=True)
+    manager = checkpoint.TrainCheckpoints(str(diverged), read_only=True)
     for step in manager._manager.all_steps():
         assert checkpoint.nonfinite_problem(manager.restore_weights(step)) is None
     manager.close()

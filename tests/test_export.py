@@ -1,0 +1,199 @@
+"""Export to LiteRT and StableHLO: parity with the JAX model, the int8 graph, and one-sentence errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("ai_edge_litert")
+
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, export  # noqa: E402
+from mobilenet_jax.errors import UserError  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = 1e-4
+
+
+def random_variables(model, size, seed=0):
+    """Initialised variables with BatchNorm parameters and statistics far from the identity."""
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 10_000))
+
+    def perturb(path, leaf):
+        name = path[-1].key
+        if name == "mean":
+            return 0.1 * jax.random.normal(next(keys), leaf.shape)
+        if name == "var":
+            return jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=2.0)
+        if name == "scale":
+            return jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=1.5)
+        if name == "bias":
+            return 0.1 * jax.random.normal(next(keys), leaf.shape)
+        return leaf
+
+    variables = jax.tree_util.tree_map_with_path(perturb, variables)
+    classifier = variables["params"]["classifier"]
+    classifier["kernel"] = classifier["kernel"] * 30.0  # O(1) logits, so the tolerance means something
+    return variables
+
+
+def rgb_images(count, size, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (count, size, size, 3)).astype(np.float32)
+
+
+def jax_logits(model, variables, rgb):
+    return np.asarray(model.apply(variables, (rgb - export.MEAN_RGB) / export.STDDEV_RGB, train=False))
+
+
+@pytest.mark.parametrize(
+    "model, size",
+    [
+        (MobileNetV1(num_classes=10, width=0.25), 33),
+        (MobileNetV1(num_classes=10, width=0.5), 33),
+        (MobileNetV2(num_classes=10, width=0.35), 37),
+        # Fewer blocks (expansion, residual and stride-2 all present) for a quicker conversion.
+        (MobileNetV2(num_classes=10, width=0.5, block_table=((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2))), 37),
+    ],
+)
+def test_float32_tflite_matches_the_jax_model(model, size):
+    variables = random_variables(model, size)
+    tflite = export.TFLiteModel(export.to_tflite(model, variables, size))
+    rgb = rgb_images(3, size)
+    expected = jax_logits(model, variables, rgb)
+    error = float(np.abs(tflite(rgb) - expected).max())
+    print(f"tflite float32 {type(model).__name__} {model.width} @{size}: max abs error {error:.2e}")
+    assert expected.std() > 0.1 and error <= TOLERANCE
+    assert tflite.input["shape"].tolist() == [1, size, size, 3]
+
+
+def test_torchvision_model_exports_with_torchvisions_logits():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from mobilenet_jax import convert, torch_reference
+
+    module = torch_reference.randomize(torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=10)).eval()
+    model, variables = convert.from_torch(module.state_dict())
+    rgb = rgb_images(3, 41, seed=3)
+    with torch.no_grad():
+        normalized = (rgb - export.MEAN_RGB) / export.STDDEV_RGB
+        expected = module(torch.from_numpy(normalized.transpose(0, 3, 1, 2).copy())).numpy()
+    got = export.TFLiteModel(export.to_tflite(model, variables, 41))(rgb)
+    error = float(np.abs(got - expected).max())
+    print(f"tflite float32 vs torchvision mobilenet_v2 0.5 @41: max abs error {error:.2e}")
+    assert expected.std() > 0.1 and error <= TOLERANCE
+
+
+def test_stablehlo_has_a_symbolic_batch():
+    model = MobileNetV1(num_classes=5, width=0.25)
+    variables = random_variables(model, 32)
+    call = export.load_stablehlo(export.to_stablehlo(model, variables, 32))
+    for batch in (1, 3):
+        rgb = rgb_images(batch, 32, seed=batch)
+        expected = jax_logits(model, variables, rgb)
+        assert expected.std() > 0.1
+        np.testing.assert_allclose(call(rgb), expected, atol=TOLERANCE)
+
+
+def test_onnx_matches_the_jax_model_in_onnxruntime():
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("onnxruntime")
+    model = MobileNetV1(num_classes=6, width=0.25)
+    variables = random_variables(model, 33)
+    onnx = export.ONNXModel(export.to_onnx(model, variables, 33))
+    for batch in (1, 3):
+        rgb = rgb_images(batch, 33, seed=batch)
+        expected = jax_logits(model, variables, rgb)
+        assert expected.std() > 0.1
+        np.testing.assert_allclose(onnx(rgb), expected, atol=TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def v2_full_width_files():
+    """MobileNetV2 1.0 exported in float32 and full int8 (small input: the weights do not depend on it)."""
+    model = MobileNetV2(num_classes=1000, width=1.0)
+    variables = random_variables(model, 32)
+    calibration = [rgb_images(1, 32, seed=s) for s in range(8)]
+    float_file = export.to_tflite(model, variables, 32)
+    int8_file = export.to_tflite(model, variables, 32, quantize="int8", calibration=calibration)
+    return float_file, int8_file
+
+
+COMPUTE_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUM", "MEAN"}
+
+
+@pytest.mark.slow
+def test_int8_graph_is_integer_per_channel_and_fused(v2_full_width_files):
+    float_file, int8_file = v2_full_width_files
+    model = export.TFLiteModel(int8_file, delegates=False)
+    ops = model.ops()
+    names = [op["op_name"] for op in ops]
+    assert not set(names) & {"RELU", "RELU6", "MINIMUM", "MAXIMUM", "BATCH_NORM", "RSQRT", "DIV"}  # all fused
+    graph_output = model.output["index"]
+    for op in ops:
+        if op["op_name"] in COMPUTE_OPS:
+            assert model.tensor(op["inputs"][0])["dtype"] == np.int8, op
+        if op["op_name"] == "DEQUANTIZE":  # only to hand float logits out, never inside the graph
+            assert list(op["outputs"]) == [graph_output], op
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            weights = model.tensor(op["inputs"][1])
+            channels = weights["shape"][0] if op["op_name"] == "CONV_2D" else weights["shape"][-1]
+            assert weights["dtype"] == np.int8 and len(weights["quantization_parameters"]["scales"]) == channels
+    assert (
+        names.count("CONV_2D") == 1 + 16 + 17 + 1 and names.count("DEPTHWISE_CONV_2D") == 17
+    )  # stem, expansions, projections, last
+    ratio = len(int8_file) / len(float_file)
+    print(f"MobileNetV2 1.0: float32 {len(float_file) / 1e6:.2f} MB, int8 {len(int8_file) / 1e6:.2f} MB ({ratio:.2f})")
+    assert 0.2 < ratio < 0.32
+
+
+def test_int8_io_dtype_and_bad_requests(tmp_path):
+    model = MobileNetV1(num_classes=4, width=0.25)
+    variables = random_variables(model, 16)
+    calibration = [rgb_images(1, 16, seed=s) for s in range(4)]
+    data = export.to_tflite(model, variables, 16, quantize="int8", io_dtype="int8", calibration=calibration)
+    tflite = export.TFLiteModel(data)
+    assert tflite.input["dtype"] == np.int8 and tflite.output["dtype"] == np.int8
+    assert tflite(rgb_images(2, 16)).shape == (2, 4)  # quantized in and dequantized out by the wrapper
+    with pytest.raises(UserError, match="--io_dtype int8 needs --quantize int8"):
+        export.to_tflite(model, variables, 16, io_dtype="int8")
+    with pytest.raises(UserError, match="--quantize must be one of"):
+        export.to_tflite(model, variables, 16, quantize="int4")
+    with pytest.raises(UserError, match="--format must be one of"):
+        export.export(str(tmp_path), str(tmp_path / "m.pb"), fmt="tensorflow")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="has no model.json"):
+        export.export(str(empty), str(tmp_path / "m.tflite"))
+    checkpoint.save_model(tmp_path / "model", model, variables)
+    with pytest.raises(UserError, match="--quantize int8 needs --config"):
+        export.export(str(tmp_path / "model"), str(tmp_path / "m.tflite"), quantize="int8", image_size=16)
+
+
+def test_missing_extra_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    with pytest.raises(UserError, match=r"pip install -e '\.\[export\]'"):
+        export.TFLiteModel(b"")
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
+    from mobilenet_jax import training
+    from tests.test_reliability import config_for
+
+    training.train_and_evaluate(config_for(image_folder, num_train_steps=2), str(tmp_path / "run"))
+    common = ["--config", "configs/v1.py", "--config.dataset=folder", f"--config.data_dir={image_folder}"]
+    common += ["--config.image_size=32", "--config.batch_size=8", "--config.half_precision=False"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+
+    out = tmp_path / "int8.tflite"
+    result = cli("mobilenet_jax.export", str(tmp_path / "run"), str(out), "--quantize=int8", *common)
+    assert result.returncode == 0 and "Wrote" in result.stdout, result.stderr[-3000:]
+    result = cli("mobilenet_jax.evaluate", "--workdir", str(tmp_path / "run"), "--tflite", str(out), *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "over 20 images | tflite: top-1" in result.stdout and "top-1 agreement" in result.stdout
