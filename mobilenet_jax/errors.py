@@ -121,7 +121,7 @@ def _flag_error_message(error: Exception, argv: Sequence[str]) -> str:
         problem = _override_problem(config, path, value)
         if problem:
             return problem
-    return f"bad config override ({sentence(error)})."
+    return sentence(error).removeprefix("FATAL Flags parsing error: ").rstrip(".") + "."
 
 
 def _flag_value(argv: Sequence[str], name: str) -> str | None:

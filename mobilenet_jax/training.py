@@ -28,9 +28,29 @@ from mobilenet_jax.errors import ConfigError, DivergenceError
 from mobilenet_jax.metrics import MetricWriter, ProgressBar
 from mobilenet_jax.models import ARCHITECTURES, reset_classifier
 
+_NUMBERS = (
+    "batch_size image_size learning_rate lr_batch_size num_epochs num_train_steps label_smoothing ema_decay "
+    "weight_decay lr_decay_factor lr_decay_epochs warmup_epochs log_every_steps checkpoint_every_steps "
+    "keep_checkpoints max_consecutive_nonfinite_skips eval_every_steps seed"
+).split()
+
+
+def _check_types(config: ml_collections.ConfigDict) -> None:
+    for field in _NUMBERS:
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"Bad config: {field} must be a number, got {value!r}.")
+    area = config.crop_area_range
+    if not (isinstance(area, (tuple, list)) and len(area) == 2 and all(isinstance(v, (int, float)) for v in area)):
+        raise ConfigError(f"Bad config: crop_area_range must be two numbers (min, max), got {area!r}.")
+    width = config.model.get("width")
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        raise ConfigError(f"Bad config: model.width must be a number, got {width!r}.")
+
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError with one sentence for values that cannot work."""
+    _check_types(config)
     architecture = config.model.get("architecture")
     checks = [
         (

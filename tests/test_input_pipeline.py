@@ -143,6 +143,21 @@ def test_unknown_dataset_and_missing_folder_are_clear_errors(tmp_path):
         ip.get_dataset("no_such_dataset")
     with pytest.raises(ip.DatasetError, match="needs data_dir"):
         ip.get_dataset("folder", str(tmp_path / "missing"))
+    with pytest.raises(ip.DatasetError, match="has no split folders; expected ROOT/train/CLASS"):
+        ip.get_dataset("folder", str(tmp_path))
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(ip.DatasetError, match="holds no images"):
+        ip.get_dataset("folder", str(tmp_path))
+
+
+def test_folder_without_the_configured_split_names_the_folder(image_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(image_folder / "validation", tmp_path / "validation")
+    info = ip.get_dataset("folder", str(tmp_path))
+    ip.check_split(info, "validation")
+    with pytest.raises(ip.DatasetError, match=r"has no train/ folder \(it has validation/\)"):
+        ip.check_split(info, "train")
 
 
 def test_unprepared_imagenet_says_how_to_prepare_it(tmp_path):

@@ -126,6 +126,8 @@ def test_bad_config_values_are_clear_errors(tmp_path):
     for field, value, message in [
         ("learning_rate", -1.0, "learning_rate must be positive"),
         ("crop_area_range", (0.9, 0.1), "crop_area_range"),
+        ("crop_area_range", ("oops",), "crop_area_range must be two numbers"),
+        ("model.width", 0.0, "model.width must be positive"),
         ("model.architecture", "ResNet50", "model.architecture must be one of"),
         ("label_smoothing", 1.5, "label_smoothing"),
     ]:
