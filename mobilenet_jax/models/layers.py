@@ -8,7 +8,7 @@ padding a converted PyTorch checkpoint gives the same logits in Flax.
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,6 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torchvision and the design notes: classifier weights ~ N(0, 0.01), bias 0.
 dense_kernel_init = nn.initializers.normal(stddev=0.01)
 
-DepthwiseImpl = Literal["auto", "xla", "shift"]
 DEPTHWISE_IMPLEMENTATIONS = ("auto", "xla", "shift")
 
 
