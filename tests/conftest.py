@@ -1,8 +1,17 @@
 """Test set-up shared by all tests (torch, when installed, is imported before TensorFlow)."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent XLA cache for this test run, shared by the xdist workers and the
+# processes the tests start: many tests compile the same tiny train step, and a run
+# that starts from an empty directory still checks that compiling works.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # the controlling process sets it; workers inherit
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mobilenet_jax_tests_xla_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from mobilenet_jax import host  # noqa: E402
 
@@ -35,3 +44,8 @@ def image_folder(tmp_path_factory):
                 Image.fromarray(pixels).save(directory / f"{i}.jpg", quality=90)
     (root / "validation" / "circle" / "broken.jpg").write_bytes(b"this is not an image at all")
     return root
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
