@@ -151,17 +151,25 @@ class TrainCheckpoints:
         self.read_only = read_only
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(f"No checkpoint in {self.directory}; train first, or name a model directory.")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=not read_only,
-            enable_async_checkpointing=async_save and not read_only,
-            cleanup_tmp_directories=not read_only,
-            read_only=read_only,
-        )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = None
+        if not read_only:  # reading needs no manager (and orbax's read-only mode logs warnings)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+            )
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        """The finished steps on disk, oldest first (orbax's temporary directories are not steps)."""
+        if self._manager is not None:
+            return sorted(self._manager.all_steps())
+        return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def restore_latest(self, abstract_state: Any, sharding: Any) -> Any | None:
         """The newest checkpoint that restores with the expected shapes and dtypes and is finite.
@@ -179,8 +187,8 @@ class TrainCheckpoints:
             if state is None:
                 raise CheckpointError(f"No checkpoint in {self.directory}; train first, or name a model directory.")
             return state
-        if step not in self._manager.all_steps():
-            steps = sorted(self._manager.all_steps())
+        if step not in self.all_steps():
+            steps = self.all_steps()
             raise CheckpointError(f"{self.directory} has no step {step}; it has {steps or 'none'}.")
         return self._checked(step, self._restore)
 
@@ -201,7 +209,7 @@ class TrainCheckpoints:
         return state
 
     def _newest_good(self, restore) -> Any | None:
-        steps = sorted(self._manager.all_steps(), reverse=True)
+        steps = self.all_steps()[::-1]
         for step in steps:
             try:
                 return self._checked(step, restore)
@@ -226,12 +234,14 @@ class TrainCheckpoints:
         return destination
 
     def save(self, step: int, state: Any, force: bool = False) -> None:
-        if step in self._manager.all_steps():
+        if step in self.all_steps():
             return
         self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        if self._manager is not None:
+            self._manager.close()

@@ -1,0 +1,152 @@
+"""AMC-style pruning of MobileNetV1: exact slicing, least-squares refit, MAC targets, errors, PyTorch export."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, prune, summarize
+from mobilenet_jax.errors import UserError
+from mobilenet_jax.models import V1_PROFILES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# MobileNetV1 0.5: stem 16, blocks 32, (64,2), 64, (128,2), 128, (256,2), 256 x5, (512,2), 512.
+CHANNELS = (12, (24, (48, 2), 40, (96, 2), 80, (192, 2), 200, 192, 180, 160, 224, (400, 2), 384))
+
+
+def trained_like(model, size=32, seed=0):
+    """Random variables with BatchNorm far from the identity, so that every channel matters."""
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 10_000))
+
+    def perturb(path, leaf):
+        name = path[-1].key
+        if name in ("mean", "bias"):
+            return 0.1 * jax.random.normal(next(keys), leaf.shape)
+        if name in ("var", "scale"):
+            return jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=1.5)
+        return leaf
+
+    variables = jax.tree_util.tree_map_with_path(perturb, variables)
+    variables["params"]["classifier"]["kernel"] = variables["params"]["classifier"]["kernel"] * 30.0
+    return variables
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = MobileNetV1(num_classes=10, width=0.5)
+    images = jax.random.normal(jax.random.key(7), (16, 32, 32, 3))
+    return model, trained_like(model), images
+
+
+def test_slicing_equals_zeroing_the_pruned_channels(small):
+    model, variables, images = small
+    keeps = prune.keep_indices(model, variables, CHANNELS)
+    pruned, pruned_variables = prune.slice_v1(model, variables, keeps)
+    assert pruned.profile == CHANNELS and pruned.width == 1.0
+    # In the unpruned model, give every dropped channel zero weight where it is read.
+    params = jax.tree.map(np.array, variables["params"])
+    for producer, keep in enumerate(keeps, start=-1):
+        dropped = np.setdiff1d(
+            np.arange(
+                params["stem_bn"]["scale"].shape[0]
+                if producer < 0
+                else params[f"block_{producer}"]["bn_pw"]["scale"].shape[0]
+            ),
+            keep,
+        )
+        if producer + 1 < len(keeps) - 1:
+            params[f"block_{producer + 1}"]["conv_pw"]["kernel"][:, :, dropped, :] = 0.0
+        else:
+            params["classifier"]["kernel"][dropped, :] = 0.0
+    zeroed = model.apply({**variables, "params": params}, images)
+    sliced = pruned.apply(pruned_variables, images)
+    assert float(jnp.std(sliced)) > 0.1
+    np.testing.assert_allclose(sliced, zeroed, atol=1e-4, rtol=1e-5)
+
+
+def test_ranking_keeps_the_largest_l1_norms_and_bn_scales(small):
+    model, variables, _ = small
+    keeps = prune.keep_indices(model, variables, CHANNELS)
+    norms = np.abs(np.asarray(variables["params"]["block_1"]["conv_pw"]["kernel"])[0, 0]).sum(axis=1)
+    assert set(keeps[1]) == set(np.argsort(-norms)[:24])  # block 0's outputs, read by block 1
+    keeps_bn = prune.keep_indices(model, variables, CHANNELS, criterion="bn")
+    scales = np.abs(np.asarray(variables["params"]["stem_bn"]["scale"]))
+    assert set(keeps_bn[0]) == set(np.argsort(-scales)[:12])
+
+
+def test_refit_lowers_the_reconstruction_error(small):
+    model, variables, images = small
+    pruned, pruned_variables, report = prune.prune(model, variables, CHANNELS, refit_images=images)
+    assert len(report) == 13
+    for block, (before, after) in report.items():
+        assert after <= before + 1e-9, block
+    assert np.mean([after for _, after in report.values()]) < 0.9 * np.mean([b for b, _ in report.values()])
+    assert pruned.apply(pruned_variables, images).shape == (16, 10)
+
+
+def test_mac_targets_and_the_amc_profile():
+    model = MobileNetV1(num_classes=1000)
+    for ratio in (0.75, 0.5, 0.35):
+        channels = prune.channels_for_macs(model, ratio, 224)
+        macs = summarize(model.clone(profile=channels), 224).macs / summarize(model, 224).macs
+        assert abs(macs - ratio) <= 0.02, (ratio, macs)
+        assert all(c % 8 == 0 for c in [channels[0]] + [b if isinstance(b, int) else b[0] for b in channels[1]])
+    amc = prune.target_channels(model, V1_PROFILES["0.5flops"])
+    assert amc[0] == 24 and len(amc[1]) == 13
+    assert round(summarize(model.clone(profile=prune.profile_channels(model, "0.5flops")), 224).macs / 1e6, 1) == 293.9
+
+
+def test_bad_channel_lists_and_ratios_are_one_sentence(small):
+    model, variables, _ = small
+    with pytest.raises(UserError, match="has 2 blocks; the model has 13"):
+        prune.keep_indices(model, variables, (8, (16, (32, 2))))
+    with pytest.raises(UserError, match="needs a positive channel count, got 0"):
+        prune.keep_indices(model, variables, (12, (0,) + CHANNELS[1][1:]))
+    with pytest.raises(UserError, match="has 16 channels; it cannot keep 20"):
+        prune.keep_indices(model, variables, (20, CHANNELS[1]))
+    with pytest.raises(UserError, match="would keep 4 channels; MobileNetV1 keeps at least 8"):
+        prune.keep_indices(model, variables, (4, CHANNELS[1]))
+    with pytest.raises(UserError, match="Block 1 has stride 2"):
+        prune.keep_indices(model, variables, (12, (24, 48) + CHANNELS[1][2:]))
+    for ratio in (0.0, 1.5, -1):
+        with pytest.raises(UserError, match=r"--macs must be in \(0, 1\]"):
+            prune.channels_for_macs(model, ratio, 32)
+    with pytest.raises(UserError, match="MobileNetV2 is not supported yet"):
+        prune.keep_indices(MobileNetV2(), {}, CHANNELS)
+    with pytest.raises(UserError, match="--channels must be a comma-separated list"):
+        prune.parse_channels("24,48,(96")
+
+
+def test_pruned_model_loads_strictly_in_the_design_notes_pytorch(small):
+    torch = pytest.importorskip("torch")
+    from mobilenet_jax import convert, torch_reference
+
+    model, variables, images = small
+    pruned, pruned_variables, _ = prune.prune(model, variables, CHANNELS)
+    module = torch_reference.TorchMobileNetV1(10, CHANNELS[0], list(CHANNELS[1])).eval()
+    module.load_state_dict(convert.to_torch(pruned, pruned_variables), strict=True)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(pruned.apply(pruned_variables, images), expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_writes_a_model_directory(small, tmp_path):
+    model, variables, _ = small
+    checkpoint.save_model(tmp_path / "source", model, variables)
+    channels = "12,24,(48,2),40,(96,2),80,(192,2),200,192,180,160,224,(400,2),384"
+    command = [sys.executable, "-m", "mobilenet_jax.prune", str(tmp_path / "source"), str(tmp_path / "out")]
+    result = subprocess.run(
+        command + ["--channels", channels, "--no_refit", "--image_size=32"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Wrote" in result.stdout and "of" in result.stdout
+    loaded, _ = checkpoint.load_model(tmp_path / "out")
+    assert loaded.profile == prune.parse_channels(channels)
+    result = subprocess.run(command + ["--macs", "1.5"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "--macs must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr
