@@ -74,7 +74,7 @@ def _show_traceback() -> bool:
         return False
 
 
-def run(main: Callable[[], int | None], cleanup: Callable[[], None] | None = None) -> NoReturn:
+def run(main: Callable[[], int | None]) -> NoReturn:
     """Runs ``main`` and exits: its return value (0 for None), or 1 with one sentence for a user error."""
     try:
         status = main()
@@ -109,10 +109,11 @@ def parse_absl_flags(argv: Sequence[str]) -> list[str]:
 
 
 def _flag_error_message(error: Exception, argv: Sequence[str]) -> str:
+    plain = sentence(error).removeprefix("FATAL Flags parsing error: ").rstrip(".") + "."
     config_arg = _flag_value(argv, "config")
     overrides = [a[len("--config.") :].partition("=") for a in argv if a.startswith("--config.")]
     if config_arg is None or not overrides:
-        return sentence(error).removeprefix("FATAL Flags parsing error: ")
+        return plain
     try:
         config = load_config(config_arg)
     except Exception as load_error:
@@ -121,7 +122,7 @@ def _flag_error_message(error: Exception, argv: Sequence[str]) -> str:
         problem = _override_problem(config, path, value)
         if problem:
             return problem
-    return sentence(error).removeprefix("FATAL Flags parsing error: ").rstrip(".") + "."
+    return plain
 
 
 def _flag_value(argv: Sequence[str], name: str) -> str | None:

@@ -153,8 +153,7 @@ def main() -> None:
                 torch_weights=FLAGS.torch_weights,
                 weights=FLAGS.weights,
             )
-            apply = jax.jit(lambda x: model.apply(variables, x, train=False))
-            reference = apply
+            reference = jax.jit(lambda x: model.apply(variables, x, train=False))
         print(_tflite_report(config, evaluate_tflite(config, FLAGS.tflite, reference)))
         return
     result = run(

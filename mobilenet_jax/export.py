@@ -37,14 +37,14 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from mobilenet_jax import errors
+from mobilenet_jax import errors, input_pipeline
 from mobilenet_jax.models import MobileNetV1, MobileNetV2, v1_architecture, v2_architecture
 
 QUANTIZE = ("none", "int8", "dynamic")
 FORMATS = ("tflite", "stablehlo", "onnx")
-# ImageNet statistics on the 0..255 scale (input_pipeline.normalize), applied inside the exported graph.
-MEAN_RGB = np.array((0.485 * 255, 0.456 * 255, 0.406 * 255), np.float32)
-STDDEV_RGB = np.array((0.229 * 255, 0.224 * 255, 0.225 * 255), np.float32)
+# The training pipeline's normalisation (input_pipeline.normalize), applied inside the exported graph.
+MEAN_RGB = np.array(input_pipeline.MEAN_RGB, np.float32)
+STDDEV_RGB = np.array(input_pipeline.STDDEV_RGB, np.float32)
 
 
 # ----------------------------------------------------------------------------- the folded inference graph
@@ -302,8 +302,6 @@ class ONNXModel:
 
 def calibration_images(config, count: int = 300) -> list[np.ndarray]:
     """``count`` training images through the evaluation preprocessing, as RGB 0..255, batch 1 each."""
-    from mobilenet_jax import input_pipeline
-
     info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
     input_pipeline.check_split(info, config.train_split)
     dataset = input_pipeline.create_eval_dataset(
