@@ -181,7 +181,8 @@ def refit_v1(
     """Least-squares refit of each pruned block's pointwise kernel, block by block (AMC).
 
     Returns the new variables and, per block, the relative reconstruction error of the
-    unpruned layer's (kept) outputs before and after the refit.
+    unpruned layer's (kept) outputs before and after the refit. A block with fewer than
+    twice as many feature rows as input channels is left as sliced (it would overfit).
     """
     reference = pointwise_io(model, variables, images)
     params = jax.tree.map(np.asarray, pruned_variables["params"])
@@ -192,9 +193,15 @@ def refit_v1(
         x = current[name][0].astype(np.float64)
         target = reference[name][1][:, keeps[i + 1]].astype(np.float64)
         old = params[name]["conv_pw"]["kernel"][0, 0].astype(np.float64)
-        weights, *_ = np.linalg.lstsq(x, target, rcond=None)
         scale = max(np.linalg.norm(target), 1e-12)
-        report[name] = (np.linalg.norm(x @ old - target) / scale, np.linalg.norm(x @ weights - target) / scale)
+        before = np.linalg.norm(x @ old - target) / scale
+        if x.shape[0] < 2 * x.shape[1]:
+            # Fewer feature rows than twice the unknowns (late layers at low resolution):
+            # least squares would fit these images exactly and generalise worse. Keep the slice.
+            report[name] = (before, before)
+            continue
+        weights, *_ = np.linalg.lstsq(x, target, rcond=None)
+        report[name] = (before, np.linalg.norm(x @ weights - target) / scale)
         params[name]["conv_pw"]["kernel"] = weights.astype(np.float32)[None, None]
     return {**pruned_variables, "params": jax.tree.map(jnp.asarray, params)}, report
 
