@@ -38,6 +38,7 @@ from mobilenet_jax.models import (
     MobileNetV1,
     MobileNetV2,
     make_divisible,
+    mobilenet_v2,
     v1_architecture,
     v2_architecture,
 )
@@ -73,12 +74,12 @@ def _v1_modules(model: MobileNetV1) -> list[tuple[str, str]]:
 
 
 def _v2_modules(model: MobileNetV2, layout: str) -> list[tuple[str, str]]:
-    _, blocks, _ = v2_architecture(model.width, model.rounding, tuple(map(tuple, model.block_table)))
+    _, blocks, _ = mobilenet_v2.model_architecture(model)
     names = [("stem_conv", "features.0.0"), ("stem_bn", "features.0.1")]
-    for i, (cin, hidden, _, _) in enumerate(blocks):
+    for i, block in enumerate(blocks):
         prefix = f"features.{i + 1}.conv"
         parts = ["conv_dw", "bn_dw", "conv_pwl", "bn_pwl"]
-        if hidden != cin:
+        if block.expand:
             parts = ["conv_pw", "bn_pw"] + parts
         if layout == "torchvision":
             # Conv-BN-ReLU6 triples are Sequentials (".k.0", ".k.1"), the projection is flat.
@@ -261,8 +262,8 @@ def _block_convs(architecture: tuple) -> dict[int, list[tuple]]:
     """PyTorch conv weight shapes of each inverted-residual block, keyed by ``features`` index."""
     _, blocks, _ = architecture
     return {
-        i + 1: ([(hidden, cin, 1, 1)] if hidden != cin else []) + [(hidden, 1, 3, 3), (cout, hidden, 1, 1)]
-        for i, (cin, hidden, cout, _) in enumerate(blocks)
+        i + 1: ([(b.hidden, b.in_channels, 1, 1)] if b.expand else []) + [(b.hidden, 1, 3, 3), (b.out, b.hidden, 1, 1)]
+        for i, b in enumerate(blocks)
     }
 
 

@@ -38,7 +38,7 @@ from flax import linen as nn
 from jax import lax
 
 from mobilenet_jax import errors, input_pipeline
-from mobilenet_jax.models import MobileNetV1, MobileNetV2, v1_architecture, v2_architecture
+from mobilenet_jax.models import MobileNetV1, MobileNetV2, mobilenet_v2, v1_architecture
 
 QUANTIZE = ("none", "int8", "dynamic")
 FORMATS = ("tflite", "stablehlo", "onnx")
@@ -97,12 +97,11 @@ def _layers(model: nn.Module) -> list[tuple]:
         return layers
     if not isinstance(model, MobileNetV2):
         raise TypeError(f"Expected a MobileNetV1 or MobileNetV2, got {type(model).__name__}.")
-    _, blocks, _ = v2_architecture(model.width, model.rounding, tuple(map(tuple, model.block_table)))
+    _, blocks, _ = mobilenet_v2.model_architecture(model)
     layers = [("stem_conv", "stem_bn", 2, False, "relu6", None)]
-    for i, (cin, hidden, cout, stride) in enumerate(blocks):
-        shortcut = stride == 1 and cin == cout
+    for i, (_, _, _, stride, expand, shortcut) in enumerate(blocks):
         block = [(f"block_{i}/conv_dw", f"block_{i}/bn_dw", stride, True, "relu6", None)]
-        if hidden != cin:
+        if expand:
             block.insert(0, (f"block_{i}/conv_pw", f"block_{i}/bn_pw", 1, False, "relu6", None))
         block.append((f"block_{i}/conv_pwl", f"block_{i}/bn_pwl", 1, False, None, "add" if shortcut else None))
         if shortcut:

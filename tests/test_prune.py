@@ -1,4 +1,4 @@
-"""AMC-style pruning of MobileNetV1: exact slicing, least-squares refit, MAC targets, errors, PyTorch export."""
+"""AMC-style pruning of MobileNetV1 and V2: exact slicing, least-squares refit, MAC targets, errors, PyTorch export."""
 
 import os
 import subprocess
@@ -109,17 +109,93 @@ def test_bad_channel_lists_and_ratios_are_one_sentence(small):
         prune.keep_indices(model, variables, (12, (0,) + CHANNELS[1][1:]))
     with pytest.raises(UserError, match="has 16 channels; it cannot keep 20"):
         prune.keep_indices(model, variables, (20, CHANNELS[1]))
-    with pytest.raises(UserError, match="would keep 4 channels; MobileNetV1 keeps at least 8"):
+    with pytest.raises(UserError, match="would keep 4 channels; pruning keeps at least 8"):
         prune.keep_indices(model, variables, (4, CHANNELS[1]))
     with pytest.raises(UserError, match="Block 1 has stride 2"):
         prune.keep_indices(model, variables, (12, (24, 48) + CHANNELS[1][2:]))
     for ratio in (0.0, 1.5, -1):
         with pytest.raises(UserError, match=r"--macs must be in \(0, 1\]"):
             prune.channels_for_macs(model, ratio, 32)
-    with pytest.raises(UserError, match="MobileNetV2 is not supported yet"):
-        prune.keep_indices(MobileNetV2(), {}, CHANNELS)
+    with pytest.raises(UserError, match="Named profiles are MobileNetV1 channel lists"):
+        prune.profile_channels(MobileNetV2(), "0.5flops")
     with pytest.raises(UserError, match="--channels must be a comma-separated list"):
         prune.parse_channels("24,48,(96")
+
+
+# MobileNetV2 0.5 with three rows: stem 16; blocks (in, hidden, out): 0 (16, 16, 8) without expansion,
+# 1 (8, 48, 16) stride 2, 2 (16, 96, 16) residual, 3 (16, 96, 16) stride 2, 4 and 5 (16, 96, 16) residual.
+V2_TABLE = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2))
+V2_CHANNELS = (16, (40, 16), (64, 16), (72, 8), (80, 8), (48, 8))
+
+
+@pytest.fixture(scope="module")
+def small_v2():
+    model = MobileNetV2(num_classes=10, width=0.5, block_table=V2_TABLE, dropout_rate=0.0)
+    images = jax.random.normal(jax.random.key(8), (16, 32, 32, 3))
+    return model, trained_like(model), images
+
+
+def test_v2_residual_groups_and_slicing_equals_zeroing(small_v2):
+    model, variables, images = small_v2
+    assert prune.residual_groups(model) == [[0], [1, 2], [3, 4, 5]]
+    keeps = prune.keep_indices(model, variables, V2_CHANNELS)
+    pruned, pruned_variables = prune.slice_v2(model, variables, keeps)
+    assert pruned.block_channels == ((16, 8), (40, 16), (64, 16), (72, 8), (80, 8), (48, 8))
+    assert all(np.array_equal(keeps[i][1], keeps[3][1]) for i in (4, 5))  # one set of channels per residual group
+    params = jax.tree.map(np.array, variables["params"])
+    widths = {"hidden": [16, 48, 96, 96, 96, 96], "out": [8, 16, 16, 16, 16, 16]}
+    for i, (hidden, out) in enumerate(keeps):
+        dropped = np.setdiff1d(np.arange(widths["hidden"][i]), hidden)
+        params[f"block_{i}"]["conv_pwl"]["kernel"][:, :, dropped, :] = 0.0  # the only reader of the hidden channels
+        dropped = np.setdiff1d(np.arange(widths["out"][i]), out)
+        reader = params[f"block_{i + 1}"]["conv_pw"] if i + 1 < 6 else params["last_conv"]
+        reader["kernel"][:, :, dropped, :] = 0.0
+    zeroed = model.apply({**variables, "params": params}, images)
+    sliced = pruned.apply(pruned_variables, images)
+    assert float(jnp.std(sliced)) > 0.1
+    np.testing.assert_allclose(sliced, zeroed, atol=1e-4, rtol=1e-5)
+    # The pruned record round-trips through a model directory.
+    assert summarize(pruned, 32).macs < summarize(model, 32).macs
+
+
+def test_v2_refit_and_mac_targets(small_v2, tmp_path):
+    model, variables, images = small_v2
+    pruned, pruned_variables, report = prune.prune(model, variables, V2_CHANNELS, refit_images=images)
+    assert "block_1/conv_pwl" in report and "block_4/conv_pw" in report and "last_conv" in report
+    for layer, (before, after) in report.items():
+        assert after <= before + 1e-9, layer
+    assert np.mean([after for _, after in report.values()]) < 0.9 * np.mean([b for b, _ in report.values()])
+    checkpoint.save_model(tmp_path / "v2", pruned, pruned_variables)
+    loaded, loaded_variables = checkpoint.load_model(tmp_path / "v2")
+    assert loaded.block_channels == pruned.block_channels
+    np.testing.assert_allclose(
+        loaded.apply(loaded_variables, images), pruned.apply(pruned_variables, images), atol=1e-5
+    )
+    full = MobileNetV2(num_classes=1000)
+    for ratio in (0.75, 0.5, 0.35):
+        channels = prune.channels_for_macs(full, ratio, 224)
+        macs = summarize(full.clone(block_channels=channels), 224).macs / summarize(full, 224).macs
+        assert abs(macs - ratio) <= 0.02, (ratio, macs)
+        assert all(hidden % 8 == 0 for hidden, _ in channels)
+
+
+def test_v2_bad_channel_lists_are_one_sentence(small_v2):
+    model, variables, _ = small_v2
+    with pytest.raises(UserError, match=r"Blocks 3-5 form a residual group .* the list gives 16, 8, 16"):
+        prune.keep_indices(model, variables, (16, 40, 64, (72, 16), (80, 8), 48))
+    with pytest.raises(UserError, match="Block 0 has no expansion conv: its hidden channels are its inputs"):
+        prune.keep_indices(model, variables, (8,) + V2_CHANNELS[1:])
+    with pytest.raises(UserError, match="The channel list has 2 blocks; the model has 6"):
+        prune.keep_indices(model, variables, (16, 40))
+    with pytest.raises(UserError, match="block 2 hidden layer needs a positive channel count, got -8"):
+        prune.keep_indices(model, variables, (16, 40, -8, 72, 80, 48))
+    with pytest.raises(UserError, match="Block 1's entry must be hidden or"):
+        prune.keep_indices(model, variables, (16, (40, 16, 3), 64, 72, 80, 48))
+    assert prune.parse_channels("16,(40,16),64", model) == (16, (40, 16), 64)
+    with pytest.raises(ValueError, match="must output as many channels as it receives"):
+        model.clone(block_channels=((16, 8), (40, 16), (64, 8), (72, 8), (80, 8), (48, 8))).init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+        )
 
 
 def test_pruned_model_loads_strictly_in_the_design_notes_pytorch(small):
