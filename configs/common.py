@@ -55,7 +55,19 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_epochs = 300.0
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.half_precision = True  # bfloat16 compute, float32 parameters and optimizer state
-    config.init_from = ""  # a converted model directory (python -m mobilenet_jax.convert) to start from
+    # A model directory (convert, prune) or workdir to start from. Its model.json gives the
+    # architecture (width, profile, pruned channels); config.model.architecture must match,
+    # and only the training fields (bn_momentum, dropout_rate) come from config.model.
+    config.init_from = ""
+    # Knowledge distillation (Hinton et al., 2015, https://arxiv.org/abs/1503.02531): a model
+    # directory or workdir whose logits the student learns from, with the loss
+    # alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * cross-entropy.
+    # Defaults T = 4, alpha = 0.9 are our choice after Hinton et al. (a raised temperature,
+    # most of the weight on the soft targets). The teacher runs in inference mode on the
+    # student's augmented batch and is neither trained nor checkpointed.
+    config.teacher = ""
+    config.distill_temperature = 4.0
+    config.distill_alpha = 0.9
     # > 0: skip updates whose gradients are not finite (optax.apply_if_finite), stopping after
     # this many in a row; 0: a non-finite step stops the run before anything is saved.
     config.max_consecutive_nonfinite_skips = 0

@@ -9,6 +9,7 @@ the benchmarks all build their steps here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -21,6 +22,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from mobilenet_jax import distributed, input_pipeline
+from mobilenet_jax.errors import ConfigError
 from mobilenet_jax.models import registry
 from mobilenet_jax.optim import TrainState
 
@@ -34,6 +36,44 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, **override
         bn_axis_name=BATCH if config.cross_replica_bn else None,
     )
     return registry.create_model(config.model.to_dict(), num_classes, **{**runtime, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A distillation teacher: its module (inference mode), temperature and the soft loss's weight."""
+
+    model: nn.Module
+    temperature: float
+    alpha: float
+
+
+def load_teacher(config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> tuple[Teacher, dict] | None:
+    """``(Teacher, variables)`` from ``config.teacher`` (a model directory or workdir), or None without one."""
+    if not config.get("teacher"):
+        return None
+    from mobilenet_jax import checkpoint  # orbax: only when a teacher is named
+
+    runtime = {"dtype": jnp.bfloat16 if config.half_precision else jnp.float32, "bn_axis_name": None, **overrides}
+    model, variables = checkpoint.load_any(config.teacher, **runtime)
+    if model.num_classes != num_classes:
+        raise ConfigError(
+            f"Bad config: teacher={config.teacher!r} has {model.num_classes} classes and the dataset {num_classes}; "
+            "distillation compares the two models' class probabilities, so they must agree."
+        )
+    return Teacher(model, float(config.distill_temperature), float(config.distill_alpha)), variables
+
+
+def distillation_loss(
+    logits: jax.Array, teacher_logits: jax.Array, targets: jax.Array, temperature: float, alpha: float
+) -> jax.Array:
+    """Per example: ``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(targets)``.
+
+    The ``T^2`` keeps the soft term's gradients on the scale of the hard term's
+    (Hinton et al., 2015, Section 2).
+    """
+    teacher_log_probs = jax.nn.log_softmax(teacher_logits / temperature)
+    kl = jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - jax.nn.log_softmax(logits / temperature)), -1)
+    return alpha * temperature**2 * kl + (1.0 - alpha) * optax.softmax_cross_entropy(logits, targets)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -50,11 +90,22 @@ def _metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, loss: jax.Ar
     }
 
 
-def _gradients(state: TrainState, batch: dict, model: nn.Module, label_smoothing: float):
+def _gradients(
+    state: TrainState,
+    batch: dict,
+    model: nn.Module,
+    label_smoothing: float,
+    teacher: Teacher | None = None,
+    teacher_variables: dict | None = None,
+):
     """Per-device gradients, all-reduced; returns ``(grads, logits, per_example_loss, batch_stats)``."""
     num_devices = lax.psum(1, BATCH)
     count = lax.psum(jnp.sum(batch["mask"]), BATCH)
     dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(BATCH))
+    teacher_logits = None
+    if teacher is not None:  # inference mode, outside the differentiated function
+        teacher_logits = teacher.model.apply(teacher_variables, batch["image"], train=False)
+        teacher_logits = lax.stop_gradient(teacher_logits.astype(jnp.promote_types(teacher_logits.dtype, jnp.float32)))
 
     def loss_fn(params):
         logits, new_model_state = model.apply(
@@ -66,7 +117,10 @@ def _gradients(state: TrainState, batch: dict, model: nn.Module, label_smoothing
         )
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bfloat16 -> float32
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
-        per_example = optax.softmax_cross_entropy(logits, targets)
+        if teacher is None:
+            per_example = optax.softmax_cross_entropy(logits, targets)
+        else:
+            per_example = distillation_loss(logits, teacher_logits, targets, teacher.temperature, teacher.alpha)
         # Scaled so that the pmean of the per-device gradients is the gradient of the
         # mean over all valid examples of the global batch.
         loss = jnp.sum(per_example * batch["mask"]) * num_devices / jnp.maximum(count, 1.0)
@@ -85,6 +139,7 @@ def _gradients(state: TrainState, batch: dict, model: nn.Module, label_smoothing
 def train_step(
     state: TrainState,
     batch: dict,
+    teacher_variables: dict | None = None,
     *,
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -92,14 +147,20 @@ def train_step(
     label_smoothing: float,
     ema_decay: float,
     skip_nonfinite: bool = False,
+    teacher: Teacher | None = None,
 ) -> tuple[TrainState, dict]:
     """One synchronous step on this device's shard; call it under shard_map over ``'batch'``.
+
+    With a ``teacher``, the loss is :func:`distillation_loss` against its logits on the
+    same batch (``teacher_variables``, replicated, are read, never updated).
 
     ``metrics['finite']`` is 1 when the new state is finite (a finite loss and a finite
     update; with ``skip_nonfinite``, a skipped update counts as finite) and 0 otherwise,
     so the loop can refuse to save a poisoned state.
     """
-    grads, logits, per_example, batch_stats = _gradients(state, batch, model, label_smoothing)
+    grads, logits, per_example, batch_stats = _gradients(
+        state, batch, model, label_smoothing, teacher, teacher_variables
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if skip_nonfinite:  # optax.apply_if_finite left the parameters; keep the statistics too
@@ -148,10 +209,13 @@ def make_train_step(
     mesh: jax.sharding.Mesh,
     tx: optax.GradientTransformation,
     learning_rate_fn: optax.Schedule,
+    teacher: tuple[Teacher, dict] | None = None,
 ):
     """The jitted, sharded train step of ``config``: ``(state, global_batch) -> (state, metrics)``.
 
-    The state is donated: the caller keeps only the returned one.
+    The state is donated: the caller keeps only the returned one. ``teacher`` (from
+    :func:`load_teacher`) makes it a distillation step; the teacher's variables are
+    placed on every device once and passed to each call, not baked into the program.
     """
     step = functools.partial(
         train_step,
@@ -161,9 +225,15 @@ def make_train_step(
         label_smoothing=config.label_smoothing,
         ema_decay=config.ema_decay,
         skip_nonfinite=config.get("max_consecutive_nonfinite_skips", 0) > 0,
+        teacher=None if teacher is None else teacher[0],
     )
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(BATCH)), out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=0)
+    if teacher is None:
+        sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(BATCH)), out_specs=(P(), P()))
+        return jax.jit(sharded, donate_argnums=0)
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(BATCH), P()), out_specs=(P(), P()))
+    jitted = jax.jit(sharded, donate_argnums=0)
+    teacher_variables = jax.device_put(teacher[1], distributed.replicated(mesh))
+    return lambda state, batch: jitted(state, batch, teacher_variables)
 
 
 def make_eval_step(mesh: jax.sharding.Mesh, model: nn.Module):

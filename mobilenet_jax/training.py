@@ -26,12 +26,12 @@ from flax import linen as nn
 from mobilenet_jax import checkpoint, distributed, input_pipeline, optim, steps
 from mobilenet_jax.errors import ConfigError, DivergenceError
 from mobilenet_jax.metrics import MetricWriter, ProgressBar
-from mobilenet_jax.models import ARCHITECTURES, reset_classifier
+from mobilenet_jax.models import ARCHITECTURES, registry, reset_classifier
 
 _NUMBERS = (
     "batch_size image_size learning_rate lr_batch_size num_epochs num_train_steps label_smoothing ema_decay "
     "weight_decay lr_decay_factor lr_decay_epochs warmup_epochs log_every_steps checkpoint_every_steps "
-    "keep_checkpoints max_consecutive_nonfinite_skips eval_every_steps seed"
+    "keep_checkpoints max_consecutive_nonfinite_skips eval_every_steps seed distill_temperature distill_alpha"
 ).split()
 
 
@@ -79,6 +79,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"checkpoint_every_steps must be positive, got {config.checkpoint_every_steps}",
         ),
         (config.keep_checkpoints > 0, f"keep_checkpoints must be positive, got {config.keep_checkpoints}"),
+        (
+            config.distill_temperature > 0,
+            f"distill_temperature must be positive, got {config.distill_temperature}",
+        ),
+        (0 <= config.distill_alpha <= 1, f"distill_alpha must be in [0, 1], got {config.distill_alpha}"),
         (
             config.max_consecutive_nonfinite_skips >= 0,
             f"max_consecutive_nonfinite_skips must be non-negative, got {config.max_consecutive_nonfinite_skips}",
@@ -137,6 +142,7 @@ class Run:
     learning_rate_fn: optax.Schedule
     steps_per_epoch: int
     num_steps: int
+    teacher: tuple[steps.Teacher, dict] | None = None
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -153,13 +159,37 @@ class Run:
         if num_steps <= 0:
             num_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
         learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
-        model = steps.create_model(config, info.num_classes)
+        model = steps.create_model(config, info.num_classes, **init_from_fields(config))
         tx = optim.create_optimizer(config, learning_rate_fn)
-        return cls(config, workdir, mesh, info, model, tx, learning_rate_fn, steps_per_epoch, num_steps)
+        teacher = steps.load_teacher(config, info.num_classes)
+        return cls(config, workdir, mesh, info, model, tx, learning_rate_fn, steps_per_epoch, num_steps, teacher)
 
     @property
     def eval_every(self) -> int:
         return self.config.eval_every_steps if self.config.eval_every_steps > 0 else self.steps_per_epoch
+
+
+def init_from_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The architecture fields of ``config.init_from``'s model.json, which replace ``config.model``'s.
+
+    So a pruned or converted model fine-tunes with the stock config: its width, profile
+    or pruned channel counts come with it. The training fields (``bn_momentum``,
+    ``dropout_rate``) and the number of classes stay the config's.
+    """
+    if not config.init_from:
+        return {}
+    source = checkpoint.read_model_record(os.path.abspath(config.init_from))
+    if type(source).__name__ != config.model.architecture:
+        raise ConfigError(
+            f"Bad config: init_from={config.init_from!r} holds a {type(source).__name__} and "
+            f"model.architecture is {config.model.architecture!r}; use the config of that architecture."
+        )
+    record = registry.model_to_dict(source)
+    fields = {k: v for k, v in record.items() if k not in ("architecture", "num_classes", *registry.TRAINING_FIELDS)}
+    changed = sorted(k for k, v in fields.items() if config.model.get(k) != v)
+    if changed:
+        logging.info("init_from: model fields %s from %s/model.json.", changed, config.init_from)
+    return fields
 
 
 def initial_variables(config: ml_collections.ConfigDict, model: nn.Module, image_size: int, rng) -> dict | None:
@@ -230,7 +260,7 @@ def train_loop(run: Run, state, manager, writer: MetricWriter) -> tuple[Any, dic
     """Steps from the state's step to ``run.num_steps``; returns the state and the last evaluation."""
     config, mesh = run.config, run.mesh
     start_step = int(distributed.to_host(state.step))
-    train_fn = steps.make_train_step(config, run.model, mesh, run.tx, run.learning_rate_fn)
+    train_fn = steps.make_train_step(config, run.model, mesh, run.tx, run.learning_rate_fn, run.teacher)
     eval_fn = steps.make_eval_step(mesh, run.model)
     train_iter = iter(_train_dataset(run, start_step))
     eval_data = input_pipeline.eval_dataset(config, run.info)
@@ -290,6 +320,15 @@ def _train_dataset(run: Run, start_step: int):
     )
 
 
+def describe(model: nn.Module) -> str:
+    """``'MobileNetV1 (width 0.5)'``; a pruned model says so instead of its long channel list."""
+    record = registry.model_to_dict(model)
+    profile = record.get("profile", "normal")
+    if record.get("block_channels") or not isinstance(profile, str):
+        return f"{record['architecture']} (pruned channel list)"
+    return f"{record['architecture']} (width {record['width']}{', profile ' + profile if profile != 'normal' else ''})"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple[optim.TrainState, dict]:
     """Trains, checkpoints and evaluates as ``config`` says; returns the state and the final evaluation.
 
@@ -305,9 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
         state = restore_or_init(run, manager)
         if jax.process_index() == 0:
             print(
-                f"Training {config.model.architecture} (width {config.model.width}) on {config.dataset} at "
-                f"{config.image_size} px, {jax.device_count()} devices, steps {int(distributed.to_host(state.step))} "
-                f"-> {run.num_steps}, workdir {run.workdir}",
+                f"Training {describe(run.model)} on {config.dataset} at {config.image_size} px"
+                f"{', distilling from ' + config.teacher if run.teacher else ''}, {jax.device_count()} devices, "
+                f"steps {int(distributed.to_host(state.step))} -> {run.num_steps}, workdir {run.workdir}",
                 flush=True,
             )
         state, results = train_loop(run, state, manager, writer)

@@ -109,6 +109,29 @@ def test_two_devices_match_one_device(one_device_run, tmp_path, image_folder, ca
 
 
 @pytest.mark.slow
+def test_distillation_on_two_devices_matches_one_device(one_device_run, tmp_path, image_folder, cache_dir):
+    """The teacher's logits enter each device's loss on its own shard; the runs must still agree."""
+    import jax
+    import jax.numpy as jnp
+
+    from mobilenet_jax import MobileNetV1, checkpoint
+
+    teacher = MobileNetV1(num_classes=4, width=0.25)
+    variables = teacher.init(jax.random.key(5), jnp.zeros((1, 32, 32, 3)))
+    variables["params"]["classifier"]["kernel"] = variables["params"]["classifier"]["kernel"] * 2000.0
+    checkpoint.save_model(tmp_path / "teacher", teacher, variables)
+    runs = {}
+    for devices in (1, 2):
+        args = worker_args(tmp_path / f"run{devices}", image_folder, cache_dir, devices=devices)
+        args["overrides"].update({"teacher": str(tmp_path / "teacher"), "distill_alpha": 0.5})
+        finish(start(args))
+        runs[devices] = tmp_path / f"run{devices}"
+    assert_same_training(runs[1], runs[2])
+    # The teacher changed the loss (the same run without one is the module's reference run).
+    assert losses(runs[1])[1] != pytest.approx(losses(one_device_run)[1], rel=1e-3)
+
+
+@pytest.mark.slow
 def test_two_processes_match_one_process(one_device_run, tmp_path, image_folder, cache_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,6 +32,7 @@ if args.get("float64"):
     # by training.
     jax.config.update("jax_enable_x64", True)
     steps.create_model = functools.partial(steps.create_model, dtype=jnp.float64, param_dtype=jnp.float64)
+    steps.load_teacher = functools.partial(steps.load_teacher, dtype=jnp.float64, param_dtype=jnp.float64)
 
 if args.get("step_delay"):
     # Slow steps, so that a test's signal lands while training is still running.

@@ -1,0 +1,113 @@
+"""Knowledge distillation and fine-tuning pruned models: the loss by hand, the teacher untouched, bad teachers.
+
+The 1-vs-2-device agreement with a teacher is in test_distributed.py (separate processes).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import v1
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, distributed, optim, prune, steps, training
+from mobilenet_jax.errors import ConfigError
+
+from .test_training import tiny
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A MobileNetV2 teacher (another architecture than the student), 4 classes, in a model directory."""
+    model = MobileNetV2(num_classes=4, width=0.35, block_table=((1, 16, 1, 1), (6, 24, 2, 2)), dropout_rate=0.0)
+    variables = model.init(jax.random.key(11), jnp.zeros((1, 32, 32, 3)))
+    variables["params"]["classifier"]["kernel"] = variables["params"]["classifier"]["kernel"] * 2000.0
+    directory = tmp_path_factory.mktemp("teacher")
+    checkpoint.save_model(directory, model, variables)
+    return directory
+
+
+def test_distillation_step_matches_a_hand_computed_loss(teacher_dir):
+    config = tiny(v1.get_config(), teacher=str(teacher_dir), label_smoothing=0.1)
+    config.distill_temperature, config.distill_alpha = 3.0, 0.7
+    model = steps.create_model(config, num_classes=4)
+    teacher = steps.load_teacher(config, num_classes=4)
+    assert teacher[0].temperature == 3.0 and teacher[0].alpha == 0.7
+    teacher_before = jax.tree.map(np.array, teacher[1])
+    mesh = distributed.make_mesh()
+    tx = optim.create_optimizer(config, optax.constant_schedule(0.01))
+    state = optim.create_train_state(jax.random.key(0), model, tx, 32)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 4, size=8).astype(np.int32),
+        "mask": np.ones(8, np.float32),
+    }
+    # By hand, in numpy: the student's train-mode logits and the teacher's inference logits.
+    student, _ = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=True, mutable=["batch_stats"]
+    )
+    teacher_logits = np.asarray(teacher[0].model.apply(teacher[1], batch["image"], train=False), np.float64)
+    student = np.asarray(student, np.float64)
+    t, alpha = 3.0, 0.7
+    p_teacher = np.exp(_log_softmax(teacher_logits / t))
+    kl = np.sum(p_teacher * (np.log(p_teacher) - _log_softmax(student / t)), -1)
+    targets = np.eye(4)[batch["label"]] * 0.9 + 0.1 / 4
+    cross_entropy = -np.sum(targets * _log_softmax(student), -1)
+    expected = np.mean(alpha * t * t * kl + (1 - alpha) * cross_entropy)
+    assert np.std(teacher_logits) > 0.5 and np.mean(kl) > 1e-3  # the soft term matters
+
+    params_before = jax.tree.map(np.array, state.params)
+    train_fn = steps.make_train_step(config, model, mesh, tx, optax.constant_schedule(0.01), teacher)
+    new_state, metrics = train_fn(state, distributed.global_batch(batch, mesh))
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    # The student moved; the teacher did not, and it is not part of the train state.
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), new_state.params, params_before)
+    assert max(jax.tree.leaves(moved)) > 0
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, teacher[1]), teacher_before)
+    assert jax.tree.structure(new_state.params) == jax.tree.structure(params_before)
+
+    # alpha = 0 is plain cross-entropy.
+    assert float(jnp.mean(steps.distillation_loss(student, teacher_logits, targets, t, 0.0))) == pytest.approx(
+        np.mean(cross_entropy), rel=1e-6
+    )
+
+
+def test_bad_teachers_are_one_sentence(teacher_dir, tmp_path):
+    config = tiny(v1.get_config(), teacher=str(teacher_dir))
+    with pytest.raises(ConfigError, match="has 4 classes and the dataset 10; distillation compares"):
+        steps.load_teacher(config, num_classes=10)
+    config.teacher = str(tmp_path / "missing")
+    with pytest.raises(Exception, match="is not a directory"):
+        steps.load_teacher(config, num_classes=4)
+    config.teacher, config.distill_alpha = str(teacher_dir), 1.5
+    with pytest.raises(ConfigError, match=r"distill_alpha must be in \[0, 1\], got 1.5"):
+        training.validate_config(config)
+    config.distill_alpha, config.distill_temperature = 0.5, 0.0
+    with pytest.raises(ConfigError, match="distill_temperature must be positive"):
+        training.validate_config(config)
+
+
+def test_init_from_a_pruned_model_takes_its_architecture(tmp_path, image_folder):
+    source = MobileNetV1(num_classes=4, width=0.25)
+    variables = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    channels = prune.channels_for_macs(source, 0.5, 32)
+    pruned, pruned_variables, _ = prune.prune(source, variables, channels)
+    checkpoint.save_model(tmp_path / "pruned", pruned, pruned_variables)
+    # The stock quickstart-like config: its width 0.25 and 'normal' profile give way to the pruned list.
+    config = tiny(v1.get_config(), dataset="folder", data_dir=str(image_folder), init_from=str(tmp_path / "pruned"))
+    config.model.bn_momentum = 0.8
+    run = training.Run.from_config(config, str(tmp_path / "work"))
+    assert run.model.profile == channels and run.model.width == 1.0 and run.model.bn_momentum == 0.8
+    loaded = training.initial_variables(config, run.model, 32, jax.random.key(0))
+    np.testing.assert_array_equal(
+        loaded["params"]["block_3"]["conv_pw"]["kernel"], pruned_variables["params"]["block_3"]["conv_pw"]["kernel"]
+    )
+    config.model.architecture = "MobileNetV2"
+    with pytest.raises(ConfigError, match="holds a MobileNetV1 and model.architecture is 'MobileNetV2'"):
+        training.init_from_fields(config)
