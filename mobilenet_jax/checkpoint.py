@@ -1,7 +1,8 @@
 """Checkpoints: model directories (variables + ``model.json``) and the train states of a run.
 
 A model directory holds ``variables/`` (an orbax checkpoint of ``{'params',
-'batch_stats'}``) and ``model.json`` (``model_to_dict``). The converter writes one;
+'batch_stats'}``), ``model.json`` (``model_to_dict``) and, for weights that expect
+other inputs than the ImageNet normalisation, ``preprocessing.json``. The converter writes one;
 training, evaluation and export start from one. A training workdir holds
 ``model.json`` and ``checkpoints/<step>/`` (whole train states).
 
@@ -28,13 +29,21 @@ from mobilenet_jax.errors import CheckpointError, sentence
 from mobilenet_jax.models.registry import model_from_dict, model_to_dict
 
 MODEL_JSON = "model.json"
+PREPROCESSING_JSON = "preprocessing.json"
 VARIABLES_DIR = "variables"
 CHECKPOINTS_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
 
 
-def save_model(directory: str | os.PathLike, model: nn.Module, variables: dict) -> None:
-    """Writes ``variables`` and ``model``'s architecture to a new directory."""
+def save_model(
+    directory: str | os.PathLike, model: nn.Module, variables: dict, preprocessing: dict | None = None
+) -> None:
+    """Writes ``variables`` and ``model``'s architecture to a new directory.
+
+    ``preprocessing`` (``{'mean_rgb': [...], 'stddev_rgb': [...]}`` on the 0..255 scale)
+    records inputs the weights expect other than the ImageNet normalisation the
+    input pipeline applies (e.g. Keras applications' [-1, 1]); see :func:`read_preprocessing`.
+    """
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(os.path.join(directory, VARIABLES_DIR)):
         raise FileExistsError(f"{directory} already holds a model; choose an empty directory.")
@@ -44,6 +53,28 @@ def save_model(directory: str | os.PathLike, model: nn.Module, variables: dict) 
         checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables)
         checkpointer.wait_until_finished()
     write_model_record(directory, model)
+    if preprocessing is not None:
+        with open(os.path.join(directory, PREPROCESSING_JSON), "w") as f:
+            json.dump(preprocessing, f, indent=2)
+
+
+def read_preprocessing(directory: str | os.PathLike) -> dict | None:
+    """The input normalisation a model directory's weights expect, or None for the pipeline's (ImageNet) one.
+
+    ``x = (rgb - mean_rgb) / stddev_rgb`` per channel, on RGB values in 0..255.
+    """
+    path = os.path.join(os.fspath(directory), PREPROCESSING_JSON)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        mean, std = [float(v) for v in record["mean_rgb"]], [float(v) for v in record["stddev_rgb"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a preprocessing record ({sentence(error)}).") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CheckpointError(f"{path} needs three means and three positive standard deviations.")
+    return {"mean_rgb": mean, "stddev_rgb": std}
 
 
 def write_model_record(directory: str, model: nn.Module) -> None:

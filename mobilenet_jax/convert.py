@@ -1,6 +1,9 @@
-"""PyTorch <-> Flax weight conversion for MobileNetV1/V2.
+"""Weight conversion for MobileNetV1/V2: PyTorch and Keras to Flax, and Flax back to PyTorch.
 
-Layouts understood (detected from the key names):
+:func:`load` is the front door: it reads any of the layouts below (detected from the
+content) from a ``.pth``, a ``.safetensors``, a state dict, a Keras ``.h5`` /
+``.weights.h5`` file or a ``keras.Model`` (see :mod:`mobilenet_jax.convert_keras`).
+PyTorch layouts understood (detected from the key names):
 
 * ``'torchvision'``: ``torchvision.models.mobilenet_v2`` at any ``width_mult``.
 * ``'amc_v1'``: the MobileNetV1 PyTorch code in the design notes (``conv1.0/1``,
@@ -8,15 +11,21 @@ Layouts understood (detected from the key names):
   AMC ``0.5flops``, pruned lists).
 * ``'notes_v2'``: the MobileNetV2 PyTorch port in the design notes
   (``features.N.conv.M``, ``int(c * width)`` channel rounding).
+* ``'timm_v1'``: timm's ``mobilenetv1_100`` / ``_100h`` / ``_125`` (``conv_stem``,
+  ``blocks.S.J.conv_dw/conv_pw``, ReLU6, optional ``conv_head``).
+* ``'timm_v2'``: timm's ``mobilenetv2_035`` ... ``_140`` and the deeper ``_110d`` /
+  ``_120d`` (fixed stem and head widths).
 
 Usage::
 
-    model, variables = convert.from_torch("mobilenet_v2.pth")
+    model, variables = convert.load("model.safetensors")   # or .pth, .h5, a keras.Model
     logits = model.apply(variables, images_nhwc)
-    state_dict = convert.to_torch(model, variables)   # torchvision layout
+    state_dict = convert.to_torch(model, variables)      # torchvision / AMC / timm layout
 
-Command line: ``python -m mobilenet_jax.convert IN.pth OUT_DIR`` writes an orbax
-checkpoint of the variables and the detected architecture (``model.json``).
+Command line: ``python -m mobilenet_jax.convert IN OUT_DIR`` writes an orbax
+checkpoint of the variables, the detected architecture (``model.json``) and, for
+Keras weights, the [-1, 1] input scaling they expect (``preprocessing.json``);
+``--list-layouts`` prints what it reads.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -39,11 +48,20 @@ from mobilenet_jax.models import (
     MobileNetV2,
     make_divisible,
     mobilenet_v2,
+    registry,
     v1_architecture,
     v2_architecture,
 )
 
-LAYOUTS = ("torchvision", "amc_v1", "notes_v2")
+LAYOUTS = ("torchvision", "amc_v1", "notes_v2", "timm_v1", "timm_v2")
+# One line per layout, for --list-layouts and the docs.
+LAYOUT_NOTES = {
+    "torchvision": "torchvision.models.mobilenet_v2, any width_mult (features.N.conv.M.K)",
+    "amc_v1": "the design notes' / AMC MobileNetV1 (conv1.0, features.N.0-4, classifier.0), any channel list",
+    "notes_v2": "the design notes' MobileNetV2 port (features.N.conv.M, int(c * width) rounding)",
+    "timm_v1": "timm mobilenetv1_100/_100h/_125 (conv_stem, blocks.S.J.conv_dw/conv_pw, ReLU6)",
+    "timm_v2": "timm mobilenetv2_035 ... _140, _110d, _120d (blocks.S.J.conv_pw/conv_dw/conv_pwl)",
+}
 # Strides of the 13 depthwise-separable blocks of every MobileNetV1 profile.
 V1_STRIDES = tuple(s for _, s in v1_architecture("normal")[1])
 
@@ -94,17 +112,65 @@ def _v2_modules(model: MobileNetV2, layout: str) -> list[tuple[str, str]]:
     return names + [("last_conv", f"{last}.0"), ("last_bn", f"{last}.1"), ("classifier", "classifier.1")]
 
 
+def _v1_stages(strides: Sequence[int]) -> list[str]:
+    """timm's ``S.J`` index of each MobileNetV1 block: a stride-2 block starts a new stage."""
+    names, stage, index = [], 0, -1
+    for i, stride in enumerate(strides):
+        if stride == 2 and i > 0:
+            stage, index = stage + 1, 0
+        else:
+            index += 1
+        names.append(f"{stage}.{index}")
+    return names
+
+
+def _timm_v1_modules(model: MobileNetV1) -> list[tuple[str, str]]:
+    _, blocks = v1_architecture(model.profile, model.width)
+    names = [("stem_conv", "conv_stem"), ("stem_bn", "bn1")]
+    for i, index in enumerate(_v1_stages([s for _, s in blocks])):
+        prefix = f"blocks.{index}"
+        names += [
+            (f"block_{i}/conv_dw", f"{prefix}.conv_dw"),
+            (f"block_{i}/bn_dw", f"{prefix}.bn1"),
+            (f"block_{i}/conv_pw", f"{prefix}.conv_pw"),
+            (f"block_{i}/bn_pw", f"{prefix}.bn2"),
+        ]
+    if model.head_channels:
+        names += [("head_conv", "conv_head"), ("head_bn", "bn2")]
+    return names + [("classifier", "classifier")]
+
+
+def _timm_v2_modules(model: MobileNetV2) -> list[tuple[str, str]]:
+    _, blocks, _ = mobilenet_v2.model_architecture(model)
+    rows = [n for _, _, n, _ in model.block_table]
+    indices = [f"{stage}.{j}" for stage, n in enumerate(rows) for j in range(n)]
+    names = [("stem_conv", "conv_stem"), ("stem_bn", "bn1")]
+    for i, (index, block) in enumerate(zip(indices, blocks, strict=True)):
+        prefix = f"blocks.{index}"
+        if block.expand:  # timm's InvertedResidual
+            parts = [("conv_pw", "conv_pw"), ("bn_pw", "bn1"), ("conv_dw", "conv_dw"), ("bn_dw", "bn2")]
+            parts += [("conv_pwl", "conv_pwl"), ("bn_pwl", "bn3")]
+        else:  # timm's DepthwiseSeparableConv (expansion 1)
+            parts = [("conv_dw", "conv_dw"), ("bn_dw", "bn1"), ("conv_pwl", "conv_pw"), ("bn_pwl", "bn2")]
+        names += [(f"block_{i}/{ours}", f"{prefix}.{theirs}") for ours, theirs in parts]
+    return names + [("last_conv", "conv_head"), ("last_bn", "bn2"), ("classifier", "classifier")]
+
+
 def _modules(model: nn.Module, layout: str) -> list[tuple[str, str]]:
     if layout not in LAYOUTS:
         raise ValueError(f"Unknown layout {layout!r}; use one of {LAYOUTS}.")
     if isinstance(model, MobileNetV1):
-        if layout != "amc_v1":
-            raise ValueError(f"MobileNetV1 converts to the 'amc_v1' layout only, not {layout!r}.")
-        names = _v1_modules(model)
+        if layout not in ("amc_v1", "timm_v1"):
+            raise ValueError(f"MobileNetV1 converts to the 'amc_v1' or 'timm_v1' layout, not {layout!r}.")
+        if layout == "amc_v1" and (model.head_channels or model.activation != "relu"):
+            raise ValueError("The 'amc_v1' layout has ReLU and no head conv; write this model as 'timm_v1'.")
+        names = _v1_modules(model) if layout == "amc_v1" else _timm_v1_modules(model)
     elif isinstance(model, MobileNetV2):
-        if layout == "amc_v1":
-            raise ValueError("MobileNetV2 converts to the 'torchvision' or 'notes_v2' layout, not 'amc_v1'.")
-        names = _v2_modules(model, layout)
+        if layout not in ("torchvision", "notes_v2", "timm_v2"):
+            raise ValueError(
+                f"MobileNetV2 converts to the 'torchvision', 'notes_v2' or 'timm_v2' layout, not {layout!r}."
+            )
+        names = _timm_v2_modules(model) if layout == "timm_v2" else _v2_modules(model, layout)
     else:
         raise TypeError(f"Expected a MobileNetV1 or MobileNetV2 module, got {type(model).__name__}.")
     if model.num_classes is None:
@@ -182,11 +248,13 @@ def _import_torch():
 def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     """Reads a state dict from a path, a checkpoint dict or a state dict, as numpy arrays.
 
-    A file is read with ``torch.load(weights_only=True)``: loading a checkpoint never
-    runs code from it. ``{'state_dict': ...}`` wrappers and DataParallel's
-    ``module.`` prefixes are removed.
+    A ``.safetensors`` file is read with safetensors (no torch needed); any other file
+    with ``torch.load(weights_only=True)``: loading a checkpoint never runs code from
+    it. ``{'state_dict': ...}`` wrappers and DataParallel's ``module.`` prefixes are removed.
     """
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".safetensors"):
+        source = _load_safetensors(os.fspath(source))
+    elif isinstance(source, (str, os.PathLike)):
         torch = _import_torch()
 
         if not os.path.isfile(source):
@@ -212,9 +280,23 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     return state
 
 
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A ``.safetensors`` file (timm's and Hugging Face's format) as numpy arrays; needs no torch."""
+    from safetensors.numpy import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No safetensors file at {path!r}.")
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"Could not read {path!r} as a safetensors file ({str(error).splitlines()[0]}).") from None
+
+
 def detect_layout(state: Mapping[str, Any]) -> str | None:
     """The layout of a (prefix-free) state dict, or None when no MobileNet layout fits."""
     keys = list(state)
+    if "conv_stem.weight" in state and any(re.match(r"blocks\.\d+\.\d+\.conv_dw\.weight$", k) for k in keys):
+        return "timm_v2" if any(k.endswith(".conv_pwl.weight") for k in keys) else "timm_v1"
     if any(k.startswith("conv1.") for k in keys) and any(re.match(r"features\.\d+\.3\.weight$", k) for k in keys):
         return "amc_v1"
     if any(re.match(r"features\.\d+\.conv\.\d+\.\d+\.weight$", k) for k in keys):
@@ -247,6 +329,70 @@ def _detect_v1(state: Mapping, strides: Sequence[int] | None) -> MobileNetV1:
                 return MobileNetV1(num_classes=num_classes, width=width, profile=name)
     blocks = tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides, strict=True))
     return MobileNetV1(num_classes=num_classes, profile=(int(stem), blocks))
+
+
+def _timm_blocks(state: Mapping, conv: str) -> dict[tuple[int, int], tuple]:
+    """``{(stage, index): shape of blocks.S.J.<conv>.weight}``."""
+    found = {}
+    for key, value in state.items():
+        match = re.match(rf"blocks\.(\d+)\.(\d+)\.{conv}\.weight$", key)
+        if match:
+            found[int(match[1]), int(match[2])] = tuple(value.shape)
+    return dict(sorted(found.items()))
+
+
+def _detect_timm_v1(state: Mapping) -> MobileNetV1:
+    num_classes = _num_classes(state, "classifier.weight")
+    stem = int(state["conv_stem.weight"].shape[0])
+    blocks = _timm_blocks(state, "conv_pw")
+    strides = [2 if stage > 0 and index == 0 else 1 for stage, index in blocks]
+    channels = tuple(shape[0] for shape in blocks.values())
+    head = int(state["conv_head.weight"].shape[0]) if "conv_head.weight" in state else 0
+    common = dict(num_classes=num_classes, activation="relu6", head_channels=head)
+    for width in (1.0, 0.25, 0.5, 0.75, 1.25, 1.5, 2.0, stem / 32):
+        if tuple(strides) == V1_STRIDES and v1_architecture("normal", width) == (
+            stem,
+            tuple(zip(channels, strides, strict=True)),
+        ):
+            return MobileNetV1(width=width, **common)
+    profile = (stem, tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides, strict=True)))
+    return MobileNetV1(profile=profile, **common)
+
+
+def _detect_timm_v2(state: Mapping) -> MobileNetV2:
+    num_classes = _num_classes(state, "classifier.weight")
+    stem = int(state["conv_stem.weight"].shape[0])
+    dw = _timm_blocks(state, "conv_dw")
+    repeats = collections.Counter(stage for stage, _ in dw)
+    table = (
+        tuple((t, c, repeats.get(stage, n), s) for stage, (t, c, n, s) in enumerate(mobilenet_v2.V2_BLOCKS))
+        if len(repeats) == len(mobilenet_v2.V2_BLOCKS)
+        else mobilenet_v2.V2_BLOCKS
+    )
+    observed = [shape[0] for shape in dw.values()]  # hidden widths, block by block
+    outputs = [shape[0] for shape in _timm_blocks(state, "conv_pwl").values()]
+    head = int(state["conv_head.weight"].shape[0]) if "conv_head.weight" in state else None
+    best = None
+    for fix in (False, True):
+        for width in _candidate_widths():
+            if (
+                make_divisible(32 * width) != stem
+                if not fix
+                else (stem != 32 or make_divisible(24 * width) != outputs[0])
+            ):
+                continue  # cheap pre-filters
+            try:
+                _, blocks, last = v2_architecture(width, "torchvision", table, fix_stem_head=fix)
+            except ValueError:
+                continue
+            if [b.hidden for b in blocks] == observed and [b.out for b in blocks if b.expand] == outputs:
+                if head is None or last == head:
+                    best = (width, fix)
+                    break
+        if best:
+            break
+    width, fix = best or (1.0, False)
+    return MobileNetV2(num_classes=num_classes, width=width, block_table=table, fix_stem_head=fix)
 
 
 @functools.cache
@@ -309,19 +455,45 @@ def _mismatch_message(model: nn.Module, layout: str, state: Mapping, expected: M
         more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
         return f"{len(items)} {title}: [{', '.join(items[:limit])}{more}]"
 
+    hint = ""
+    if any(".se." in k for k in state):
+        hint = " It has squeeze-excitation layers (MobileNetV3, EfficientNet), which these MobileNets do not have."
+    lists = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
     return (
         f"The state dict does not fit {_describe(model)} in the {layout!r} layout: "
-        + "; ".join(
-            listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-        )
+        + "; ".join(listing(t, i) for t, i in lists if i)
         + "."
+        + hint
     )
 
 
 def _describe(model: nn.Module) -> str:
-    if isinstance(model, MobileNetV1):
-        return f"MobileNetV1(width={model.width}, profile={model.profile!r}, num_classes={model.num_classes})"
-    return f"MobileNetV2(width={model.width}, rounding={model.rounding!r}, num_classes={model.num_classes})"
+    """``MobileNetV2(width=0.35, num_classes=1000, ...)`` with the fields that differ from the defaults."""
+    defaults = type(model)()
+    fields = {"width": model.width, "num_classes": model.num_classes}
+    for name in registry.architecture_fields(type(model).__name__) - set(registry.RUNTIME_FIELDS):
+        if name not in fields and getattr(model, name) != getattr(defaults, name):
+            fields[name] = getattr(model, name)
+    return f"{type(model).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+def _closest_layout(state: Mapping) -> tuple[str, nn.Module]:
+    """The layout whose key names (block numbers aside) the state dict shares most, with a reference model."""
+    references = {
+        "torchvision": MobileNetV2(),
+        "amc_v1": MobileNetV1(),
+        "notes_v2": MobileNetV2(rounding="floor"),
+        "timm_v1": MobileNetV1(activation="relu6"),
+        "timm_v2": MobileNetV2(),
+    }
+    pattern = functools.partial(re.sub, r"\d+", "#")
+    keys = {pattern(k) for k in state}
+    scores = {
+        layout: len(keys & {pattern(k) for k in _expected_shapes(model, layout)})
+        for layout, model in references.items()
+    }
+    best = max(scores, key=scores.get)
+    return best, references[best]
 
 
 def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn.Module, dict]:
@@ -343,11 +515,20 @@ def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn
     state = load_state_dict(source)
     layout = detect_layout(state)
     if layout is None:
-        reference = MobileNetV2()
-        message = _mismatch_message(reference, "torchvision", state, _expected_shapes(reference, "torchvision"))
-        raise StateDictMismatchError(f"No MobileNet layout this converter knows fits. {message}")
-    model = _detect_v1(state, strides) if layout == "amc_v1" else _detect_v2(state, layout)
-    stem_key = "conv1.0.weight" if layout == "amc_v1" else "features.0.0.weight"
+        closest, reference = _closest_layout(state)
+        message = _mismatch_message(reference, closest, state, _expected_shapes(reference, closest))
+        raise StateDictMismatchError(
+            f"No MobileNet layout this converter knows fits (closest: {closest!r}; see --list-layouts). {message}"
+        )
+    detect = {
+        "amc_v1": lambda: _detect_v1(state, strides),
+        "timm_v1": lambda: _detect_timm_v1(state),
+        "timm_v2": lambda: _detect_timm_v2(state),
+    }.get(layout, lambda: _detect_v2(state, layout))
+    model = detect()
+    stem_key = {"amc_v1": "conv1.0.weight", "timm_v1": "conv_stem.weight", "timm_v2": "conv_stem.weight"}.get(
+        layout, "features.0.0.weight"
+    )
     in_channels = state[stem_key].shape[1] if stem_key in state and state[stem_key].ndim == 4 else 3
     expected = _expected_shapes(model, layout, in_channels)
     message = _mismatch_message(model, layout, state, expected)
@@ -367,18 +548,55 @@ def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn
     return model, variables
 
 
+def default_layout(model: nn.Module) -> str:
+    """The PyTorch layout that can hold ``model``: AMC's for a ReLU MobileNetV1, timm's for ReLU6 or a head conv
+    (and for MobileNetV2 with ``fix_stem_head``), torchvision's for other MobileNetV2s."""
+    if isinstance(model, MobileNetV1):
+        return "timm_v1" if model.activation == "relu6" or model.head_channels else "amc_v1"
+    return "timm_v2" if getattr(model, "fix_stem_head", False) else "torchvision"
+
+
+class Converted(NamedTuple):
+    """What :func:`load_with_info` returns: the model, its variables, the source layout and the inputs it expects."""
+
+    model: nn.Module
+    variables: dict
+    layout: str
+    preprocessing: dict | None  # None: the ImageNet normalisation of the input pipeline
+
+
+def load_with_info(source: Any, *, strides: Sequence[int] | None = None) -> Converted:
+    """Any supported MobileNet weights: PyTorch (``.pth``, ``.safetensors``, a state dict) or Keras
+    (a ``keras.Model``, ``.h5``, ``.weights.h5``); the layout is detected from the content."""
+    from mobilenet_jax import convert_keras
+
+    if convert_keras.is_keras_source(source):
+        model, variables, layout = convert_keras.from_keras(source)
+        return Converted(model, variables, layout, dict(convert_keras.PREPROCESSING))
+    state = load_state_dict(source)
+    model, variables = from_torch(state, strides=strides)
+    return Converted(model, variables, detect_layout(state), None)
+
+
+def load(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn.Module, dict]:
+    """``(model, variables)`` from any supported weights; see :func:`load_with_info`."""
+    converted = load_with_info(source, strides=strides)
+    return converted.model, converted.variables
+
+
 def to_torch(
     model: nn.Module, variables: Mapping, layout: str | None = None, num_batches_tracked: int = 0
 ) -> collections.OrderedDict[str, Any]:
     """Writes Flax variables as a PyTorch state dict (torch tensors, PyTorch's key order).
 
-    ``layout`` defaults to 'torchvision' for MobileNetV2 and 'amc_v1' for MobileNetV1.
+    ``layout`` defaults to :func:`default_layout`; ``'timm_v1'``/``'timm_v2'`` write
+    timm's keys (``timm.create_model(name).load_state_dict(...)``).
     Flax keeps no ``num_batches_tracked``; it is written as ``num_batches_tracked``
     (PyTorch reads it only when BatchNorm's momentum is None).
     """
     torch = _import_torch()
     if layout is None:
-        layout = "amc_v1" if isinstance(model, MobileNetV1) else "torchvision"
+        layout = default_layout(model)
     state = collections.OrderedDict()
     for key, collection, path, perm in _entries(model, layout, variables["params"]):
         if collection is None:
@@ -389,17 +607,26 @@ def to_torch(
     return state
 
 
+def list_layouts() -> str:
+    from mobilenet_jax import convert_keras
+
+    notes = {**LAYOUT_NOTES, **convert_keras.KERAS_LAYOUTS}
+    return "\n".join(f"{name:12s} {note}" for name, note in notes.items())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m mobilenet_jax.convert IN.pth OUT_DIR``: write an orbax checkpoint and model.json."""
+    """``python -m mobilenet_jax.convert IN OUT_DIR``: orbax checkpoint, model.json, preprocessing.json if needed."""
     import argparse
 
     from mobilenet_jax import checkpoint
 
     parser = argparse.ArgumentParser(
-        prog="python -m mobilenet_jax.convert", description="Convert a PyTorch MobileNet checkpoint to Flax."
+        prog="python -m mobilenet_jax.convert",
+        description="Convert PyTorch (torchvision, timm, design notes) or Keras MobileNet weights to Flax.",
     )
-    parser.add_argument("source", help="PyTorch .pth file (state dict or checkpoint dict)")
-    parser.add_argument("out_dir", help="directory for the orbax checkpoint and model.json")
+    parser.add_argument("source", nargs="?", help=".pth / .safetensors (PyTorch, timm) or .h5 / .weights.h5 (Keras)")
+    parser.add_argument("out_dir", nargs="?", help="directory for the orbax checkpoint and model.json")
+    parser.add_argument("--list-layouts", action="store_true", help="print the layouts this converter reads")
     parser.add_argument(
         "--strides",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -407,11 +634,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="MobileNetV1 per-block strides, comma-separated, for non-standard depths",
     )
     args = parser.parse_args(argv)
+    if args.list_layouts:
+        print(list_layouts())
+        return
+    if not (args.source and args.out_dir):
+        parser.error("give IN and OUT_DIR (or --list-layouts)")
 
     def convert_and_save() -> None:
-        model, variables = from_torch(args.source, strides=args.strides)
-        checkpoint.save_model(args.out_dir, model, variables)
-        print(f"Wrote {_describe(model)} to {os.path.abspath(args.out_dir)}")
+        converted = load_with_info(args.source, strides=args.strides)
+        checkpoint.save_model(args.out_dir, converted.model, converted.variables, converted.preprocessing)
+        inputs = (
+            "" if converted.preprocessing is None else "; inputs scaled to [-1, 1] (recorded in preprocessing.json)"
+        )
+        print(
+            f"Wrote {_describe(converted.model)} from the {converted.layout!r} layout to "
+            f"{os.path.abspath(args.out_dir)}{inputs}"
+        )
 
     errors.run(convert_and_save)
 

@@ -55,10 +55,16 @@ def load_weights(
 
 
 def run(config, **sources) -> dict:
-    """Evaluates the weights ``sources`` name (see :func:`load_weights`) on ``config``'s eval split."""
+    """Evaluates the weights ``sources`` name (see :func:`load_weights`) on ``config``'s eval split.
+
+    A model directory whose weights expect other inputs (``preprocessing.json``, e.g.
+    Keras applications' [-1, 1]) gets them: the pipeline's images are re-normalised.
+    """
+    import functools
+
     import jax
 
-    from mobilenet_jax import distributed, input_pipeline, steps
+    from mobilenet_jax import checkpoint, distributed, input_pipeline, steps
 
     model, variables = load_weights(config, **sources)
     info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
@@ -70,6 +76,9 @@ def run(config, **sources) -> dict:
     distributed.check_batch_size(config.batch_size, mesh)
     variables = jax.device_put(variables, distributed.replicated(mesh))
     dataset, total = input_pipeline.eval_dataset(config, info)
+    preprocessing = checkpoint.read_preprocessing(sources["model_dir"]) if sources.get("model_dir") else None
+    if preprocessing is not None:
+        dataset = dataset.map(functools.partial(input_pipeline.renormalize, **preprocessing))
     return steps.evaluate(steps.make_eval_step(mesh, model), variables, dataset, mesh, total)
 
 

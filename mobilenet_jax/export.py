@@ -39,6 +39,7 @@ from jax import lax
 
 from mobilenet_jax import errors, input_pipeline
 from mobilenet_jax.models import MobileNetV1, MobileNetV2, mobilenet_v2, v1_architecture
+from mobilenet_jax.models.layers import pad_amounts
 
 QUANTIZE = ("none", "int8", "dynamic")
 FORMATS = ("tflite", "stablehlo", "onnx")
@@ -65,10 +66,11 @@ def _get(tree: dict, path: str) -> dict:
     return tree
 
 
-def _conv(x, kernel, bias, stride: int = 1, depthwise: bool = False):
-    pad = kernel.shape[0] // 2
-    if pad:
-        x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+def _conv(x, kernel, bias, stride: int = 1, depthwise: bool = False, padding: str = "torch"):
+    k = kernel.shape[0]
+    (top, bottom), (left, right) = (pad_amounts(n, k, stride, padding, depthwise) for n in x.shape[1:3])
+    if top or bottom or left or right:
+        x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     y = lax.conv_general_dilated(
         x,
         jnp.asarray(kernel),
@@ -88,12 +90,15 @@ def _layers(model: nn.Module) -> list[tuple]:
     """
     if isinstance(model, MobileNetV1):
         _, blocks = v1_architecture(model.profile, model.width)
-        layers = [("stem_conv", "stem_bn", 2, False, "relu", None)]
+        act = model.activation
+        layers = [("stem_conv", "stem_bn", 2, False, act, None)]
         for i, (_, stride) in enumerate(blocks):
             layers += [
-                (f"block_{i}/conv_dw", f"block_{i}/bn_dw", stride, True, "relu", None),
-                (f"block_{i}/conv_pw", f"block_{i}/bn_pw", 1, False, "relu", None),
+                (f"block_{i}/conv_dw", f"block_{i}/bn_dw", stride, True, act, None),
+                (f"block_{i}/conv_pw", f"block_{i}/bn_pw", 1, False, act, None),
             ]
+        if model.head_channels:
+            layers.append(("head_conv", "head_bn", 1, False, act, None))
         return layers
     if not isinstance(model, MobileNetV2):
         raise TypeError(f"Expected a MobileNetV1 or MobileNetV2, got {type(model).__name__}.")
@@ -110,8 +115,18 @@ def _layers(model: nn.Module) -> list[tuple]:
     return layers + [("last_conv", "last_bn", 1, False, "relu6", None)]
 
 
-def inference_function(model: nn.Module, variables: dict) -> Callable[[jax.Array], jax.Array]:
-    """``images (N, H, W, 3) RGB 0..255 -> logits``: normalisation, folded BatchNorm, no training ops."""
+def inference_function(
+    model: nn.Module, variables: dict, preprocessing: dict | None = None
+) -> Callable[[jax.Array], jax.Array]:
+    """``images (N, H, W, 3) RGB 0..255 -> logits``: normalisation, folded BatchNorm, no training ops.
+
+    ``preprocessing`` (a model directory's ``preprocessing.json``, e.g. Keras weights'
+    [-1, 1] scaling) replaces the ImageNet normalisation of the training pipeline.
+    """
+    mean, std = MEAN_RGB, STDDEV_RGB
+    if preprocessing is not None:
+        mean = np.asarray(preprocessing["mean_rgb"], np.float32)
+        std = np.asarray(preprocessing["stddev_rgb"], np.float32)
     if model.num_classes is None:
         raise errors.UserError("Export needs a model with a classifier (num_classes is None).")
     params, stats = variables["params"], variables["batch_stats"]
@@ -123,12 +138,12 @@ def inference_function(model: nn.Module, variables: dict) -> Callable[[jax.Array
     dense_bias = np.asarray(params["classifier"]["bias"], np.float32)
 
     def forward(images):
-        x = (images.astype(jnp.float32) - MEAN_RGB) / STDDEV_RGB
+        x = (images.astype(jnp.float32) - mean) / std
         shortcut = None
         for (kernel, bias), stride, depthwise, activation, residual in layers:
             if residual == "save":
                 shortcut = x
-            x = _conv(x, kernel, bias, stride, depthwise)
+            x = _conv(x, kernel, bias, stride, depthwise, model.padding)
             if activation == "relu":
                 x = jnp.maximum(x, 0.0)
             elif activation == "relu6":
@@ -166,6 +181,7 @@ def to_tflite(
     io_dtype: str = "float32",
     calibration: Iterable[np.ndarray] | None = None,
     saved_model_dir: str | None = None,
+    preprocessing: dict | None = None,
 ) -> bytes:
     """The ``.tflite`` flatbuffer of the model at batch 1 and ``image_size`` (see the module docstring).
 
@@ -182,7 +198,7 @@ def to_tflite(
     tf = _require("tensorflow")
     from jax.experimental import jax2tf
 
-    forward = inference_function(model, variables)
+    forward = inference_function(model, variables, preprocessing)
     module = tf.Module()
     module.serve = tf.function(
         jax2tf.convert(forward, with_gradient=False),
@@ -259,9 +275,9 @@ class TFLiteModel:
 # ----------------------------------------------------------------------------- StableHLO
 
 
-def to_stablehlo(model: nn.Module, variables: dict, image_size: int) -> bytes:
+def to_stablehlo(model: nn.Module, variables: dict, image_size: int, preprocessing: dict | None = None) -> bytes:
     """A serialized ``jax.export`` artifact with a symbolic batch dimension (RGB 0..255 in, logits out)."""
-    forward = inference_function(model, variables)
+    forward = inference_function(model, variables, preprocessing)
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     return jax.export.export(jax.jit(forward))(spec).serialize()
@@ -274,10 +290,10 @@ def load_stablehlo(data: bytes) -> Callable[[Any], jax.Array]:
 # ----------------------------------------------------------------------------- ONNX
 
 
-def to_onnx(model: nn.Module, variables: dict, image_size: int) -> bytes:
+def to_onnx(model: nn.Module, variables: dict, image_size: int, preprocessing: dict | None = None) -> bytes:
     """An ONNX model (through jax2onnx) with a symbolic batch dimension: RGB 0..255 NHWC in, logits out."""
     jax2onnx = _require("jax2onnx")
-    forward = inference_function(model, variables)
+    forward = inference_function(model, variables, preprocessing)
     proto = jax2onnx.to_onnx(
         forward, [("batch", image_size, image_size, 3)], model_name="mobilenet", input_names=["images"]
     )
@@ -339,17 +355,18 @@ def export(
     if os.path.isdir(out):
         raise errors.UserError(f"{out} is a directory; name the file to write.")
     model, variables = checkpoint.load_any(source, weights=weights, step=step)
+    preprocessing = checkpoint.read_preprocessing(source)
     if fmt in ("stablehlo", "onnx"):
         if quantize != "none" or io_dtype != "float32":
             raise errors.UserError(f"--format {fmt} exports float32 only; drop --quantize and --io_dtype.")
-        data = (to_stablehlo if fmt == "stablehlo" else to_onnx)(model, variables, image_size)
+        data = (to_stablehlo if fmt == "stablehlo" else to_onnx)(model, variables, image_size, preprocessing)
     else:
         calibration = None
         if quantize == "int8":
             if config is None:
                 raise errors.UserError("--quantize int8 needs --config naming the training dataset for calibration.")
             calibration = calibration_images(config, calibration_count)
-        data = to_tflite(model, variables, image_size, quantize, io_dtype, calibration)
+        data = to_tflite(model, variables, image_size, quantize, io_dtype, calibration, preprocessing=preprocessing)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "wb") as f:
         f.write(data)

@@ -134,6 +134,13 @@ def num_examples(info: DatasetInfo, split: str) -> int:
 # ----------------------------------------------------------------------------- image functions
 
 
+def renormalize(batch: dict, mean_rgb, stddev_rgb) -> dict:
+    """A batch of :func:`normalize`'d images re-normalised as ``(rgb - mean_rgb) / stddev_rgb`` instead."""
+    rgb = batch["image"] * tf.constant(STDDEV_RGB, tf.float32) + tf.constant(MEAN_RGB, tf.float32)
+    image = (rgb - tf.constant(mean_rgb, tf.float32)) / tf.constant(stddev_rgb, tf.float32)
+    return {**batch, "image": image}
+
+
 def normalize(image: tf.Tensor) -> tf.Tensor:
     """uint8/float RGB on 0..255 -> float32 standardised with the ImageNet mean and std."""
     image = tf.cast(image, tf.float32)

@@ -47,7 +47,9 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
             **precision,
         ),
         pointwise=functools.partial(layers.PointwiseConv, **precision),
-        depthwise=functools.partial(layers.DepthwiseConv, implementation=model.depthwise_impl, **precision),
+        depthwise=functools.partial(
+            layers.DepthwiseConv, implementation=model.depthwise_impl, padding=model.padding, **precision
+        ),
     )
 
 
@@ -56,10 +58,20 @@ def check_images(x: jax.Array, architecture: str) -> None:
         raise ValueError(f"{architecture} expects NHWC images of rank 4, got shape {x.shape}.")
 
 
-def stem(make: Layers, x: jax.Array, channels: int, activation: Callable) -> jax.Array:
+def stem(make: Layers, x: jax.Array, channels: int, activation: Callable, padding: str = "torch") -> jax.Array:
     """3x3 stride-2 convolution, BatchNorm and ``activation`` (``stem_conv``, ``stem_bn``)."""
-    x = make.conv(channels, (3, 3), strides=2, padding=((1, 1), (1, 1)), name="stem_conv")(x)
+    pads = tuple(layers.pad_amounts(n, 3, 2, padding) for n in x.shape[1:3])
+    x = make.conv(channels, (3, 3), strides=2, padding=pads, name="stem_conv")(x)
     return activation(make.norm(name="stem_bn")(x))
+
+
+ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "relu6": nn.relu6}
+
+
+def activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}.")
+    return ACTIVATIONS[name]
 
 
 def head(

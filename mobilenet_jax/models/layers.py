@@ -1,8 +1,12 @@
 """Building blocks shared by MobileNetV1 and MobileNetV2.
 
-Every layer pads as PyTorch does (``padding=k // 2`` on each side) rather than
-TensorFlow's 'SAME', which pads stride-2 layers asymmetrically: with symmetric
-padding a converted PyTorch checkpoint gives the same logits in Flax.
+Padding is a model field (:data:`PADDINGS`): ``'torch'`` (the default) pads as
+PyTorch does, ``k // 2`` on each side, so converted PyTorch and timm checkpoints
+give the same logits; ``'tf'`` is TensorFlow's 'SAME', which pads a stride-2 layer
+on an even input one pixel at the bottom and right only (the TF-slim and
+``keras.applications.MobileNetV2`` weights); ``'keras_v1'`` is what
+``keras.applications.MobileNet`` does: 'SAME', except that its stride-2 depthwise
+layers always pad one pixel at the bottom and right, whatever the input size.
 """
 
 from __future__ import annotations
@@ -25,6 +29,32 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_kernel_init = nn.initializers.normal(stddev=0.01)
 
 DEPTHWISE_IMPLEMENTATIONS = ("auto", "xla", "shift")
+PADDINGS = ("torch", "tf", "keras_v1")
+
+
+def check_padding(padding: str) -> None:
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
+
+
+def pad_amounts(size: int, k: int, strides: int, padding: str, depthwise: bool = False) -> tuple[int, int]:
+    """``(before, after)`` padding of one spatial dimension of ``size`` for a k x k layer."""
+    check_padding(padding)
+    if padding == "torch":
+        return k // 2, k // 2
+    if padding == "keras_v1" and depthwise and strides == 2:
+        return k // 2 - 1, k // 2  # ZeroPadding2D(((0, 1), (0, 1))) then 'valid', for k = 3
+    out = -(-size // strides)  # 'SAME': ceil(size / strides) outputs
+    total = max((out - 1) * strides + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_input(x: jax.Array, k: int, strides: int, padding: str, depthwise: bool = False) -> tuple[jax.Array, int]:
+    """``(x, symmetric_padding)``: asymmetric padding is applied to ``x`` here, symmetric is left to the conv."""
+    (top, bottom), (left, right) = (pad_amounts(n, k, strides, padding, depthwise) for n in x.shape[1:3])
+    if top == bottom == left == right:
+        return x, top
+    return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), 0
 
 
 def resolve_depthwise_impl(implementation: str, backend: str | None = None) -> str:
@@ -160,6 +190,7 @@ class DepthwiseConv(nn.Module):
     kernel_size: int = 3
     strides: int = 1
     implementation: str = "auto"
+    padding: str = "torch"  # see PADDINGS
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = conv_kernel_init
@@ -171,9 +202,8 @@ class DepthwiseConv(nn.Module):
             "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype
         )
         x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-        return depthwise_conv(
-            x, kernel, self.strides, self.kernel_size // 2, resolve_depthwise_impl(self.implementation)
-        )
+        x, padding = pad_input(x, self.kernel_size, self.strides, self.padding, depthwise=True)
+        return depthwise_conv(x, kernel, self.strides, padding, resolve_depthwise_impl(self.implementation))
 
 
 class PointwiseConv(nn.Module):

@@ -64,18 +64,20 @@ def v1_architecture(profile: Profile = "normal", width: float = 1.0) -> tuple[in
 
 
 class DepthwiseSeparable(nn.Module):
-    """3x3 depthwise conv + BN + ReLU, then 1x1 pointwise conv + BN + ReLU."""
+    """3x3 depthwise conv + BN + activation, then 1x1 pointwise conv + BN + activation."""
 
     features: int
     strides: int
     make: common.Layers
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        act = common.activation(self.activation)
         x = self.make.depthwise(strides=self.strides, name="conv_dw")(x)
-        x = nn.relu(self.make.norm(name="bn_dw")(x))
+        x = act(self.make.norm(name="bn_dw")(x))
         x = self.make.pointwise(self.features, name="conv_pw")(x)
-        return nn.relu(self.make.norm(name="bn_pw")(x))
+        return act(self.make.norm(name="bn_pw")(x))
 
 
 class MobileNetV1(nn.Module):
@@ -85,6 +87,10 @@ class MobileNetV1(nn.Module):
       num_classes: classifier outputs; ``None`` drops the head and returns the pooled features.
       width: the width multiplier alpha (any positive number; 1.0, 0.75, 0.5, 0.25 in the paper).
       profile: ``'normal'``, ``'0.5flops'`` (AMC) or ``(stem_channels, blocks)``.
+      activation: ``'relu'`` (the paper, the design notes) or ``'relu6'`` (timm, Keras).
+      head_channels: 0, or the width of a 1x1 conv + BN + activation before the pooling
+        (``head_conv``, ``head_bn``; timm's ``mobilenetv1_100h``).
+      padding: ``'torch'``, ``'tf'`` or ``'keras_v1'`` (see :mod:`mobilenet_jax.models.layers`).
       dtype: computation dtype (e.g. ``jnp.bfloat16``); ``param_dtype`` stores parameters.
       bn_momentum, bn_epsilon: BatchNorm settings (defaults are PyTorch's momentum 0.1 and eps 1e-5).
       bn_axis_name: mapped/sharded axis over which to average BatchNorm statistics.
@@ -99,6 +105,9 @@ class MobileNetV1(nn.Module):
     num_classes: int | None = 1000
     width: float = 1.0
     profile: Profile = "normal"
+    activation: str = "relu"
+    head_channels: int = 0
+    padding: str = "torch"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
@@ -111,12 +120,16 @@ class MobileNetV1(nn.Module):
         common.check_images(x, "MobileNetV1")
         stem_channels, blocks = v1_architecture(self.profile, self.width)
         make = common.layer_factories(self, train)
-        x = common.stem(make, x, stem_channels, nn.relu)
+        act = common.activation(self.activation)
+        x = common.stem(make, x, stem_channels, act, self.padding)
         stride = 2
         features = {f"stride_{stride}": x}
         for i, (channels, block_stride) in enumerate(blocks):
-            x = DepthwiseSeparable(channels, block_stride, make, name=f"block_{i}")(x)
+            x = DepthwiseSeparable(channels, block_stride, make, self.activation, name=f"block_{i}")(x)
             stride *= block_stride
             features[f"stride_{stride}"] = x
+        if self.head_channels:
+            x = make.pointwise(self.head_channels, name="head_conv")(x)
+            features[f"stride_{stride}"] = x = act(make.norm(name="head_bn")(x))
         x, features = common.head(self, x, features, train)
         return (x, features) if return_features else x

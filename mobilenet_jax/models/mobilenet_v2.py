@@ -27,7 +27,7 @@ V2_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-V2_ROUNDINGS = ("torchvision", "floor")
+V2_ROUNDINGS = ("torchvision", "floor", "keras")
 
 
 class V2Block(NamedTuple):
@@ -49,26 +49,34 @@ def v2_architecture(
     last_channels: int = 1280,
     round_nearest: int = 8,
     block_channels: tuple[tuple[int, int], ...] | None = None,
+    fix_stem_head: bool = False,
 ) -> tuple[int, tuple[V2Block, ...], int]:
     """Returns ``(stem, (V2Block, ...), last)``.
 
     ``rounding='torchvision'`` rounds to multiples of ``round_nearest`` exactly as
     ``torchvision.models.mobilenet_v2``; ``'floor'`` is ``int(c * width)`` as in the
-    PyTorch port of the design notes. Either way the last conv keeps 1280 channels
-    unless ``width > 1``. ``block_channels`` (one ``(hidden, out)`` pair per block, as
-    pruning writes them) replaces the counts the width gives; the blocks keep their
-    expansion convs and shortcuts, so the blocks a shortcut joins must keep one width.
+    PyTorch port of the design notes; ``'keras'`` is ``keras.applications.MobileNetV2``'s
+    ``make_divisible(int(c * width))`` for the block outputs. Either way the last conv
+    keeps 1280 channels unless ``width > 1``; ``fix_stem_head`` keeps the stem at 32 and
+    the last conv at 1280 whatever the width (timm's ``mobilenetv2_110d``/``120d``).
+
+    ``block_channels`` (one ``(hidden, out)`` pair per block, as pruning writes them)
+    replaces the counts the width gives; the blocks keep their expansion convs and
+    shortcuts, so the blocks a shortcut joins must keep one width.
     """
     if not (isinstance(width, (int, float)) and width > 0):
         raise ValueError(f"MobileNetV2 width must be a positive number, got {width!r}.")
+    divisible = functools.partial(layers.make_divisible, divisor=round_nearest)
     if rounding == "torchvision":
-        scale = functools.partial(layers.make_divisible, divisor=round_nearest)
+        scale = block_scale = divisible
     elif rounding == "floor":
-        scale = int
+        scale = block_scale = int
+    elif rounding == "keras":
+        scale, block_scale = divisible, lambda c: divisible(int(c))
     else:
         raise ValueError(f"MobileNetV2 rounding must be one of {V2_ROUNDINGS}, got {rounding!r}.")
-    stem = scale(stem_channels * width)
-    last = scale(last_channels * max(1.0, width))
+    stem = stem_channels if fix_stem_head else scale(stem_channels * width)
+    last = last_channels if fix_stem_head else scale(last_channels * max(1.0, width))
     blocks = []
     in_channels = stem
     for t, c, n, s in block_table:
@@ -76,7 +84,7 @@ def v2_architecture(
             raise ValueError(
                 f"MobileNetV2 block row (t={t}, c={c}, n={n}, s={s}) needs t >= 1, n >= 1 and s in (1, 2)."
             )
-        out_channels = scale(c * width)
+        out_channels = block_scale(c * width)
         for i in range(n):
             stride = s if i == 0 else 1
             residual = stride == 1 and in_channels == out_channels
@@ -117,7 +125,10 @@ def _with_channels(stem: int, blocks: list[V2Block], block_channels) -> list[V2B
 def model_architecture(model: MobileNetV2) -> tuple[int, tuple[V2Block, ...], int]:
     """:func:`v2_architecture` of a :class:`MobileNetV2`'s fields."""
     channels = None if model.block_channels is None else tuple(map(tuple, model.block_channels))
-    return v2_architecture(model.width, model.rounding, tuple(map(tuple, model.block_table)), block_channels=channels)
+    table = tuple(map(tuple, model.block_table))
+    return v2_architecture(
+        model.width, model.rounding, table, block_channels=channels, fix_stem_head=model.fix_stem_head
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -153,6 +164,8 @@ class MobileNetV2(nn.Module):
       block_table: the ``(t, c, n, s)`` rows.
       block_channels: ``None``, or one ``(hidden, out)`` pair per block replacing the
         counts of ``width`` (what :mod:`mobilenet_jax.prune` writes).
+      fix_stem_head: keep the stem at 32 and the last conv at 1280 channels at any width (timm's ``d`` variants).
+      padding: ``'torch'``, ``'tf'`` or ``'keras_v1'`` (see :mod:`mobilenet_jax.models.layers`).
       dtype, param_dtype, bn_momentum, bn_epsilon, bn_axis_name, depthwise_impl: as in MobileNetV1.
 
     ``model.apply(variables, images, train=False)`` returns logits; with
@@ -167,6 +180,8 @@ class MobileNetV2(nn.Module):
     dropout_rate: float = 0.2
     block_table: tuple[tuple[int, int, int, int], ...] = V2_BLOCKS
     block_channels: tuple[tuple[int, int], ...] | None = None
+    fix_stem_head: bool = False
+    padding: str = "torch"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
@@ -179,7 +194,7 @@ class MobileNetV2(nn.Module):
         common.check_images(x, "MobileNetV2")
         stem, blocks, last = model_architecture(self)
         make = common.layer_factories(self, train)
-        x = common.stem(make, x, stem, nn.relu6)
+        x = common.stem(make, x, stem, nn.relu6, self.padding)
         stride = 2
         features = {}
         for i, block in enumerate(blocks):

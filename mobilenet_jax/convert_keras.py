@@ -1,0 +1,347 @@
+"""Keras applications weights -> Flax: ``keras.applications.MobileNet`` and ``MobileNetV2``.
+
+These are the papers' own weights (the TF-slim checkpoints, as Keras ships them).
+Sources, read without building a Keras model:
+
+* a Keras model object (Keras 3 or ``tf.keras``), e.g.
+  ``keras.applications.MobileNetV2(alpha=0.35, weights="imagenet")``;
+* a legacy ``.h5`` file (the ``mobilenet_1_0_224_tf.h5`` ... files Keras downloads,
+  or ``model.save("x.h5")``): layers by name;
+* a Keras 3 ``.weights.h5`` file (``model.save_weights``): Keras 3 stores layers by
+  class (``conv2d_3``, ``batch_normalization_7``, ...) in model order, so the layers
+  are matched by kind and position.
+
+Both networks were trained with TensorFlow's 'SAME' padding, which the converted
+models reproduce (``padding='tf'`` for V2; ``'keras_v1'`` for V1, whose stride-2
+depthwise layers pad one pixel at the bottom and right whatever the input size), with
+ReLU6 and BatchNorm epsilon 1e-3. Their inputs are scaled to [-1, 1]
+(``x / 127.5 - 1``), recorded as :data:`PREPROCESSING` beside the converted model.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import linen as nn
+
+from mobilenet_jax.models import MobileNetV1, MobileNetV2, v1_architecture, v2_architecture
+
+# keras.applications.mobilenet(_v2).preprocess_input: x / 127.5 - 1 on RGB 0..255.
+PREPROCESSING = {"mean_rgb": [127.5, 127.5, 127.5], "stddev_rgb": [127.5, 127.5, 127.5]}
+KERAS_LAYOUTS = {
+    "keras_v1": "keras.applications.MobileNet, alpha 0.25-1.0 (conv1, conv_dw_N, conv_pw_N, conv_preds)",
+    "keras_v2": "keras.applications.MobileNetV2, alpha 0.35-1.4 (Conv1, block_N_expand/depthwise/project)",
+}
+KINDS = ("conv2d", "depthwise_conv2d", "batch_normalization", "dense")
+
+
+class KerasMismatchError(ValueError):
+    """The Keras weights do not fit a MobileNet; lists missing, unexpected and mis-shaped layers."""
+
+
+Layer = tuple  # (name or None, kind, [arrays])
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _kind_of_class(class_name: str) -> str | None:
+    snake = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", class_name).lower().replace("2_d", "2d")
+    return snake if snake in KINDS else None
+
+
+def _kind_of_weights(names: list[str], arrays: list[np.ndarray]) -> str | None:
+    leaf = [n.split("/")[-1].split(":")[0] for n in names]
+    if "depthwise_kernel" in leaf:
+        return "depthwise_conv2d"
+    if "gamma" in leaf or "moving_mean" in leaf:
+        return "batch_normalization"
+    if "kernel" in leaf:
+        return "conv2d" if arrays[leaf.index("kernel")].ndim == 4 else "dense"
+    return None
+
+
+def _from_model(model: Any) -> list[Layer]:
+    layers = []
+    for layer in model.layers:
+        weights = [np.asarray(w) for w in layer.get_weights()]
+        if weights:
+            layers.append((layer.name, _kind_of_class(type(layer).__name__), weights))
+    return layers
+
+
+def _from_legacy_h5(group) -> list[Layer]:
+    """Keras 2 / tf.keras weight files: ``layer_names`` and per-layer ``weight_names`` attributes."""
+    layers = []
+    for raw in group.attrs["layer_names"]:
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in group[name].attrs.get("weight_names", [])]
+        if names:
+            arrays = [np.asarray(group[name][n]) for n in names]
+            layers.append((name, _kind_of_weights(names, arrays), arrays))
+    return layers
+
+
+def _from_keras3_h5(group) -> list[Layer]:
+    """Keras 3 ``.weights.h5``: ``layers/<class>_<n>/vars/<i>``, numbered in model order."""
+    found = []
+    for key in group["layers"]:
+        match = re.match(r"(.+?)(?:_(\d+))?$", key)
+        variables = group["layers"][key].get("vars")
+        if variables is None or not len(variables):
+            continue
+        arrays = [np.asarray(variables[str(i)]) for i in range(len(variables))]
+        found.append((int(match[2] or 0), match[1], arrays))
+    order = collections.defaultdict(list)
+    for _, kind, arrays in sorted(found, key=lambda f: (f[1], f[0])):
+        order[kind].append(arrays)
+    return [(None, kind if kind in KINDS else None, arrays) for kind, items in order.items() for arrays in items]
+
+
+def read_layers(source: Any) -> list[Layer]:
+    """``[(layer name or None, kind, [arrays in Keras order]), ...]`` from any supported source."""
+    if hasattr(source, "layers") and hasattr(source, "get_weights"):
+        return _from_model(source)
+    import h5py
+
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No Keras weights file at {path!r}.")
+    try:
+        with h5py.File(path, "r") as f:
+            if "layer_names" in f.attrs:
+                return _from_legacy_h5(f)
+            if "model_weights" in f and "layer_names" in f["model_weights"].attrs:  # model.save("x.h5")
+                return _from_legacy_h5(f["model_weights"])
+            if "layers" in f:
+                return _from_keras3_h5(f)
+    except OSError as error:
+        raise ValueError(f"Could not read {path!r} as an HDF5 file ({str(error).splitlines()[0]}).") from None
+    raise ValueError(f"{path!r} is an HDF5 file but not Keras weights (no layer_names and no layers/ group).")
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _v1_plan(blocks: int = 13, top: bool = True) -> list[tuple[str, str, str]]:
+    """``(keras name, kind, flax module)`` of keras.applications.MobileNet, in model order."""
+    plan = [("conv1", "conv2d", "stem_conv"), ("conv1_bn", "batch_normalization", "stem_bn")]
+    for i in range(1, blocks + 1):
+        plan += [
+            (f"conv_dw_{i}", "depthwise_conv2d", f"block_{i - 1}/conv_dw"),
+            (f"conv_dw_{i}_bn", "batch_normalization", f"block_{i - 1}/bn_dw"),
+            (f"conv_pw_{i}", "conv2d", f"block_{i - 1}/conv_pw"),
+            (f"conv_pw_{i}_bn", "batch_normalization", f"block_{i - 1}/bn_pw"),
+        ]
+    return plan + ([("conv_preds", "conv2d", "classifier")] if top else [])
+
+
+def _v2_plan(blocks: int = 17, top: bool = True) -> list[tuple[str, str, str]]:
+    """``(keras name, kind, flax module)`` of keras.applications.MobileNetV2, in model order."""
+    plan = [("Conv1", "conv2d", "stem_conv"), ("bn_Conv1", "batch_normalization", "stem_bn")]
+    plan += [
+        ("expanded_conv_depthwise", "depthwise_conv2d", "block_0/conv_dw"),
+        ("expanded_conv_depthwise_BN", "batch_normalization", "block_0/bn_dw"),
+        ("expanded_conv_project", "conv2d", "block_0/conv_pwl"),
+        ("expanded_conv_project_BN", "batch_normalization", "block_0/bn_pwl"),
+    ]
+    for i in range(1, blocks):
+        for keras, kind, ours in (
+            ("expand", "conv2d", "conv_pw"),
+            ("expand_BN", "batch_normalization", "bn_pw"),
+            ("depthwise", "depthwise_conv2d", "conv_dw"),
+            ("depthwise_BN", "batch_normalization", "bn_dw"),
+            ("project", "conv2d", "conv_pwl"),
+            ("project_BN", "batch_normalization", "bn_pwl"),
+        ):
+            plan.append((f"block_{i}_{keras}", kind, f"block_{i}/{ours}"))
+    plan += [("Conv_1", "conv2d", "last_conv"), ("Conv_1_bn", "batch_normalization", "last_bn")]
+    return plan + ([("predictions", "dense", "classifier")] if top else [])
+
+
+def _assign(layers: list[Layer], plan: list[tuple[str, str, str]]) -> tuple[dict, list[str], list[str]]:
+    """``({flax module: arrays}, missing, unexpected)``: by name when the layers have names, else by kind and order."""
+    named = all(name is not None for name, _, _ in layers)
+    found, missing = {}, []
+    if named:
+        by_name = {name: arrays for name, _, arrays in layers}
+        for keras, _, ours in plan:
+            if keras in by_name:
+                found[ours] = by_name[keras]
+            else:
+                missing.append(keras)
+        unexpected = sorted(set(by_name) - {keras for keras, _, _ in plan})
+        return found, missing, unexpected
+    queues = collections.defaultdict(collections.deque)
+    for _, kind, arrays in layers:
+        queues[kind].append(arrays)
+    for keras, kind, ours in plan:
+        if queues[kind]:
+            found[ours] = queues[kind].popleft()
+        else:
+            missing.append(f"{keras} ({kind})")
+    unexpected = [f"{kind} #{i}" for kind, queue in queues.items() for i in range(len(queue))]
+    return found, missing, unexpected
+
+
+def detect_layout(layers: list[Layer]) -> str | None:
+    names = {name for name, _, _ in layers}
+    if "conv_pw_1" in names:
+        return "keras_v1"
+    if "block_1_expand" in names or "expanded_conv_project" in names:
+        return "keras_v2"
+    if None in names:  # Keras 3 weights file: count the depthwise layers
+        depthwise = sum(kind == "depthwise_conv2d" for _, kind, _ in layers)
+        return {13: "keras_v1", 17: "keras_v2"}.get(depthwise)
+    return None
+
+
+def _closest(layers: list[Layer]) -> str:
+    names = {name for name, _, _ in layers}
+    scores = {
+        layout: len(names & {k for k, _, _ in plan()})
+        for layout, plan in (("keras_v1", _v1_plan), ("keras_v2", _v2_plan))
+    }
+    return max(scores, key=scores.get)
+
+
+def _mismatch(layout: str, missing: list[str], unexpected: list[str], misshaped: list[str], limit: int = 12) -> str:
+    def listing(title: str, items: list[str]) -> str:
+        more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+        return f"{len(items)} {title}: [{', '.join(items[:limit])}{more}]"
+
+    parts = [
+        listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if i
+    ]
+    return f"The Keras weights do not fit the {layout!r} layout ({KERAS_LAYOUTS[layout]}): " + "; ".join(parts) + "."
+
+
+def _v1_model(found: dict, epsilon: float) -> MobileNetV1:
+    stem = found["stem_conv"][0].shape[-1]
+    channels = tuple(found[f"block_{i}/conv_pw"][0].shape[-1] for i in range(13))
+    strides = tuple(s for _, s in v1_architecture("normal")[1])
+    top = found.get("classifier")
+    common = dict(num_classes=None if top is None else top[0].shape[-1], activation="relu6", padding="keras_v1")
+    for width in (0.25, 0.5, 0.75, 1.0, stem / 32):
+        if v1_architecture("normal", width) == (stem, tuple(zip(channels, strides, strict=True))):
+            return MobileNetV1(width=width, bn_epsilon=epsilon, **common)
+    profile = (stem, tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides, strict=True)))
+    return MobileNetV1(profile=profile, bn_epsilon=epsilon, **common)
+
+
+def _v2_model(found: dict, epsilon: float) -> MobileNetV2:
+    from mobilenet_jax.convert import _candidate_widths
+
+    stem = found["stem_conv"][0].shape[-1]
+    outputs = [found[f"block_{i}/conv_pwl"][0].shape[-1] for i in range(17)]
+    last = found["last_conv"][0].shape[-1]
+    top = found.get("classifier")
+    width = 1.0
+    for candidate in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4) + _candidate_widths():
+        stem_c, blocks, last_c = v2_architecture(candidate, "keras")
+        if stem_c == stem and last_c == last and [b.out for b in blocks] == outputs:
+            width = candidate
+            break
+    return MobileNetV2(
+        num_classes=None if top is None else top[0].shape[-1],
+        width=width,
+        rounding="keras",
+        padding="tf",
+        dropout_rate=0.0,
+        bn_epsilon=epsilon,
+    )
+
+
+def _epsilon(source: Any) -> float:
+    """BatchNorm epsilon of a live model (all keras.applications MobileNets use 1e-3)."""
+    for layer in getattr(source, "layers", []):
+        if hasattr(layer, "epsilon"):
+            return float(layer.epsilon)
+    return 1e-3
+
+
+def _to_flax(kind: str, arrays: list[np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """``{'params': {...}, 'batch_stats': {...}}`` leaves of one layer."""
+    arrays = [np.asarray(a, np.float32) for a in arrays]
+    if kind == "batch_normalization":
+        gamma, beta, mean, var = arrays
+        return {"params": {"scale": gamma, "bias": beta}, "batch_stats": {"mean": mean, "var": var}}
+    if kind == "depthwise_conv2d":  # Keras (k, k, C, 1) -> Flax (k, k, 1, C)
+        return {"params": {"kernel": arrays[0].transpose(0, 1, 3, 2)}, "batch_stats": {}}
+    if kind == "conv2d" and len(arrays) == 2:  # V1's 1x1 conv classifier
+        return {"params": {"kernel": arrays[0][0, 0], "bias": arrays[1]}, "batch_stats": {}}
+    params = {"kernel": arrays[0]}
+    if len(arrays) == 2:
+        params["bias"] = arrays[1]
+    return {"params": params, "batch_stats": {}}
+
+
+def from_keras(source: Any) -> tuple[nn.Module, dict, str]:
+    """``(model, variables, layout)`` from a Keras model object or weights file (see the module docstring).
+
+    Raises KerasMismatchError listing the missing, unexpected and mis-shaped layers
+    (against the closest known layout) when the weights are not a Keras MobileNet.
+    """
+    import jax
+
+    layers = read_layers(source)
+    layout = detect_layout(layers)
+    if layout is None:
+        closest = _closest(layers)
+        plan = _v1_plan() if closest == "keras_v1" else _v2_plan()
+        _, missing, unexpected = _assign(layers, plan)
+        raise KerasMismatchError(
+            "No Keras MobileNet layout fits (closest: " + closest + "). " + _mismatch(closest, missing, unexpected, [])
+        )
+    top = any(name in ("conv_preds", "predictions") or kind == "dense" for name, kind, _ in layers) or (
+        layout == "keras_v1" and sum(kind == "conv2d" for _, kind, _ in layers) == 15
+    )
+    plan = _v1_plan(top=top) if layout == "keras_v1" else _v2_plan(top=top)
+    found, missing, unexpected = _assign(layers, plan)
+    if missing or unexpected:
+        raise KerasMismatchError(_mismatch(layout, missing, unexpected, []))
+    epsilon = _epsilon(source)
+    model = _v1_model(found, epsilon) if layout == "keras_v1" else _v2_model(found, epsilon)
+    abstract = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+    )
+    kinds = {ours: kind for _, kind, ours in plan}
+    variables: dict = {"params": {}, "batch_stats": {}}
+    misshaped = []
+    for module, arrays in found.items():
+        for collection, leaves in _to_flax(kinds[module], arrays).items():
+            for leaf, value in leaves.items():
+                expected = _lookup(abstract[collection], module.split("/") + [leaf])
+                if expected is None or tuple(expected.shape) != value.shape:
+                    misshaped.append(f"{module}/{leaf} {value.shape} != {None if expected is None else expected.shape}")
+                    continue
+                _put(variables[collection], module.split("/") + [leaf], jax.numpy.asarray(value))
+    if misshaped:
+        raise KerasMismatchError(_mismatch(layout, [], [], misshaped))
+    return model, variables, layout
+
+
+def _lookup(tree: Mapping, path: list[str]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _put(tree: dict, path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def is_keras_source(source: Any) -> bool:
+    """A Keras model object or an ``.h5`` / ``.weights.h5`` / ``.keras``-adjacent HDF5 path."""
+    if hasattr(source, "layers") and hasattr(source, "get_weights"):
+        return True
+    return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".h5")

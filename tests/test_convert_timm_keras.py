@@ -1,0 +1,285 @@
+"""timm and Keras applications weights -> Flax: parity with their own forward passes, TF padding, round trips, errors.
+
+Random-init reference models only (timm and keras.applications with ``weights=None``):
+nothing is downloaded. BatchNorm statistics and affine parameters are randomised so
+that every layer matters, and logits are O(1), so the 1e-4 tolerance means something.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+keras = pytest.importorskip("keras")
+
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, convert, convert_keras, evaluate, export  # noqa: E402
+from mobilenet_jax import torch_reference as ref  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = 1e-4
+
+
+def nhwc(batch, height, width, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, height, width, 3)).astype(np.float32)
+
+
+def max_error(model, variables, x, expected):
+    got = np.asarray(jax.jit(lambda v, i: model.apply(v, i, train=False))(variables, x))
+    assert expected.std() > 0.1, "O(1) logits, or the tolerance means nothing"
+    assert np.abs(expected[0] - expected[1]).max() > 0.05, "the two images must give different logits"
+    return float(np.abs(got - expected).max())
+
+
+# ----------------------------------------------------------------------------- timm
+
+
+def timm_model(name, num_classes=10, seed=0):
+    """A random-init timm model whose BatchNorm statistics are those of a random batch (then randomised
+    affine parameters): random running statistics would wash the input out over 30 layers."""
+    torch.manual_seed(seed)
+    module = ref.randomize(timm.create_model(name, pretrained=False, num_classes=num_classes), seed)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.reset_running_stats()
+            layer.momentum = None  # cumulative average: the statistics of the batch below
+    module.train()
+    with torch.no_grad():
+        module(torch.from_numpy(nhwc(8, 48, 48, seed=seed + 100).transpose(0, 3, 1, 2).copy()))
+    return module.eval()
+
+
+def timm_logits(module, x):
+    with torch.no_grad():
+        return module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+
+
+@pytest.mark.parametrize(
+    "name, size, expected",
+    [
+        ("mobilenetv1_100", (33, 33), dict(width=1.0, activation="relu6", head_channels=0)),
+        ("mobilenetv1_125", (32, 41), dict(width=1.25, activation="relu6")),
+        ("mobilenetv1_100h", (35, 35), dict(width=1.0, head_channels=1024)),
+        ("mobilenetv2_035", (33, 33), dict(width=0.35, fix_stem_head=False)),
+        ("mobilenetv2_050", (32, 32), dict(width=0.5)),
+        ("mobilenetv2_110d", (33, 37), dict(width=1.1, fix_stem_head=True)),
+    ],
+)
+def test_timm_parity(name, size, expected):
+    module = timm_model(name)
+    model, variables = convert.load(module.state_dict())
+    assert convert.detect_layout(module.state_dict()) == ("timm_v1" if "v1" in name else "timm_v2")
+    for field, value in expected.items():
+        assert getattr(model, field) == value, (field, getattr(model, field))
+    x = nhwc(2, *size)
+    error = max_error(model, variables, x, timm_logits(module, x))
+    print(f"timm {name} {size}: max abs logit error {error:.2e}")
+    assert error <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["mobilenetv1_100h", "mobilenetv2_110d", "mobilenetv2_050"])
+def test_timm_round_trip_reproduces_the_state_dict(name):
+    state = timm_model(name).state_dict()
+    model, variables = convert.load(state)
+    # Flax keeps no BatchNorm step counter; the one calibration batch above set it to 1.
+    back = convert.to_torch(model, variables, layout="timm_v1" if "v1" in name else "timm_v2", num_batches_tracked=1)
+    assert list(back) == list(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+    timm.create_model(name, pretrained=False, num_classes=10).load_state_dict(back, strict=True)
+    assert convert.default_layout(model) == (
+        "timm_v1" if "v1" in name else ("timm_v2" if "d" in name[-1] else "torchvision")
+    )
+
+
+def test_safetensors_and_pth_give_identical_variables(tmp_path):
+    from safetensors.torch import save_file
+
+    state = timm_model("mobilenetv2_035", num_classes=5).state_dict()
+    save_file(state, tmp_path / "model.safetensors")
+    torch.save(state, tmp_path / "model.pth")
+    a_model, a = convert.load(tmp_path / "model.safetensors")
+    b_model, b = convert.load(str(tmp_path / "model.pth"))
+    assert a_model == b_model
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="as a safetensors file"):
+        convert.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize(
+    "name, fragments",
+    [
+        ("mobilenetv3_small_050", ["'timm_v2' layout", "blocks.0.0.se.conv_reduce.weight", "squeeze-excitation"]),
+        ("efficientnet_b0", ["'timm_v2' layout", "unexpected", "squeeze-excitation"]),
+        ("resnet18", ["closest: 'timm_v1'", "missing", "conv_stem.weight", "unexpected", "layer1.0.conv1.weight"]),
+    ],
+)
+def test_other_timm_architectures_are_one_listing_error(name, fragments):
+    state = timm.create_model(name, pretrained=False, num_classes=10).state_dict()
+    with pytest.raises(convert.StateDictMismatchError) as info:
+        convert.load(state)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value)[:400])
+
+
+# ----------------------------------------------------------------------------- Keras
+
+
+def keras_model(architecture, alpha, size, classes=6, seed=0):
+    """A random-init keras.applications model, BatchNorm and classifier randomised."""
+    keras.utils.set_random_seed(seed)
+    model = getattr(keras.applications, architecture)(
+        alpha=alpha, weights=None, input_shape=(size, size, 3), classes=classes, classifier_activation=None
+    )
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            n = gamma.shape[0]
+            layer.set_weights([1 + 0.2 * rng.normal(size=n), 0.2 * rng.normal(size=n), mean, var])
+            layer.momentum = 0.0  # the call below sets the statistics to those of one random batch
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) and layer.name != "conv_preds":
+            # He-normal on the fan-in, so the signal survives 30 layers at inference (Glorot shrinks it).
+            (kernel,) = layer.get_weights()
+            fan_in = np.prod(kernel.shape[:2]) * (
+                1 if isinstance(layer, keras.layers.DepthwiseConv2D) else kernel.shape[2]
+            )
+            layer.set_weights([rng.normal(size=kernel.shape) * np.sqrt(2.0 / fan_in)])
+        elif layer.name in ("predictions", "conv_preds") and layer.get_weights():
+            kernel, bias = layer.get_weights()
+            layer.set_weights(
+                [rng.normal(size=kernel.shape) / kernel.shape[-2] ** 0.5, 0.1 * rng.normal(size=bias.shape)]
+            )
+    model(nhwc(32, size, size, seed=seed + 100), training=True)
+    return model
+
+
+def keras_logits(model, x):
+    return np.asarray(model(x, training=False))
+
+
+@pytest.mark.parametrize(
+    "architecture, alpha, size, padding",
+    [
+        ("MobileNet", 0.25, 33, "keras_v1"),
+        ("MobileNet", 0.5, 32, "keras_v1"),
+        ("MobileNetV2", 0.35, 33, "tf"),
+        ("MobileNetV2", 0.5, 32, "tf"),
+        ("MobileNetV2", 1.3, 35, "tf"),
+    ],
+)
+def test_keras_parity_live_model_and_weight_files(architecture, alpha, size, padding, tmp_path):
+    reference = keras_model(architecture, alpha, size)
+    x = nhwc(2, size, size, seed=1)
+    expected = keras_logits(reference, x)
+    reference.save_weights(tmp_path / "model.weights.h5")  # Keras 3: layers by class and order
+    reference.save(tmp_path / "legacy.h5")  # legacy HDF5: layers by name
+    results = {}
+    for source in (reference, str(tmp_path / "model.weights.h5"), str(tmp_path / "legacy.h5")):
+        converted = convert.load_with_info(source)
+        model = converted.model
+        assert model.width == alpha and model.padding == padding and model.bn_epsilon == 1e-3
+        assert converted.preprocessing == convert_keras.PREPROCESSING
+        error = max_error(model, converted.variables, x, expected)
+        results[type(source).__name__ if not isinstance(source, str) else os.path.basename(source)] = error
+        assert error <= TOLERANCE
+    print(f"keras {architecture} {alpha} @{size}: max abs logit error {results}")
+    # The PyTorch-style default padding does not reproduce these weights where 'SAME' is asymmetric: on
+    # even sizes, and at every stride-2 depthwise layer of Keras's MobileNet. (On odd sizes all through,
+    # 'SAME' pads one pixel on each side, as PyTorch does.)
+    torch_style = converted.model.clone(padding="torch")
+    if size % 2 == 0 or padding == "keras_v1":
+        assert max_error(torch_style, converted.variables, x, expected) > 1e-3
+
+
+def test_keras_export_and_preprocessing_applied_end_to_end(tmp_path, image_folder):
+    """The converted directory records [-1, 1] inputs; the exported graph and the evaluation CLI apply them."""
+    reference = keras_model("MobileNetV2", 0.35, 32, classes=4, seed=3)
+    reference.save_weights(tmp_path / "k.weights.h5")
+    result = subprocess.run(
+        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "k.weights.h5"), str(tmp_path / "converted")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "'keras_v2' layout" in result.stdout and "[-1, 1]" in result.stdout
+    assert checkpoint.read_preprocessing(tmp_path / "converted") == convert_keras.PREPROCESSING
+    model, variables = checkpoint.load_model(tmp_path / "converted")
+    # The export's graph takes RGB 0..255 and scales it as Keras's preprocess_input does.
+    rgb = np.random.default_rng(4).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
+    forward = export.inference_function(model, variables, checkpoint.read_preprocessing(tmp_path / "converted"))
+    np.testing.assert_allclose(
+        np.asarray(forward(rgb)), keras_logits(reference, rgb / 127.5 - 1.0), atol=TOLERANCE, rtol=1e-5
+    )
+    # Evaluation re-normalises the pipeline's images: same top-1 and loss as Keras on x / 127.5 - 1.
+    from configs import v2
+    from mobilenet_jax import input_pipeline
+
+    config = v2.get_config()
+    config.dataset, config.data_dir, config.image_size, config.batch_size = "folder", str(image_folder), 32, 8
+    config.half_precision = False
+    got = evaluate.run(config, model_dir=str(tmp_path / "converted"))
+    info = input_pipeline.get_dataset(config.dataset, config.data_dir)
+    dataset, _ = input_pipeline.eval_dataset(config, info)
+    hits, losses, count = 0, [], 0
+    for batch in dataset.as_numpy_iterator():
+        keep = batch["mask"] > 0
+        rgb = batch["image"][keep] * np.array(input_pipeline.STDDEV_RGB) + np.array(input_pipeline.MEAN_RGB)
+        logits = keras_logits(reference, (rgb / 127.5 - 1.0).astype(np.float32)).astype(np.float64)
+        labels = batch["label"][keep]
+        log_probs = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
+        losses += list(-log_probs[np.arange(len(labels)), labels])
+        hits += int(np.sum(logits.argmax(-1) == labels))
+        count += len(labels)
+    assert got["examples"] == count == 20
+    assert got["top1"] == pytest.approx(hits / count)
+    assert got["loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+
+
+def test_keras_resnet_is_one_listing_error(tmp_path):
+    resnet = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=3)
+    with pytest.raises(convert_keras.KerasMismatchError) as info:
+        convert.load(resnet)
+    message = str(info.value)
+    assert message.startswith("No Keras MobileNet layout fits (closest: keras_v")
+    assert "missing" in message and "unexpected" in message and "conv1_conv" in message
+    with pytest.raises(FileNotFoundError, match="No Keras weights file"):
+        convert.load(str(tmp_path / "missing.h5"))
+
+
+@pytest.mark.slow
+def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mobilenet_jax.convert", "--list-layouts"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for layout in ("torchvision", "amc_v1", "notes_v2", "timm_v1", "timm_v2", "keras_v1", "keras_v2"):
+        assert layout in result.stdout
+    module = timm_model("mobilenetv1_100h", num_classes=3)
+    save_file(module.state_dict(), tmp_path / "model.safetensors")
+    result = subprocess.run(
+        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "model.safetensors"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, variables = checkpoint.load_model(tmp_path / "out")
+    assert isinstance(model, MobileNetV1) and model.head_channels == 1024 and model.activation == "relu6"
+    assert checkpoint.read_preprocessing(tmp_path / "out") is None  # timm's weights expect the ImageNet normalisation
+    x = nhwc(2, 33, 33)
+    assert max_error(model, variables, x, timm_logits(module, x)) <= TOLERANCE
+    assert isinstance(MobileNetV2(), MobileNetV2)
