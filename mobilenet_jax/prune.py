@@ -173,6 +173,8 @@ def _importance(params: dict, producer: int, num_blocks: int, criterion: str) ->
         return np.abs(np.asarray(bn["scale"]))
     if producer + 1 < num_blocks:  # the next block's pointwise conv reads these channels
         return _l1_of_inputs(params[f"block_{producer + 1}"]["conv_pw"]["kernel"])
+    if "head_conv" in params:  # timm's mobilenetv1_100h: a 1x1 head conv before the pooling
+        return _l1_of_inputs(params["head_conv"]["kernel"])
     return _l1_of_inputs(params["classifier"]["kernel"])
 
 
@@ -256,7 +258,12 @@ def slice_v1(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray]) -> 
             "bn_pw": bn_pw,
         }
         new_stats[name] = {"bn_dw": bn_dw_stats, "bn_pw": bn_pw_stats}
-    if "classifier" in params:
+    if "head_conv" in params:
+        new_params["head_conv"] = {"kernel": params["head_conv"]["kernel"][:, :, keeps[-1]]}
+        new_params["head_bn"], new_stats["head_bn"] = params["head_bn"], stats["head_bn"]
+        if "classifier" in params:
+            new_params["classifier"] = params["classifier"]
+    elif "classifier" in params:
         new_params["classifier"] = {
             "kernel": params["classifier"]["kernel"][keeps[-1]],
             "bias": params["classifier"]["bias"],
@@ -265,15 +272,7 @@ def slice_v1(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray]) -> 
         len(keeps[0]),
         tuple(len(k) if s == 1 else (len(k), s) for k, (_, s) in zip(keeps[1:], blocks, strict=True)),
     )
-    pruned = MobileNetV1(
-        num_classes=model.num_classes,
-        profile=profile,
-        bn_momentum=model.bn_momentum,
-        bn_epsilon=model.bn_epsilon,
-        dtype=model.dtype,
-        param_dtype=model.param_dtype,
-        depthwise_impl=model.depthwise_impl,
-    )
+    pruned = model.clone(profile=profile, width=1.0)  # activation, head, padding, BatchNorm settings kept
     return pruned, _to_jax(new_params, new_stats)
 
 
@@ -312,7 +311,7 @@ def _refit_outputs(model: nn.Module, keeps: Sequence) -> dict[str, np.ndarray | 
             layers[f"block_{i}/conv_pw"] = hidden
             layers[f"block_{i}/conv_pwl"] = out
         return {**layers, "last_conv": None}
-    return {f"block_{i}/conv_pw": keep for i, keep in enumerate(keeps[1:])}
+    return {**{f"block_{i}/conv_pw": keep for i, keep in enumerate(keeps[1:])}, "head_conv": None}
 
 
 def pointwise_io(

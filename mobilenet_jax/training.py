@@ -197,6 +197,12 @@ def initial_variables(config: ml_collections.ConfigDict, model: nn.Module, image
     if not config.init_from:
         return None
     source_model, source = checkpoint.load_any(config.init_from)
+    if checkpoint.read_preprocessing(config.init_from) is not None:
+        logging.warning(
+            "init_from=%s expects other inputs (its preprocessing.json, e.g. Keras's [-1, 1]) than the ImageNet "
+            "normalisation training feeds; fine-tuning starts from differently scaled inputs.",
+            config.init_from,
+        )
     if source_model.num_classes != model.num_classes:
         logging.info("init_from: %s classes -> %s, new classifier.", source_model.num_classes, model.num_classes)
         _, source = reset_classifier(source_model, source, model.num_classes, rng)

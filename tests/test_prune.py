@@ -226,3 +226,26 @@ def test_cli_writes_a_model_directory(small, tmp_path):
     assert loaded.profile == prune.parse_channels(channels)
     result = subprocess.run(command + ["--macs", "1.5"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1 and "--macs must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pruning_keeps_timm_and_keras_fields_and_slices_a_head_conv():
+    """A timm-style MobileNetV1 (ReLU6, 1x1 head conv) with TF padding: the head conv reads the last block."""
+    model = MobileNetV1(num_classes=10, width=0.5, activation="relu6", head_channels=64, padding="tf")
+    variables = trained_like(model)
+    images = jax.random.normal(jax.random.key(9), (16, 32, 32, 3))
+    keeps = prune.keep_indices(model, variables, CHANNELS)
+    pruned, pruned_variables = prune.slice_v1(model, variables, keeps)
+    assert (pruned.activation, pruned.head_channels, pruned.padding) == ("relu6", 64, "tf")
+    norms = np.abs(np.asarray(variables["params"]["head_conv"]["kernel"])[0, 0]).sum(axis=1)
+    assert set(keeps[-1]) == set(np.argsort(-norms)[:384])
+    params = jax.tree.map(np.array, variables["params"])
+    for producer, keep in enumerate(keeps, start=-1):
+        width = params["stem_bn" if producer < 0 else f"block_{producer}"]
+        width = (width if producer < 0 else width["bn_pw"])["scale"].shape[0]
+        dropped = np.setdiff1d(np.arange(width), keep)
+        reader = params[f"block_{producer + 1}"]["conv_pw"] if producer + 1 < 13 else params["head_conv"]
+        reader["kernel"][:, :, dropped, :] = 0.0
+    zeroed = model.apply({**variables, "params": params}, images)
+    np.testing.assert_allclose(pruned.apply(pruned_variables, images), zeroed, atol=1e-4, rtol=1e-5)
+    _, _, report = prune.prune(model, variables, CHANNELS, refit_images=images)
+    assert "head_conv" in report and report["head_conv"][1] <= report["head_conv"][0]
