@@ -1,6 +1,6 @@
 """Top-1 against multiply-adds on the quickstart task: pruning, distillation, and the width multiplier.
 
-    python benchmarks/compression_curve.py --out /tmp/curve [--base WORKDIR] [--update_readme]
+    python benchmarks/compression_curve.py --out /tmp/curve [--seeds 0,1,2] [--base WORKDIR] [--update_readme]
 
 For each MAC ratio (default 0.75, 0.5, 0.35 of the quickstart MobileNetV1 0.5 at 32 px):
 1. prune the trained quickstart model to that ratio (``mobilenet_jax.prune``: L1 ranking,
@@ -11,9 +11,12 @@ For each MAC ratio (default 0.75, 0.5, 0.35 of the quickstart MobileNetV1 0.5 at
 3. train MobileNetV1 from scratch with the full quickstart recipe at the width whose
    MACs come closest to the same ratio: the width multiplier the paper offers instead.
 Every figure is the EMA weights' top-1 on the whole validation split (the quickstart's
-headline metric). Writes ``OUT/curve.json``, ``--plot`` (a PNG, needs matplotlib: the
-``bench`` extra) and, with ``--update_readme``, the table and plot in README.md.
-Takes about 25 minutes on a 2-core CPU.
+headline metric); with ``--seeds 0,1,2`` every trained point (the unpruned quickstart
+too) is trained once per seed and reported as mean ± std, since on this small task
+run-to-run differences are as large as the effects measured. Writes ``OUT/curve.json``,
+``--plot`` (a PNG, needs matplotlib: the ``bench`` extra) and, with ``--update_readme``,
+the table and plot in README.md.
+Takes about 25 minutes per seed on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def width_for_macs(target_macs: float, image_size: int) -> float:
     return float(widths[int(np.argmin(np.abs(np.array(macs) - target_macs)))])
 
 
-def row(method: str, ratio: float | None, model, image_size: int, top1: float, base_macs: int, directory: str) -> dict:
+def row(method: str, ratio: float | None, model, image_size: int, runs: list, base_macs: int, where: list) -> dict:
     stats = summarize(model, image_size)
     return {
         "method": method,
@@ -77,8 +80,10 @@ def row(method: str, ratio: float | None, model, image_size: int, top1: float, b
         "macs": stats.macs,
         "mac_ratio": stats.macs / base_macs,
         "params": stats.params,
-        "top1": top1,
-        "directory": os.path.basename(directory),
+        "top1": float(np.mean(runs)),
+        "top1_std": float(np.std(runs)),
+        "top1_runs": [float(r) for r in runs],
+        "directories": [os.path.basename(w) for w in where],
     }
 
 
@@ -89,48 +94,65 @@ def train(config, workdir: str) -> float:
     return results["validation_ema"]["top1"]
 
 
+def seeded(args, first_workdir: str, make_config) -> tuple[list[float], list[str]]:
+    """Trains ``make_config()`` once per seed: seed 0 in ``first_workdir``, seed K in ``OUT/<name>_sK``."""
+    runs, where = [], []
+    for seed in args.seeds:
+        name = os.path.basename(first_workdir)
+        workdir = first_workdir if seed == 0 else os.path.join(args.out, f"{name}_s{seed}")
+        config = make_config()
+        config.seed = seed
+        runs.append(train(config, workdir))
+        where.append(workdir)
+    return runs, where
+
+
 def run(args) -> list[dict]:
     config = quickstart()
     size = config.image_size
     base_dir = args.base or os.path.join(args.out, "base")
-    print(f"== base: quickstart MobileNetV1 0.5 at {size} px -> {base_dir}", flush=True)
-    base_top1 = train(config, base_dir)
+    print(f"== unpruned quickstart MobileNetV1 0.5 at {size} px (seed 0 in {base_dir} is the one pruned)", flush=True)
+    base_runs, base_where = seeded(args, base_dir, quickstart)
     base_model, base_variables = checkpoint.load_any(base_dir)
     base_macs = summarize(base_model, size).macs
-    rows = [row("unpruned (quickstart)", 1.0, base_model, size, base_top1, base_macs, base_dir)]
+    rows = [row("unpruned (quickstart)", 1.0, base_model, size, base_runs, base_macs, base_where)]
     rgb = np.concatenate(export.calibration_images(config, 256))
     refit_images = jnp.asarray((rgb - export.MEAN_RGB) / export.STDDEV_RGB)
     for ratio in args.ratios:
         print(f"== ratio {ratio}", flush=True)
-        channels = prune.channels_for_macs(base_model, ratio, size)
-        pruned, pruned_variables, _ = prune.prune(base_model, base_variables, channels, refit_images=refit_images)
         pruned_dir = os.path.join(args.out, f"pruned_{ratio}")
-        checkpoint.save_model(pruned_dir, pruned, pruned_variables)
+        if not os.path.isdir(pruned_dir):
+            channels = prune.channels_for_macs(base_model, ratio, size)
+            pruned, pruned_variables, _ = prune.prune(base_model, base_variables, channels, refit_images=refit_images)
+            checkpoint.save_model(pruned_dir, pruned, pruned_variables)
+        pruned, _ = checkpoint.load_model(pruned_dir)
         top1 = evaluate.run(config, model_dir=pruned_dir)["top1"]
-        rows.append(row("pruned + refit, no fine-tuning", ratio, pruned, size, top1, base_macs, pruned_dir))
+        rows.append(row("pruned + refit, no fine-tuning", ratio, pruned, size, [top1], base_macs, [pruned_dir]))
         for method, teacher in (("pruned + fine-tuned", ""), ("pruned + distilled", base_dir)):
             workdir = os.path.join(args.out, f"{'distilled' if teacher else 'finetuned'}_{ratio}")
-            top1 = train(finetune_config(args, pruned_dir, teacher), workdir)
-            rows.append(row(method, ratio, pruned, size, top1, base_macs, workdir))
+            runs, where = seeded(args, workdir, lambda t=teacher, d=pruned_dir: finetune_config(args, d, t))
+            rows.append(row(method, ratio, pruned, size, runs, base_macs, where))
         width = width_for_macs(ratio * base_macs, size)
         workdir = os.path.join(args.out, f"width_{width}")
-        scratch = quickstart(**{"model.width": width})
-        top1 = train(scratch, workdir)
-        model = checkpoint.read_model_record(workdir)
-        rows.append(row(f"width {width} from scratch", ratio, model, size, top1, base_macs, workdir))
+        runs, where = seeded(args, workdir, lambda width=width: quickstart(**{"model.width": width}))
+        model = checkpoint.read_model_record(where[0])
+        rows.append(row(f"width {width} from scratch", ratio, model, size, runs, base_macs, where))
         print(json.dumps(rows[-4:], indent=1), flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
+    seeds = max(len(r["top1_runs"]) for r in rows)
     lines = [
-        "| model | MACs (of unpruned) | parameters | top-1 (EMA) |",
-        "|---|---:|---:|---:|",
+        f"| model | MACs (of unpruned) | parameters | top-1 (EMA), mean ± std over {seeds} seed(s) | runs |",
+        "|---|---:|---:|---:|---|",
     ]
     for r in sorted(rows, key=lambda r: (-r["mac_ratio"], r["method"])):
+        spread = f" ± {100 * r['top1_std']:.2f}" if len(r["top1_runs"]) > 1 else ""
+        runs = ", ".join(f"{100 * v:.2f}" for v in r["top1_runs"])
         lines.append(
             f"| {r['method']} | {r['macs'] / 1e6:.2f}M ({r['mac_ratio']:.3f}) | {r['params'] / 1e6:.3f}M "
-            f"| {100 * r['top1']:.2f}% |"
+            f"| {100 * r['top1']:.2f}%{spread} | {runs} |"
         )
     return "\n".join(lines)
 
@@ -153,10 +175,18 @@ def plot(rows: list[dict], path: str) -> None:
         scratch = label.startswith("width")
         points = [r for r in rows if r["method"] == label or (scratch and r["method"].endswith("from scratch"))]
         points = sorted(points + [base], key=lambda r: r["macs"])
-        axes.plot([r["macs"] / 1e6 for r in points], [100 * r["top1"] for r in points], style, color=color, label=label)
+        axes.errorbar(
+            [r["macs"] / 1e6 for r in points],
+            [100 * r["top1"] for r in points],
+            yerr=[100 * r["top1_std"] for r in points],
+            fmt=style,
+            color=color,
+            label=label,
+            capsize=3,
+        )
     axes.plot([base["macs"] / 1e6], [100 * base["top1"]], "*", color="black", markersize=12, label="unpruned")
     axes.set_xlabel("multiply-adds per image (millions, 32 px)")
-    axes.set_ylabel("validation top-1 (%)")
+    axes.set_ylabel("validation top-1 (%), EMA weights")
     axes.set_title("Quickstart MobileNetV1 0.5: accuracy vs MACs")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
@@ -171,10 +201,13 @@ def update_readme(rows: list[dict], plot_path: str, args) -> None:
         raise SystemExit(f"README.md has no {README_START} ... {README_END} section to fill.")
     body = (
         f"\n![Top-1 against MACs]({os.path.relpath(plot_path, REPO)})\n\n{table(rows)}\n\n"
-        f"Fine-tuning: {args.finetune_epochs} epochs of the quickstart recipe at learning rate "
-        f"{args.finetune_lr} per 128 images; distillation from the unpruned model with T = 4, alpha = 0.9. "
+        "Each trained point is trained once per seed (initialisation and data order); all pruned points start "
+        "from the seed-0 quickstart model. "
+        f"Fine-tuning: {args.finetune_epochs:g} epochs of the quickstart recipe at learning rate "
+        f"{args.finetune_lr} per 128 images; distillation from the seed-0 unpruned model with T = 4, alpha = 0.9. "
         "The width-multiplier models train from scratch with the full 24-epoch quickstart recipe. "
-        f"Measured {time.strftime('%Y-%m-%d')} with `python benchmarks/compression_curve.py`.\n"
+        f"Measured {time.strftime('%Y-%m-%d')} on a 2-core CPU with "
+        f"`python benchmarks/compression_curve.py --seeds {','.join(map(str, args.seeds))}`.\n"
     )
     start, end = text.index(README_START) + len(README_START), text.index(README_END)
     with open(path, "w") as f:
@@ -188,6 +221,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.75,0.5,0.35", type=lambda s: [float(v) for v in s.split(",")])
     parser.add_argument("--finetune_epochs", type=float, default=8.0)
     parser.add_argument("--finetune_lr", type=float, default=0.02)
+    parser.add_argument("--seeds", default="0", type=lambda s: [int(v) for v in s.split(",")], help="e.g. 0,1,2")
     parser.add_argument("--plot", default=os.path.join(REPO, "benchmarks", "results", "compression_curve.png"))
     parser.add_argument("--update_readme", action="store_true")
     args = parser.parse_args()
@@ -196,8 +230,9 @@ def main() -> None:
     rows = run(args)
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    settings = {"finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr, "seeds": args.seeds}
     with open(os.path.join(REPO, "benchmarks", "results", "cpu_compression_curve.json"), "w") as f:
-        json.dump({"finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr, "rows": rows}, f, indent=1)
+        json.dump({**settings, "rows": rows}, f, indent=1)
     print(table(rows))
     plot(rows, args.plot)
     if args.update_readme:
