@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import linen as nn
 from jax import lax
@@ -45,6 +46,15 @@ class Teacher:
     model: nn.Module
     temperature: float
     alpha: float
+    # Per-channel affine from the pipeline's normalised images to the teacher's inputs, for a
+    # teacher that expects others (its preprocessing.json, e.g. Keras's [-1, 1]); None: the same.
+    input_affine: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def inputs(self, images: jax.Array) -> jax.Array:
+        if self.input_affine is None:
+            return images
+        scale, shift = (jnp.asarray(v, images.dtype) for v in self.input_affine)
+        return images * scale + shift
 
 
 def load_teacher(config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> tuple[Teacher, dict] | None:
@@ -55,12 +65,17 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int, **override
 
     runtime = {"dtype": jnp.bfloat16 if config.half_precision else jnp.float32, "bn_axis_name": None, **overrides}
     model, variables = checkpoint.load_any(config.teacher, **runtime)
+    preprocessing, affine = checkpoint.read_preprocessing(config.teacher), None
+    if preprocessing is not None:  # x_teacher = (x * std + mean - teacher_mean) / teacher_std
+        mean, std = np.asarray(input_pipeline.MEAN_RGB), np.asarray(input_pipeline.STDDEV_RGB)
+        t_mean, t_std = np.asarray(preprocessing["mean_rgb"]), np.asarray(preprocessing["stddev_rgb"])
+        affine = (tuple((std / t_std).tolist()), tuple(((mean - t_mean) / t_std).tolist()))
     if model.num_classes != num_classes:
         raise ConfigError(
             f"Bad config: teacher={config.teacher!r} has {model.num_classes} classes and the dataset {num_classes}; "
             "distillation compares the two models' class probabilities, so they must agree."
         )
-    return Teacher(model, float(config.distill_temperature), float(config.distill_alpha)), variables
+    return Teacher(model, float(config.distill_temperature), float(config.distill_alpha), affine), variables
 
 
 def distillation_loss(
@@ -104,7 +119,7 @@ def _gradients(
     dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(BATCH))
     teacher_logits = None
     if teacher is not None:  # inference mode, outside the differentiated function
-        teacher_logits = teacher.model.apply(teacher_variables, batch["image"], train=False)
+        teacher_logits = teacher.model.apply(teacher_variables, teacher.inputs(batch["image"]), train=False)
         teacher_logits = lax.stop_gradient(teacher_logits.astype(jnp.promote_types(teacher_logits.dtype, jnp.float32)))
 
     def loss_fn(params):

@@ -111,3 +111,21 @@ def test_init_from_a_pruned_model_takes_its_architecture(tmp_path, image_folder)
     config.model.architecture = "MobileNetV2"
     with pytest.raises(ConfigError, match="holds a MobileNetV1 and model.architecture is 'MobileNetV2'"):
         training.init_from_fields(config)
+
+
+def test_a_teacher_with_other_inputs_gets_them(tmp_path):
+    """A Keras-converted teacher expects x / 127.5 - 1: the step re-normalises the student's batch for it."""
+    from mobilenet_jax import convert_keras, input_pipeline
+
+    model = MobileNetV1(num_classes=4, width=0.25)
+    checkpoint.save_model(
+        tmp_path / "keras_teacher",
+        model,
+        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))),
+        preprocessing=convert_keras.PREPROCESSING,
+    )
+    config = tiny(v1.get_config(), teacher=str(tmp_path / "keras_teacher"))
+    teacher, _ = steps.load_teacher(config, num_classes=4)
+    rgb = np.random.default_rng(0).uniform(0, 255, size=(2, 8, 8, 3)).astype(np.float32)
+    normalised = (rgb - np.array(input_pipeline.MEAN_RGB)) / np.array(input_pipeline.STDDEV_RGB)
+    np.testing.assert_allclose(teacher.inputs(jnp.asarray(normalised, jnp.float32)), rgb / 127.5 - 1, atol=1e-5)

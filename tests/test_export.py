@@ -53,10 +53,16 @@ def jax_logits(model, variables, rgb):
     "model, size",
     [
         (MobileNetV1(num_classes=10, width=0.25), 33),
-        (MobileNetV1(num_classes=10, width=0.5), 33),
+        # timm/Keras fields: ReLU6, a head conv, Keras MobileNet's padding, on an even size.
+        (MobileNetV1(num_classes=10, width=0.5, activation="relu6", head_channels=64, padding="keras_v1"), 34),
         (MobileNetV2(num_classes=10, width=0.35), 37),
-        # Fewer blocks (expansion, residual and stride-2 all present) for a quicker conversion.
-        (MobileNetV2(num_classes=10, width=0.5, block_table=((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2))), 37),
+        # Fewer blocks (expansion, residual and stride-2 all present) for a quicker conversion; TF 'SAME' padding.
+        (
+            MobileNetV2(
+                num_classes=10, width=0.5, block_table=((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2)), padding="tf"
+            ),
+            36,
+        ),
     ],
 )
 def test_float32_tflite_matches_the_jax_model(model, size):
