@@ -35,7 +35,7 @@ def teacher_dir(tmp_path_factory):
 def test_distillation_step_matches_a_hand_computed_loss(teacher_dir):
     config = tiny(v1.get_config(), teacher=str(teacher_dir), label_smoothing=0.1)
     config.distill_temperature, config.distill_alpha = 3.0, 0.7
-    model = steps.create_model(config, num_classes=4)
+    model = steps.create_model(config, num_classes=4, profile=(8, (16, (32, 2), 32)))  # three blocks: quick compile
     teacher = steps.load_teacher(config, num_classes=4)
     assert teacher[0].temperature == 3.0 and teacher[0].alpha == 0.7
     teacher_before = jax.tree.map(np.array, teacher[1])
@@ -96,15 +96,15 @@ def test_bad_teachers_are_one_sentence(teacher_dir, tmp_path):
 def test_init_from_a_pruned_model_takes_its_architecture(tmp_path, image_folder):
     source = MobileNetV1(num_classes=4, width=0.25)
     variables = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
-    channels = prune.channels_for_macs(source, 0.5, 32)
+    channels = (8, (16, (24, 2), 24, (48, 2), 48, (96, 2), 96, 96, 96, 96, 96, (192, 2), 192))
     pruned, pruned_variables, _ = prune.prune(source, variables, channels)
     checkpoint.save_model(tmp_path / "pruned", pruned, pruned_variables)
     # The stock quickstart-like config: its width 0.25 and 'normal' profile give way to the pruned list.
     config = tiny(v1.get_config(), dataset="folder", data_dir=str(image_folder), init_from=str(tmp_path / "pruned"))
     config.model.bn_momentum = 0.8
-    run = training.Run.from_config(config, str(tmp_path / "work"))
-    assert run.model.profile == channels and run.model.width == 1.0 and run.model.bn_momentum == 0.8
-    loaded = training.initial_variables(config, run.model, 32, jax.random.key(0))
+    model = steps.create_model(config, 4, **training.init_from_fields(config))  # as Run.from_config builds it
+    assert model.profile == channels and model.width == 1.0 and model.bn_momentum == 0.8
+    loaded = training.initial_variables(config, model, 32, jax.random.key(0))
     np.testing.assert_array_equal(
         loaded["params"]["block_3"]["conv_pw"]["kernel"], pruned_variables["params"]["block_3"]["conv_pw"]["kernel"]
     )
