@@ -11,9 +11,9 @@ For each MAC ratio (default 0.75, 0.5, 0.35 of the quickstart MobileNetV1 0.5 at
 3. train MobileNetV1 from scratch with the full quickstart recipe at the width whose
    MACs come closest to the same ratio: the width multiplier the paper offers instead.
 Every figure is the EMA weights' top-1 on the whole validation split (the quickstart's
-headline metric); with ``--seeds 0,1,2`` every trained point (the unpruned quickstart
-too) is trained once per seed and reported as mean ± std, since on this small task
-run-to-run differences are as large as the effects measured. Writes ``OUT/curve.json``,
+headline metric); with ``--seeds 0,1,2`` each seed replicates the whole pipeline (its
+own quickstart model, pruned and distilled from itself) and every point is reported as
+mean ± std, since on this small task run-to-run differences are as large as the effects. Writes ``OUT/curve.json``,
 ``--plot`` (a PNG, needs matplotlib: the ``bench`` extra) and, with ``--update_readme``,
 the table and plot in README.md.
 Takes about 25 minutes per seed on a 2-core CPU.
@@ -94,51 +94,53 @@ def train(config, workdir: str) -> float:
     return results["validation_ema"]["top1"]
 
 
-def seeded(args, first_workdir: str, make_config) -> tuple[list[float], list[str]]:
-    """Trains ``make_config()`` once per seed: seed 0 in ``first_workdir``, seed K in ``OUT/<name>_sK``."""
-    runs, where = [], []
-    for seed in args.seeds:
-        name = os.path.basename(first_workdir)
-        workdir = first_workdir if seed == 0 else os.path.join(args.out, f"{name}_s{seed}")
-        config = make_config()
-        config.seed = seed
-        runs.append(train(config, workdir))
-        where.append(workdir)
-    return runs, where
-
-
 def run(args) -> list[dict]:
+    """Every seed replicates the whole pipeline: its own quickstart model, pruned, fine-tuned, distilled from
+    itself; and the width-multiplier models from scratch with that seed."""
     config = quickstart()
     size = config.image_size
-    base_dir = args.base or os.path.join(args.out, "base")
-    print(f"== unpruned quickstart MobileNetV1 0.5 at {size} px (seed 0 in {base_dir} is the one pruned)", flush=True)
-    base_runs, base_where = seeded(args, base_dir, quickstart)
-    base_model, base_variables = checkpoint.load_any(base_dir)
-    base_macs = summarize(base_model, size).macs
-    rows = [row("unpruned (quickstart)", 1.0, base_model, size, base_runs, base_macs, base_where)]
     rgb = np.concatenate(export.calibration_images(config, 256))
     refit_images = jnp.asarray((rgb - export.MEAN_RGB) / export.STDDEV_RGB)
-    for ratio in args.ratios:
-        print(f"== ratio {ratio}", flush=True)
-        pruned_dir = os.path.join(args.out, f"pruned_{ratio}")
-        if not os.path.isdir(pruned_dir):
-            channels = prune.channels_for_macs(base_model, ratio, size)
-            pruned, pruned_variables, _ = prune.prune(base_model, base_variables, channels, refit_images=refit_images)
-            checkpoint.save_model(pruned_dir, pruned, pruned_variables)
-        pruned, _ = checkpoint.load_model(pruned_dir)
-        top1 = evaluate.run(config, model_dir=pruned_dir)["top1"]
-        rows.append(row("pruned + refit, no fine-tuning", ratio, pruned, size, [top1], base_macs, [pruned_dir]))
-        for method, teacher in (("pruned + fine-tuned", ""), ("pruned + distilled", base_dir)):
-            workdir = os.path.join(args.out, f"{'distilled' if teacher else 'finetuned'}_{ratio}")
-            runs, where = seeded(args, workdir, lambda t=teacher, d=pruned_dir: finetune_config(args, d, t))
-            rows.append(row(method, ratio, pruned, size, runs, base_macs, where))
-        width = width_for_macs(ratio * base_macs, size)
-        workdir = os.path.join(args.out, f"width_{width}")
-        runs, where = seeded(args, workdir, lambda width=width: quickstart(**{"model.width": width}))
-        model = checkpoint.read_model_record(where[0])
-        rows.append(row(f"width {width} from scratch", ratio, model, size, runs, base_macs, where))
-        print(json.dumps(rows[-4:], indent=1), flush=True)
-    return rows
+    results, models, where = {}, {}, {}
+
+    def record(key, model, top1, directory):
+        results.setdefault(key, []).append(top1)
+        models[key] = model
+        where.setdefault(key, []).append(directory)
+
+    base_macs = None
+    for seed in args.seeds:
+        suffix = "" if seed == 0 else f"_s{seed}"
+        base_dir = (args.base if seed == 0 and args.base else None) or os.path.join(args.out, "base" + suffix)
+        print(f"== seed {seed}: quickstart MobileNetV1 0.5 at {size} px -> {base_dir}", flush=True)
+        base_config = quickstart(seed=seed)
+        top1 = train(base_config, base_dir)
+        base_model, base_variables = checkpoint.load_any(base_dir)
+        base_macs = summarize(base_model, size).macs
+        record(("unpruned (quickstart)", 1.0), base_model, top1, base_dir)
+        for ratio in args.ratios:
+            print(f"== seed {seed}, ratio {ratio}", flush=True)
+            pruned_dir = os.path.join(args.out, f"pruned_{ratio}{suffix}")
+            if not os.path.isdir(pruned_dir):
+                channels = prune.channels_for_macs(base_model, ratio, size)
+                pruned, variables, _ = prune.prune(base_model, base_variables, channels, refit_images=refit_images)
+                checkpoint.save_model(pruned_dir, pruned, variables)
+            pruned, _ = checkpoint.load_model(pruned_dir)
+            top1 = evaluate.run(config, model_dir=pruned_dir)["top1"]
+            record(("pruned + refit, no fine-tuning", ratio), pruned, top1, pruned_dir)
+            for method, teacher in (("pruned + fine-tuned", ""), ("pruned + distilled", base_dir)):
+                workdir = os.path.join(args.out, f"{'distilled' if teacher else 'finetuned'}_{ratio}{suffix}")
+                tuned = finetune_config(args, pruned_dir, teacher)
+                tuned.seed = seed
+                record((method, ratio), pruned, train(tuned, workdir), workdir)
+            width = width_for_macs(ratio * base_macs, size)
+            workdir = os.path.join(args.out, f"width_{width}{suffix}")
+            top1 = train(quickstart(seed=seed, **{"model.width": width}), workdir)
+            record((f"width {width} from scratch", ratio), checkpoint.read_model_record(workdir), top1, workdir)
+    return [
+        row(method, ratio, models[(method, ratio)], size, runs, base_macs, where[(method, ratio)])
+        for (method, ratio), runs in results.items()
+    ]
 
 
 def table(rows: list[dict]) -> str:
@@ -201,10 +203,10 @@ def update_readme(rows: list[dict], plot_path: str, args) -> None:
         raise SystemExit(f"README.md has no {README_START} ... {README_END} section to fill.")
     body = (
         f"\n![Top-1 against MACs]({os.path.relpath(plot_path, REPO)})\n\n{table(rows)}\n\n"
-        "Each trained point is trained once per seed (initialisation and data order); all pruned points start "
-        "from the seed-0 quickstart model. "
+        "Each seed replicates the whole pipeline (initialisation and data order): its own quickstart model, "
+        "pruned, fine-tuned, and distilled from itself, and the width-multiplier models from scratch. "
         f"Fine-tuning: {args.finetune_epochs:g} epochs of the quickstart recipe at learning rate "
-        f"{args.finetune_lr} per 128 images; distillation from the seed-0 unpruned model with T = 4, alpha = 0.9. "
+        f"{args.finetune_lr} per 128 images; distillation from the unpruned model with T = 4, alpha = 0.9. "
         "The width-multiplier models train from scratch with the full 24-epoch quickstart recipe. "
         f"Measured {time.strftime('%Y-%m-%d')} on a 2-core CPU with "
         f"`python benchmarks/compression_curve.py --seeds {','.join(map(str, args.seeds))}`.\n"

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 keras = pytest.importorskip("keras")
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, convert, convert_keras, evaluate, export  # noqa: E402
+from mobilenet_jax import MobileNetV1, checkpoint, convert, convert_keras, evaluate, export  # noqa: E402
 from mobilenet_jax import torch_reference as ref  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +26,14 @@ TOLERANCE = 1e-4
 
 def nhwc(batch, height, width, seed=0):
     return np.random.default_rng(seed).normal(size=(batch, height, width, 3)).astype(np.float32)
+
+
+def convert_cli(*args):
+    """``python -m mobilenet_jax.convert ARGS``, which must succeed."""
+    command = [sys.executable, "-m", "mobilenet_jax.convert", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
 
 
 def max_error(model, variables, x, expected):
@@ -204,13 +212,7 @@ def test_keras_export_and_preprocessing_applied_end_to_end(tmp_path, image_folde
     """The converted directory records [-1, 1] inputs; the exported graph and the evaluation CLI apply them."""
     reference = keras_model("MobileNetV2", 0.35, 32, classes=4, seed=3)
     reference.save_weights(tmp_path / "k.weights.h5")
-    result = subprocess.run(
-        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "k.weights.h5"), str(tmp_path / "converted")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = convert_cli(tmp_path / "k.weights.h5", tmp_path / "converted")
     assert "'keras_v2' layout" in result.stdout and "[-1, 1]" in result.stdout
     assert checkpoint.read_preprocessing(tmp_path / "converted") == convert_keras.PREPROCESSING
     model, variables = checkpoint.load_model(tmp_path / "converted")
@@ -264,24 +266,14 @@ def test_keras_resnet_is_one_listing_error(tmp_path):
 def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path):
     from safetensors.torch import save_file
 
-    result = subprocess.run(
-        [sys.executable, "-m", "mobilenet_jax.convert", "--list-layouts"], capture_output=True, text=True, cwd=REPO
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = convert_cli("--list-layouts")
     for layout in ("torchvision", "amc_v1", "notes_v2", "timm_v1", "timm_v2", "keras_v1", "keras_v2"):
         assert layout in result.stdout
     module = timm_model("mobilenetv1_100h", num_classes=3)
     save_file(module.state_dict(), tmp_path / "model.safetensors")
-    result = subprocess.run(
-        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "model.safetensors"), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    convert_cli(tmp_path / "model.safetensors", tmp_path / "out")
     model, variables = checkpoint.load_model(tmp_path / "out")
     assert isinstance(model, MobileNetV1) and model.head_channels == 1024 and model.activation == "relu6"
     assert checkpoint.read_preprocessing(tmp_path / "out") is None  # timm's weights expect the ImageNet normalisation
     x = nhwc(2, 33, 33)
     assert max_error(model, variables, x, timm_logits(module, x)) <= TOLERANCE
-    assert isinstance(MobileNetV2(), MobileNetV2)
