@@ -40,9 +40,8 @@ def save_model(
 ) -> None:
     """Writes ``variables`` and ``model``'s architecture to a new directory.
 
-    ``preprocessing`` (``{'mean_rgb': [...], 'stddev_rgb': [...]}`` on the 0..255 scale)
-    records inputs the weights expect other than the ImageNet normalisation the
-    input pipeline applies (e.g. Keras applications' [-1, 1]); see :func:`read_preprocessing`.
+    ``preprocessing`` records the inputs the weights were trained and published with
+    (e.g. Keras applications' [-1, 1], timm's bicubic resize); see :func:`read_preprocessing`.
     """
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(os.path.join(directory, VARIABLES_DIR)):
@@ -59,9 +58,11 @@ def save_model(
 
 
 def read_preprocessing(directory: str | os.PathLike) -> dict | None:
-    """The input normalisation a model directory's weights expect, or None for the pipeline's (ImageNet) one.
+    """The inputs a model directory's weights expect, or None when nothing was recorded.
 
-    ``x = (rgb - mean_rgb) / stddev_rgb`` per channel, on RGB values in 0..255.
+    ``{'mean_rgb', 'stddev_rgb'}``: ``x = (rgb - mean_rgb) / stddev_rgb`` per channel, on
+    RGB values in 0..255; optionally the evaluation crop the weights were published with
+    (``'eval_preprocessing'``: 'center_crop' or 'torchvision') and its ``'interpolation'``.
     """
     path = os.path.join(os.fspath(directory), PREPROCESSING_JSON)
     if not os.path.isfile(path):
@@ -74,7 +75,16 @@ def read_preprocessing(directory: str | os.PathLike) -> dict | None:
         raise CheckpointError(f"{path} is not a preprocessing record ({sentence(error)}).") from None
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise CheckpointError(f"{path} needs three means and three positive standard deviations.")
-    return {"mean_rgb": mean, "stddev_rgb": std}
+    result = {"mean_rgb": mean, "stddev_rgb": std}
+    for key, allowed in (
+        ("eval_preprocessing", ("center_crop", "torchvision")),
+        ("interpolation", ("bilinear", "bicubic")),
+    ):
+        if key in record:
+            if record[key] not in allowed:
+                raise CheckpointError(f"{path}: {key} must be one of {allowed}, got {record[key]!r}.")
+            result[key] = record[key]
+    return result
 
 
 def write_model_record(directory: str, model: nn.Module) -> None:

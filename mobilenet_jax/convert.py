@@ -556,13 +556,24 @@ def default_layout(model: nn.Module) -> str:
     return "timm_v2" if getattr(model, "fix_stem_head", False) else "torchvision"
 
 
+# How the published weights of each PyTorch layout are evaluated (the ImageNet normalisation in every
+# case): torchvision resizes to 256 and crops 224 (bilinear); timm's MobileNets the same with bicubic
+# (crop_pct 0.875). The design notes' layouts have no published weights: nothing is recorded.
+_IMAGENET = {"mean_rgb": [0.485 * 255, 0.456 * 255, 0.406 * 255], "stddev_rgb": [0.229 * 255, 0.224 * 255, 0.225 * 255]}
+PREPROCESSING = {
+    "torchvision": {**_IMAGENET, "eval_preprocessing": "torchvision", "interpolation": "bilinear"},
+    "timm_v1": {**_IMAGENET, "eval_preprocessing": "torchvision", "interpolation": "bicubic"},
+    "timm_v2": {**_IMAGENET, "eval_preprocessing": "torchvision", "interpolation": "bicubic"},
+}
+
+
 class Converted(NamedTuple):
     """What :func:`load_with_info` returns: the model, its variables, the source layout and the inputs it expects."""
 
     model: nn.Module
     variables: dict
     layout: str
-    preprocessing: dict | None  # None: the ImageNet normalisation of the input pipeline
+    preprocessing: dict | None  # the inputs and evaluation crop of the published weights (preprocessing.json)
 
 
 def load_with_info(source: Any, *, strides: Sequence[int] | None = None) -> Converted:
@@ -575,7 +586,8 @@ def load_with_info(source: Any, *, strides: Sequence[int] | None = None) -> Conv
         return Converted(model, variables, layout, dict(convert_keras.PREPROCESSING))
     state = load_state_dict(source)
     model, variables = from_torch(state, strides=strides)
-    return Converted(model, variables, detect_layout(state), None)
+    layout = detect_layout(state)
+    return Converted(model, variables, layout, PREPROCESSING.get(layout))
 
 
 def load(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn.Module, dict]:
@@ -643,9 +655,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     def convert_and_save() -> None:
         converted = load_with_info(args.source, strides=args.strides)
         checkpoint.save_model(args.out_dir, converted.model, converted.variables, converted.preprocessing)
-        inputs = (
-            "" if converted.preprocessing is None else "; inputs scaled to [-1, 1] (recorded in preprocessing.json)"
-        )
+        inputs = ""
+        if converted.preprocessing is not None:
+            scale = "[-1, 1]" if converted.preprocessing["mean_rgb"][0] == 127.5 else "ImageNet mean/std"
+            inputs = (
+                f"; inputs {scale}, evaluated with a {converted.preprocessing['eval_preprocessing']} crop "
+                f"({converted.preprocessing['interpolation']}), recorded in preprocessing.json"
+            )
         print(
             f"Wrote {_describe(converted.model)} from the {converted.layout!r} layout to "
             f"{os.path.abspath(args.out_dir)}{inputs}"

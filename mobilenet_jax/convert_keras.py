@@ -32,7 +32,13 @@ from flax import linen as nn
 from mobilenet_jax.models import MobileNetV1, MobileNetV2, v1_architecture, v2_architecture
 
 # keras.applications.mobilenet(_v2).preprocess_input: x / 127.5 - 1 on RGB 0..255.
-PREPROCESSING = {"mean_rgb": [127.5, 127.5, 127.5], "stddev_rgb": [127.5, 127.5, 127.5]}
+# The evaluation crop is TF-slim's (central 87.5%, bilinear), the papers' own.
+PREPROCESSING = {
+    "mean_rgb": [127.5, 127.5, 127.5],
+    "stddev_rgb": [127.5, 127.5, 127.5],
+    "eval_preprocessing": "center_crop",
+    "interpolation": "bilinear",
+}
 KERAS_LAYOUTS = {
     "keras_v1": "keras.applications.MobileNet, alpha 0.25-1.0 (conv1, conv_dw_N, conv_pw_N, conv_preds)",
     "keras_v2": "keras.applications.MobileNetV2, alpha 0.35-1.4 (Conv1, block_N_expand/depthwise/project)",

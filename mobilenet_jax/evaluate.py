@@ -57,8 +57,9 @@ def load_weights(
 def run(config, **sources) -> dict:
     """Evaluates the weights ``sources`` name (see :func:`load_weights`) on ``config``'s eval split.
 
-    A model directory whose weights expect other inputs (``preprocessing.json``, e.g.
-    Keras applications' [-1, 1]) gets them: the pipeline's images are re-normalised.
+    A model directory with a ``preprocessing.json`` (converted published weights) is
+    evaluated as the weights were published: its crop and interpolation, and its input
+    scaling (e.g. Keras applications' [-1, 1]: the pipeline's images are re-normalised).
     """
     import functools
 
@@ -75,10 +76,16 @@ def run(config, **sources) -> dict:
     mesh = distributed.make_mesh()
     distributed.check_batch_size(config.batch_size, mesh)
     variables = jax.device_put(variables, distributed.replicated(mesh))
-    dataset, total = input_pipeline.eval_dataset(config, info)
     preprocessing = checkpoint.read_preprocessing(sources["model_dir"]) if sources.get("model_dir") else None
-    if preprocessing is not None:
-        dataset = dataset.map(functools.partial(input_pipeline.renormalize, **preprocessing))
+    if preprocessing is None:
+        dataset, total = input_pipeline.eval_dataset(config, info)
+    else:  # the crop, interpolation and normalisation the weights were published with
+        dataset, total = input_pipeline.eval_dataset(
+            config, info, preprocessing.get("eval_preprocessing"), preprocessing.get("interpolation", "bilinear")
+        )
+        if not input_pipeline.is_pipeline_normalisation(preprocessing["mean_rgb"], preprocessing["stddev_rgb"]):
+            normalisation = {k: preprocessing[k] for k in ("mean_rgb", "stddev_rgb")}
+            dataset = dataset.map(functools.partial(input_pipeline.renormalize, **normalisation))
     return steps.evaluate(steps.make_eval_step(mesh, model), variables, dataset, mesh, total)
 
 

@@ -28,6 +28,8 @@ from mobilenet_jax.errors import DatasetError
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 EVAL_CROP_FRACTION = 0.875
+EVAL_METHODS = ("center_crop", "torchvision")
+INTERPOLATIONS = ("bilinear", "bicubic")
 _MAX_EPOCHS = 1_000_000
 
 
@@ -134,6 +136,11 @@ def num_examples(info: DatasetInfo, split: str) -> int:
 # ----------------------------------------------------------------------------- image functions
 
 
+def is_pipeline_normalisation(mean_rgb, stddev_rgb) -> bool:
+    """Whether ``(mean_rgb, stddev_rgb)`` is the ImageNet normalisation :func:`normalize` applies."""
+    return bool(np.allclose(mean_rgb, MEAN_RGB) and np.allclose(stddev_rgb, STDDEV_RGB))
+
+
 def renormalize(batch: dict, mean_rgb, stddev_rgb) -> dict:
     """A batch of :func:`normalize`'d images re-normalised as ``(rgb - mean_rgb) / stddev_rgb`` instead."""
     rgb = batch["image"] * tf.constant(STDDEV_RGB, tf.float32) + tf.constant(MEAN_RGB, tf.float32)
@@ -207,25 +214,29 @@ def random_resized_crop(
     return tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=False)
 
 
-def center_crop(encoded: tf.Tensor, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> tf.Tensor:
+def center_crop(
+    encoded: tf.Tensor, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION, interpolation: str = "bilinear"
+) -> tf.Tensor:
     """Central ``crop_fraction`` square of the shorter side, resized to ``image_size`` (TF/Inception eval)."""
     shape = tf.cast(_image_shape(encoded), tf.float32)
     crop = tf.cast(crop_fraction * tf.reduce_min(shape), tf.int32)
     offset_y = (tf.cast(shape[0], tf.int32) - crop + 1) // 2
     offset_x = (tf.cast(shape[1], tf.int32) - crop + 1) // 2
     image = _decode_window(encoded, offset_y, offset_x, crop, crop)
-    return tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=False)
+    return tf.image.resize(image, [image_size, image_size], method=interpolation, antialias=False)
 
 
-def resize_then_center_crop(encoded: tf.Tensor, image_size: int, resize_size: int | None = None) -> tf.Tensor:
-    """torchvision's ImageNet evaluation: shorter side to ``resize_size`` (bilinear), central crop."""
+def resize_then_center_crop(
+    encoded: tf.Tensor, image_size: int, resize_size: int | None = None, interpolation: str = "bilinear"
+) -> tf.Tensor:
+    """torchvision's ImageNet evaluation: shorter side to ``resize_size`` (bilinear; timm: bicubic), central crop."""
     resize_size = resize_size or int(round(image_size / EVAL_CROP_FRACTION))
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = resize_size / tf.reduce_min(shape)
     new_shape = tf.cast(tf.floor(shape * scale), tf.int32)
     new_shape = tf.maximum(new_shape, resize_size)
-    image = tf.image.resize(image, new_shape, method="bilinear", antialias=True)
+    image = tf.image.resize(image, new_shape, method=interpolation, antialias=True)
     # torchvision's CenterCrop offset: round((size - crop) / 2), halves to even.
     offsets = tf.cast(tf.round(tf.cast(new_shape - image_size, tf.float32) / 2.0), tf.int32)
     return tf.image.crop_to_bounding_box(image, offsets[0], offsets[1], image_size, image_size)
@@ -244,11 +255,17 @@ def preprocess_train(encoded, label, seed, image_size: int, area_range: tuple[fl
     return {"image": normalize(image), "label": tf.cast(label, tf.int32), "mask": tf.cast(valid, tf.float32)}
 
 
-def preprocess_eval(encoded, label, image_size: int, method: str = "center_crop") -> dict:
-    """One evaluation example; ``method`` is 'center_crop' (TF) or 'torchvision'."""
+def preprocess_eval(
+    encoded, label, image_size: int, method: str = "center_crop", interpolation: str = "bilinear"
+) -> dict:
+    """One evaluation example; ``method`` is 'center_crop' (TF) or 'torchvision', resizing with ``interpolation``."""
     valid = is_decodable(encoded)
     crop = center_crop if method == "center_crop" else resize_then_center_crop
-    image = tf.cond(valid, lambda: crop(encoded, image_size), lambda: tf.zeros([image_size, image_size, 3], tf.float32))
+    image = tf.cond(
+        valid,
+        lambda: crop(encoded, image_size, interpolation=interpolation),
+        lambda: tf.zeros([image_size, image_size, 3], tf.float32),
+    )
     return {"image": normalize(image), "label": tf.cast(label, tf.int32), "mask": tf.cast(valid, tf.float32)}
 
 
@@ -332,6 +349,7 @@ def create_eval_dataset(
     global_batch_size: int,
     image_size: int,
     method: str = "center_crop",
+    interpolation: str = "bilinear",
     cache: bool = False,
     process_index: int = 0,
     process_count: int = 1,
@@ -341,8 +359,10 @@ def create_eval_dataset(
     Every process yields :func:`eval_batches` batches, so multi-host evaluation steps
     stay in lockstep even when the split does not divide evenly.
     """
-    if method not in ("center_crop", "torchvision"):
+    if method not in EVAL_METHODS:
         raise DatasetError(f"Evaluation preprocessing must be 'center_crop' or 'torchvision', got {method!r}.")
+    if interpolation not in INTERPOLATIONS:
+        raise DatasetError(f"Evaluation interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
     if global_batch_size % process_count:
         raise DatasetError(f"Global batch {global_batch_size} does not split over {process_count} processes.")
     local_batch = global_batch_size // process_count
@@ -350,7 +370,8 @@ def create_eval_dataset(
     if cache:
         ds = ds.cache()
     ds = ds.map(
-        lambda image, label: preprocess_eval(image, label, image_size, method), num_parallel_calls=tf.data.AUTOTUNE
+        lambda image, label: preprocess_eval(image, label, image_size, method, interpolation),
+        num_parallel_calls=tf.data.AUTOTUNE,
     )
     # Corrupt bodies behind valid headers are dropped here; the evaluation counts them
     # as skipped (split size minus images seen).
@@ -366,12 +387,12 @@ def create_eval_dataset(
 
 
 def eval_dataset(
-    config: ml_collections.ConfigDict, info: DatasetInfo, method: str | None = None
+    config: ml_collections.ConfigDict, info: DatasetInfo, method: str | None = None, interpolation: str = "bilinear"
 ) -> tuple[tf.data.Dataset, int]:
     """The evaluation split of a training config, in this process's batches, and its size.
 
     One builder for the training loop and the evaluation CLI; ``method`` overrides
-    ``config.eval_preprocessing``.
+    ``config.eval_preprocessing`` (e.g. with a converted model's own, see ``preprocessing.json``).
     """
     import jax
 
@@ -382,6 +403,7 @@ def eval_dataset(
         global_batch_size=config.batch_size,
         image_size=config.image_size,
         method=method or config.eval_preprocessing,
+        interpolation=interpolation,
         cache=config.cache,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

@@ -66,7 +66,9 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int, **override
     runtime = {"dtype": jnp.bfloat16 if config.half_precision else jnp.float32, "bn_axis_name": None, **overrides}
     model, variables = checkpoint.load_any(config.teacher, **runtime)
     preprocessing, affine = checkpoint.read_preprocessing(config.teacher), None
-    if preprocessing is not None:  # x_teacher = (x * std + mean - teacher_mean) / teacher_std
+    if preprocessing and not input_pipeline.is_pipeline_normalisation(
+        preprocessing["mean_rgb"], preprocessing["stddev_rgb"]
+    ):  # x_teacher = (x * std + mean - teacher_mean) / teacher_std
         mean, std = np.asarray(input_pipeline.MEAN_RGB), np.asarray(input_pipeline.STDDEV_RGB)
         t_mean, t_std = np.asarray(preprocessing["mean_rgb"]), np.asarray(preprocessing["stddev_rgb"])
         affine = (tuple((std / t_std).tolist()), tuple(((mean - t_mean) / t_std).tolist()))

@@ -263,17 +263,36 @@ def test_keras_resnet_is_one_listing_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path):
+def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path, image_folder):
     from safetensors.torch import save_file
 
     result = convert_cli("--list-layouts")
     for layout in ("torchvision", "amc_v1", "notes_v2", "timm_v1", "timm_v2", "keras_v1", "keras_v2"):
         assert layout in result.stdout
-    module = timm_model("mobilenetv1_100h", num_classes=3)
+    module = timm_model("mobilenetv1_100h", num_classes=4)
     save_file(module.state_dict(), tmp_path / "model.safetensors")
     convert_cli(tmp_path / "model.safetensors", tmp_path / "out")
     model, variables = checkpoint.load_model(tmp_path / "out")
     assert isinstance(model, MobileNetV1) and model.head_channels == 1024 and model.activation == "relu6"
-    assert checkpoint.read_preprocessing(tmp_path / "out") is None  # timm's weights expect the ImageNet normalisation
+    assert model.num_classes == 4
+    recorded = checkpoint.read_preprocessing(tmp_path / "out")  # timm: ImageNet mean/std, resize + crop, bicubic
+    assert (recorded["eval_preprocessing"], recorded["interpolation"]) == ("torchvision", "bicubic")
     x = nhwc(2, 33, 33)
     assert max_error(model, variables, x, timm_logits(module, x)) <= TOLERANCE
+    # Evaluation uses that crop and interpolation: the same figures as a manual run over such a split.
+    from configs import v1
+    from mobilenet_jax import distributed, input_pipeline, steps
+
+    config = v1.get_config()
+    config.dataset, config.data_dir, config.image_size, config.batch_size = "folder", str(image_folder), 32, 8
+    config.half_precision = False
+    got = evaluate.run(config, model_dir=str(tmp_path / "out"))
+    info = input_pipeline.get_dataset(config.dataset, config.data_dir)
+    mesh = distributed.make_mesh()
+    bicubic, _ = input_pipeline.eval_dataset(config, info, "torchvision", "bicubic")
+    expected = steps.evaluate(steps.make_eval_step(mesh, model), variables, bicubic, mesh)
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6) and got["top1"] == expected["top1"]
+    bilinear, _ = input_pipeline.eval_dataset(config, info, "center_crop", "bilinear")
+    assert steps.evaluate(steps.make_eval_step(mesh, model), variables, bilinear, mesh)["loss"] != pytest.approx(
+        got["loss"], rel=1e-4
+    )
