@@ -295,6 +295,8 @@ def from_keras(source: Any) -> tuple[nn.Module, dict, str]:
     """
     import jax
 
+    from mobilenet_jax import convert  # its tree setter; convert imports this module only inside functions
+
     layers = read_layers(source)
     layout = detect_layout(layers)
     if layout is None:
@@ -326,7 +328,7 @@ def from_keras(source: Any) -> tuple[nn.Module, dict, str]:
                 if expected is None or tuple(expected.shape) != value.shape:
                     misshaped.append(f"{module}/{leaf} {value.shape} != {None if expected is None else expected.shape}")
                     continue
-                _put(variables[collection], module.split("/") + [leaf], jax.numpy.asarray(value))
+                convert._set(variables[collection], (*module.split("/"), leaf), jax.numpy.asarray(value))
     if misshaped:
         raise KerasMismatchError(_mismatch(layout, [], [], misshaped))
     return model, variables, layout
@@ -338,12 +340,6 @@ def _lookup(tree: Mapping, path: list[str]) -> Any:
             return None
         tree = tree[key]
     return tree
-
-
-def _put(tree: dict, path: list[str], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def is_keras_source(source: Any) -> bool:
