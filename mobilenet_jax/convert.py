@@ -574,6 +574,7 @@ class Converted(NamedTuple):
     variables: dict
     layout: str
     preprocessing: dict | None  # the inputs and evaluation crop of the published weights (preprocessing.json)
+    note: str = ""  # e.g. what became of a Keras transfer-learning model's head
 
 
 def load_with_info(source: Any, *, strides: Sequence[int] | None = None) -> Converted:
@@ -582,8 +583,7 @@ def load_with_info(source: Any, *, strides: Sequence[int] | None = None) -> Conv
     from mobilenet_jax import convert_keras
 
     if convert_keras.is_keras_source(source):
-        model, variables, layout = convert_keras.from_keras(source)
-        return Converted(model, variables, layout, dict(convert_keras.PREPROCESSING))
+        return Converted(*convert_keras.convert_keras(source))
     state = load_state_dict(source)
     model, variables = from_torch(state, strides=strides)
     layout = detect_layout(state)
@@ -666,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Wrote {_describe(converted.model)} from the {converted.layout!r} layout to "
             f"{os.path.abspath(args.out_dir)}{inputs}"
         )
+        if converted.note:
+            print(converted.note)
 
     errors.run(convert_and_save)
 

@@ -21,12 +21,14 @@ ReLU6 and BatchNorm epsilon 1e-3. Their inputs are scaled to [-1, 1]
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from absl import logging
 from flax import linen as nn
 
 from mobilenet_jax.models import MobileNetV1, MobileNetV2, v1_architecture, v2_architecture
@@ -73,8 +75,12 @@ def _kind_of_weights(names: list[str], arrays: list[np.ndarray]) -> str | None:
 
 
 def _from_model(model: Any) -> list[Layer]:
+    """Layers with weights, in model order; a nested model (a transfer-learning backbone) is read through."""
     layers = []
     for layer in model.layers:
+        if hasattr(layer, "layers") and hasattr(layer, "get_weights"):
+            layers += _from_model(layer)
+            continue
         weights = [np.asarray(w) for w in layer.get_weights()]
         if weights:
             layers.append((layer.name, _kind_of_class(type(layer).__name__), weights))
@@ -82,23 +88,37 @@ def _from_model(model: Any) -> list[Layer]:
 
 
 def _from_legacy_h5(group) -> list[Layer]:
-    """Keras 2 / tf.keras weight files: ``layer_names`` and per-layer ``weight_names`` attributes."""
+    """Keras 2 / tf.keras weight files: ``layer_names`` and per-layer ``weight_names`` attributes.
+
+    A nested model is one entry whose weight names belong to several layers (``Conv1/kernel``,
+    ``bn_Conv1/gamma``, ...): it is split into those layers.
+    """
     layers = []
     for raw in group.attrs["layer_names"]:
         name = raw.decode() if isinstance(raw, bytes) else str(raw)
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in group[name].attrs.get("weight_names", [])]
-        if names:
-            arrays = [np.asarray(group[name][n]) for n in names]
-            layers.append((name, _kind_of_weights(names, arrays), arrays))
+        owners = list(dict.fromkeys(n.rsplit("/", 1)[0] if "/" in n else name for n in names))
+        for owner in owners if len(owners) > 1 else [name]:
+            mine = [n for n in names if len(owners) == 1 or (n.rsplit("/", 1)[0] if "/" in n else name) == owner]
+            if mine:
+                arrays = [np.asarray(group[name][n]) for n in mine]
+                layers.append((owner.split("/")[-1], _kind_of_weights(mine, arrays), arrays))
     return layers
 
 
 def _from_keras3_h5(group) -> list[Layer]:
-    """Keras 3 ``.weights.h5``: ``layers/<class>_<n>/vars/<i>``, numbered in model order."""
-    found = []
+    """Keras 3 ``.weights.h5``: ``layers/<class>_<n>/vars/<i>``, numbered in model order.
+
+    A nested model (``layers/functional/layers/...``) is read first, then the outer layers.
+    """
+    found, nested = [], []
     for key in group["layers"]:
+        entry = group["layers"][key]
+        if "layers" in entry and len(entry["layers"]):
+            nested += _from_keras3_h5(entry)
+            continue
         match = re.match(r"(.+?)(?:_(\d+))?$", key)
-        variables = group["layers"][key].get("vars")
+        variables = entry.get("vars")
         if variables is None or not len(variables):
             continue
         arrays = [np.asarray(variables[str(i)]) for i in range(len(variables))]
@@ -106,29 +126,65 @@ def _from_keras3_h5(group) -> list[Layer]:
     order = collections.defaultdict(list)
     for _, kind, arrays in sorted(found, key=lambda f: (f[1], f[0])):
         order[kind].append(arrays)
-    return [(None, kind if kind in KINDS else None, arrays) for kind, items in order.items() for arrays in items]
+    return nested + [
+        (None, kind if kind in KINDS else None, arrays) for kind, items in order.items() for arrays in items
+    ]
 
 
-def read_layers(source: Any) -> list[Layer]:
-    """``[(layer name or None, kind, [arrays in Keras order]), ...]`` from any supported source."""
+def _outer_from_config(config: dict) -> list[tuple[str, dict]]:
+    """``[(class name, layer config), ...]`` of a saved model's top level (Keras's model config JSON)."""
+    layers = config.get("config", {}).get("layers", []) if isinstance(config, dict) else []
+    return [(entry.get("class_name", ""), entry.get("config", {})) for entry in layers if isinstance(entry, dict)]
+
+
+def read_source(source: Any) -> tuple[list[Layer], list[tuple[str, dict]] | None]:
+    """``(layers, outer)``: the weighted layers (:func:`read_layers`) and, where the source says
+    (a live model, a ``.keras`` file, ``model.save('x.h5')``), the top level's ``(class, config)`` list."""
     if hasattr(source, "layers") and hasattr(source, "get_weights"):
-        return _from_model(source)
+        return _from_model(source), [(type(layer).__name__, layer.get_config()) for layer in source.layers]
     import h5py
 
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No Keras weights file at {path!r}.")
+    if path.endswith(".keras"):
+        return _from_keras_zip(path)
     try:
         with h5py.File(path, "r") as f:
+            outer = _outer_from_config(json.loads(f.attrs["model_config"])) if "model_config" in f.attrs else None
             if "layer_names" in f.attrs:
-                return _from_legacy_h5(f)
+                return _from_legacy_h5(f), outer
             if "model_weights" in f and "layer_names" in f["model_weights"].attrs:  # model.save("x.h5")
-                return _from_legacy_h5(f["model_weights"])
+                return _from_legacy_h5(f["model_weights"]), outer
             if "layers" in f:
-                return _from_keras3_h5(f)
-    except OSError as error:
+                return _from_keras3_h5(f), outer
+    except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"Could not read {path!r} as an HDF5 file ({str(error).splitlines()[0]}).") from None
     raise ValueError(f"{path!r} is an HDF5 file but not Keras weights (no layer_names and no layers/ group).")
+
+
+def _from_keras_zip(path: str) -> tuple[list[Layer], list[tuple[str, dict]]]:
+    """Keras 3's ``model.save('x.keras')``: a zip of ``config.json`` and ``model.weights.h5``."""
+    import io
+    import zipfile
+
+    import h5py
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+            weights = io.BytesIO(archive.read("model.weights.h5"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"Could not read {path!r} as a .keras file (a zip of config.json and model.weights.h5): {error}."
+        ) from None
+    with h5py.File(weights, "r") as f:
+        return _from_keras3_h5(f), _outer_from_config(config)
+
+
+def read_layers(source: Any) -> list[Layer]:
+    """``[(layer name or None, kind, [arrays in Keras order]), ...]`` from any supported source."""
+    return read_source(source)[0]
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -170,8 +226,9 @@ def _v2_plan(blocks: int = 17, top: bool = True) -> list[tuple[str, str, str]]:
     return plan + ([("predictions", "dense", "classifier")] if top else [])
 
 
-def _assign(layers: list[Layer], plan: list[tuple[str, str, str]]) -> tuple[dict, list[str], list[str]]:
-    """``({flax module: arrays}, missing, unexpected)``: by name when the layers have names, else by kind and order."""
+def _assign(layers: list[Layer], plan: list[tuple[str, str, str]]) -> tuple[dict, list[str], list[Layer]]:
+    """``({flax module: arrays}, missing, leftover layers)``: by name when the layers have names, else by kind
+    and order."""
     named = all(name is not None for name, _, _ in layers)
     found, missing = {}, []
     if named:
@@ -181,8 +238,8 @@ def _assign(layers: list[Layer], plan: list[tuple[str, str, str]]) -> tuple[dict
                 found[ours] = by_name[keras]
             else:
                 missing.append(keras)
-        unexpected = sorted(set(by_name) - {keras for keras, _, _ in plan})
-        return found, missing, unexpected
+        planned = {keras for keras, _, _ in plan}
+        return found, missing, [layer for layer in layers if layer[0] not in planned]
     queues = collections.defaultdict(collections.deque)
     for _, kind, arrays in layers:
         queues[kind].append(arrays)
@@ -191,8 +248,11 @@ def _assign(layers: list[Layer], plan: list[tuple[str, str, str]]) -> tuple[dict
             found[ours] = queues[kind].popleft()
         else:
             missing.append(f"{keras} ({kind})")
-    unexpected = [f"{kind} #{i}" for kind, queue in queues.items() for i in range(len(queue))]
-    return found, missing, unexpected
+    return (
+        found,
+        missing,
+        [(f"{kind} #{i}", kind, arrays) for kind, queue in queues.items() for i, arrays in enumerate(queue)],
+    )
 
 
 def detect_layout(layers: list[Layer]) -> str | None:
@@ -208,12 +268,71 @@ def detect_layout(layers: list[Layer]) -> str | None:
 
 
 def _closest(layers: list[Layer]) -> str:
+    """The layout sharing the most layer names; between equals (unnamed layers), the nearer depthwise count."""
     names = {name for name, _, _ in layers}
+    depthwise = sum(kind == "depthwise_conv2d" for _, kind, _ in layers)
     scores = {
-        layout: len(names & {k for k, _, _ in plan()})
-        for layout, plan in (("keras_v1", _v1_plan), ("keras_v2", _v2_plan))
+        layout: (len(names & {k for k, _, _ in plan()}), -abs(depthwise - count))
+        for layout, plan, count in (("keras_v1", _v1_plan, 13), ("keras_v2", _v2_plan, 17))
     }
     return max(scores, key=scores.get)
+
+
+# Layers a classifier head may have between the backbone and its Dense: they change nothing
+# at inference, or (softmax) are left out so that the converted model returns logits.
+_HEAD_PASSTHROUGH = {"InputLayer", "GlobalAveragePooling2D", "Dropout", "SpatialDropout2D", "Reshape", "Flatten"}
+_POOLING = {"GlobalMaxPooling2D", "MaxPooling2D", "AveragePooling2D", "Flatten"}
+
+
+def _backbone_channels(found: dict) -> int:
+    last = found.get("last_conv") or found["block_12/conv_pw"]
+    return int(last[0].shape[-1])
+
+
+def _head(leftover: list[Layer], found: dict, outer: list[tuple[str, dict]] | None) -> tuple[Layer | None, str]:
+    """``(classifier layer or None, note)`` from the layers left after the backbone.
+
+    One Dense (or Keras MobileNet's 1x1 ``conv_preds``) reading the pooled backbone
+    features becomes the classifier. Anything else (two Dense layers, max pooling or a
+    flattened feature map before the Dense) is left out, and the note names it.
+    """
+    if not leftover:
+        return None, ""
+    channels = _backbone_channels(found)
+    names = ", ".join(str(name) for name, _, _ in leftover)
+    outer_classes = [cls for cls, _ in outer or []]
+    pooling = [cls for cls in outer_classes if cls in _POOLING]
+    if "GlobalAveragePooling2D" in outer_classes and pooling == ["Flatten"]:
+        pooling = []  # Flatten after global pooling is a no-op
+    ((name, kind, arrays),) = leftover if len(leftover) == 1 else ((None, None, None),)
+    fits = kind == "dense" and arrays[0].ndim == 2 and arrays[0].shape[0] == channels and len(arrays) == 2
+    fits |= kind == "conv2d" and len(arrays) == 2 and arrays[0].shape[:3] == (1, 1, channels)  # conv_preds
+    if fits and not pooling:
+        softmax = any(
+            config.get("activation") == "softmax" or (cls == "Softmax")
+            for cls, config in outer or []
+            if cls in ("Dense", "Activation", "Softmax", "Conv2D")
+        )
+        after = (
+            "; Keras applied a softmax after it, the converted model returns the logits before it" if softmax else ""
+        )
+        if outer is None:
+            after += " (a .weights.h5 file records no layers without weights: average pooling assumed)"
+        return leftover[0], f"Keras layer {name!r} became the classifier ({arrays[0].shape[-1]} classes){after}."
+    why = f"after {', '.join(pooling)}" if pooling else "not a single Dense on the pooled features"
+    return None, (
+        f"Converted the MobileNet backbone without a classifier: the head ({names}) is {why} and was left out; "
+        "add one with mobilenet_jax.reset_classifier."
+    )
+
+
+def _outer_preprocessing(outer: list[tuple[str, dict]] | None) -> dict:
+    """Keras's [-1, 1] inputs, or what a Rescaling layer in front of the backbone makes of RGB 0..255."""
+    for cls, config in outer or []:
+        scale, offset = config.get("scale"), config.get("offset", 0.0)
+        if cls == "Rescaling" and isinstance(scale, (int, float)) and isinstance(offset, (int, float)) and scale:
+            return {**PREPROCESSING, "mean_rgb": [-offset / scale] * 3, "stddev_rgb": [1.0 / scale] * 3}
+    return dict(PREPROCESSING)
 
 
 def _mismatch(layout: str, missing: list[str], unexpected: list[str], misshaped: list[str], limit: int = 12) -> str:
@@ -287,38 +406,63 @@ def _to_flax(kind: str, arrays: list[np.ndarray]) -> dict[str, dict[str, np.ndar
     return {"params": params, "batch_stats": {}}
 
 
+class KerasConversion(NamedTuple):
+    """What :func:`convert_keras` returns: the model, its variables, the layout, its inputs and a note."""
+
+    model: nn.Module
+    variables: dict
+    layout: str
+    preprocessing: dict
+    note: str  # what became of a transfer-learning head ('' for a plain keras.applications model)
+
+
 def from_keras(source: Any) -> tuple[nn.Module, dict, str]:
-    """``(model, variables, layout)`` from a Keras model object or weights file (see the module docstring).
+    """``(model, variables, layout)`` from a Keras model object or weights file; see :func:`convert_keras`."""
+    converted = convert_keras(source)
+    return converted.model, converted.variables, converted.layout
+
+
+def convert_keras(source: Any) -> KerasConversion:
+    """A Keras MobileNet, or a transfer-learning model built on one, converted (see the module docstring).
 
     Raises KerasMismatchError listing the missing, unexpected and mis-shaped layers
     (against the closest known layout) when the weights are not a Keras MobileNet.
     """
-    import jax
-
-    from mobilenet_jax import convert  # its tree setter; convert imports this module only inside functions
-
-    layers = read_layers(source)
+    layers, outer = read_source(source)
     layout = detect_layout(layers)
     if layout is None:
         closest = _closest(layers)
         plan = _v1_plan() if closest == "keras_v1" else _v2_plan()
-        _, missing, unexpected = _assign(layers, plan)
+        _, missing, leftover = _assign(layers, plan)
+        unexpected = [str(name) for name, _, _ in leftover]
         raise KerasMismatchError(
             "No Keras MobileNet layout fits (closest: " + closest + "). " + _mismatch(closest, missing, unexpected, [])
         )
-    top = any(name in ("conv_preds", "predictions") or kind == "dense" for name, kind, _ in layers) or (
-        layout == "keras_v1" and sum(kind == "conv2d" for _, kind, _ in layers) == 15
-    )
-    plan = _v1_plan(top=top) if layout == "keras_v1" else _v2_plan(top=top)
-    found, missing, unexpected = _assign(layers, plan)
-    if missing or unexpected:
-        raise KerasMismatchError(_mismatch(layout, missing, unexpected, []))
+    plan = _v1_plan(top=False) if layout == "keras_v1" else _v2_plan(top=False)
+    found, missing, leftover = _assign(layers, plan)
+    if missing:
+        raise KerasMismatchError(_mismatch(layout, missing, [str(name) for name, _, _ in leftover], []))
+    classifier, note = _head(leftover, found, outer)
+    if classifier is not None:
+        found["classifier"] = classifier[2]
+        plan.append((classifier[0], classifier[1], "classifier"))
+    if note and classifier is None:
+        logging.warning("%s", note)
     epsilon = _epsilon(source)
     model = _v1_model(found, epsilon) if layout == "keras_v1" else _v2_model(found, epsilon)
+    variables = _variables(model, found, {ours: kind for _, kind, ours in plan}, layout)
+    return KerasConversion(model, variables, layout, _outer_preprocessing(outer), note)
+
+
+def _variables(model: nn.Module, found: dict, kinds: dict, layout: str) -> dict:
+    """The Flax variables of ``model`` from the assigned Keras arrays (KerasMismatchError on a wrong shape)."""
+    import jax
+
+    from mobilenet_jax import convert  # its tree setter; convert imports this module only inside functions
+
     abstract = jax.eval_shape(
         lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
     )
-    kinds = {ours: kind for _, kind, ours in plan}
     variables: dict = {"params": {}, "batch_stats": {}}
     misshaped = []
     for module, arrays in found.items():
@@ -331,7 +475,7 @@ def from_keras(source: Any) -> tuple[nn.Module, dict, str]:
                 convert._set(variables[collection], (*module.split("/"), leaf), jax.numpy.asarray(value))
     if misshaped:
         raise KerasMismatchError(_mismatch(layout, [], [], misshaped))
-    return model, variables, layout
+    return variables
 
 
 def _lookup(tree: Mapping, path: list[str]) -> Any:
@@ -343,7 +487,7 @@ def _lookup(tree: Mapping, path: list[str]) -> Any:
 
 
 def is_keras_source(source: Any) -> bool:
-    """A Keras model object or an ``.h5`` / ``.weights.h5`` / ``.keras``-adjacent HDF5 path."""
+    """A Keras model object, an ``.h5`` / ``.weights.h5`` file or a ``.keras`` file."""
     if hasattr(source, "layers") and hasattr(source, "get_weights"):
         return True
-    return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".h5")
+    return isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith((".h5", ".keras"))

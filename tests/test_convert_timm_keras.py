@@ -251,6 +251,99 @@ def test_keras_export_and_preprocessing_applied_end_to_end(tmp_path, image_folde
     assert got["loss"] == pytest.approx(np.mean(losses), rel=1e-4)
 
 
+def keras_transfer_model(architecture, alpha, head, size=32, classes=5, seed=0):
+    """The TensorFlow tutorials' transfer-learning model: a keras.applications backbone nested as one layer.
+
+    ``head``: 'functional' (Rescaling to [-1, 1], backbone, average pooling, dropout, a softmax Dense),
+    'sequential' (backbone, pooling, dropout, Dense; inputs scaled outside) or 'two_dense'.
+    """
+    backbone = keras_model(architecture, alpha, size, seed=seed)  # randomised BatchNorm, then the top is dropped
+    base = getattr(keras.applications, architecture)(
+        alpha=alpha, weights=None, input_shape=(size, size, 3), include_top=False
+    )
+    for layer in base.layers:
+        if layer.get_weights():
+            layer.set_weights(backbone.get_layer(layer.name).get_weights())
+    layers = keras.layers
+    if head == "sequential":
+        model = keras.Sequential(
+            [
+                keras.Input((size, size, 3)),
+                base,
+                layers.GlobalAveragePooling2D(),
+                layers.Dropout(0.2),
+                layers.Dense(classes),
+            ]
+        )
+    else:
+        inputs = keras.Input((size, size, 3))
+        x = layers.Dropout(0.2)(layers.GlobalAveragePooling2D()(base(layers.Rescaling(1 / 127.5, offset=-1)(inputs))))
+        if head == "two_dense":
+            x = layers.Dense(8, activation="relu")(x)
+        model = keras.Model(inputs, layers.Dense(classes, activation="softmax")(x))
+    dense = model.layers[-1]
+    kernel, bias = dense.get_weights()
+    rng = np.random.default_rng(seed + 7)
+    dense.set_weights([rng.normal(size=kernel.shape) / kernel.shape[0] ** 0.5, 0.1 * rng.normal(size=bias.shape)])
+    return model
+
+
+def keras_pooled_and_logits(model, rgb):
+    """The pooled backbone features and the last Dense's logits (before its softmax; None when that Dense
+    does not read the pooled features), computed from Keras."""
+    pooled_layer = next(layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
+    pooled = np.asarray(keras.Model(model.inputs, pooled_layer.output)(rgb, training=False), np.float64)
+    kernel, bias = model.layers[-1].get_weights()
+    return pooled, (pooled @ kernel + bias if kernel.shape[0] == pooled.shape[-1] else None)
+
+
+@pytest.mark.parametrize(
+    "architecture, alpha, head", [("MobileNetV2", 0.35, "functional"), ("MobileNet", 0.25, "sequential")]
+)
+def test_keras_transfer_learning_model_converts_with_its_head(architecture, alpha, head, tmp_path):
+    reference = keras_transfer_model(architecture, alpha, head)
+    rgb = np.random.default_rng(2).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
+    # The Sequential model takes inputs scaled outside, as preprocess_input does.
+    keras_in = rgb if head == "functional" else rgb / 127.5 - 1.0
+    _, expected = keras_pooled_and_logits(reference, keras_in)
+    reference.save(tmp_path / "model.keras")
+    reference.save(tmp_path / "legacy.h5")
+    reference.save_weights(tmp_path / "model.weights.h5")
+    for source in (reference, tmp_path / "model.keras", tmp_path / "legacy.h5", tmp_path / "model.weights.h5"):
+        converted = convert.load_with_info(source if source is reference else str(source))
+        assert converted.layout == ("keras_v2" if architecture == "MobileNetV2" else "keras_v1")
+        assert converted.model.num_classes == 5 and "became the classifier (5 classes)" in converted.note
+        softmax_known = head == "functional" and not str(source).endswith(".weights.h5")
+        assert ("Keras applied a softmax" in converted.note) == softmax_known
+        # The Rescaling layer's [-1, 1] (or, without one, keras preprocess_input's) is the recorded preprocessing.
+        assert (
+            converted.preprocessing["mean_rgb"] == [127.5] * 3 and converted.preprocessing["stddev_rgb"] == [127.5] * 3
+        )
+        forward = export.inference_function(converted.model, converted.variables, converted.preprocessing)
+        np.testing.assert_allclose(np.asarray(forward(rgb)), expected, atol=TOLERANCE, rtol=0)
+
+
+def test_keras_head_it_cannot_map_gives_the_backbone_and_one_sentence(tmp_path):
+    reference = keras_transfer_model("MobileNetV2", 0.35, "two_dense")
+    reference.save(tmp_path / "model.keras")
+    rgb = np.random.default_rng(3).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
+    pooled, _ = keras_pooled_and_logits(reference, rgb)
+    converted = convert.load_with_info(str(tmp_path / "model.keras"))
+    assert converted.model.num_classes is None  # the backbone: pooled features out
+    note = converted.note  # one sentence naming the layers left out
+    assert "\n" not in note and ". " not in note and note.endswith(".") and "the head (dense #0, dense #1)" in note
+    features = converted.model.apply(converted.variables, (rgb - 127.5) / 127.5, train=False)
+    np.testing.assert_allclose(np.asarray(features), pooled, atol=TOLERANCE, rtol=0)
+    result = convert_cli(tmp_path / "model.keras", tmp_path / "converted")
+    assert "left out" in result.stdout and checkpoint.load_model(tmp_path / "converted")[0].num_classes is None
+
+
+def test_keras_closest_layout_of_unnamed_weights_counts_depthwise_layers():
+    layers = [(None, "depthwise_conv2d", []) for _ in range(16)] + [(None, "conv2d", [])]
+    assert convert_keras._closest(layers) == "keras_v2"
+    assert convert_keras._closest(layers[:12]) == "keras_v1"
+
+
 def test_keras_resnet_is_one_listing_error(tmp_path):
     resnet = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=3)
     with pytest.raises(convert_keras.KerasMismatchError) as info:
