@@ -4,7 +4,8 @@ A model directory holds ``variables/`` (an orbax checkpoint of ``{'params',
 'batch_stats'}``), ``model.json`` (``model_to_dict``) and, for weights that expect
 other inputs than the ImageNet normalisation, ``preprocessing.json``. The converter writes one;
 training, evaluation and export start from one. A training workdir holds
-``model.json`` and ``checkpoints/<step>/`` (whole train states).
+``model.json``, ``config.json`` (the resolved training config, as Flax's and big_vision's
+trainers keep it) and ``checkpoints/<step>/`` (whole train states).
 
 Restores are defensive: a checkpoint that fails to restore, or restores with a
 non-finite array, is reported in one line and skipped for the next older one;
@@ -29,6 +30,7 @@ from mobilenet_jax.errors import CheckpointError, sentence
 from mobilenet_jax.models.registry import model_from_dict, model_to_dict
 
 MODEL_JSON = "model.json"
+CONFIG_JSON = "config.json"
 PREPROCESSING_JSON = "preprocessing.json"
 VARIABLES_DIR = "variables"
 CHECKPOINTS_DIR = "checkpoints"
@@ -91,6 +93,43 @@ def write_model_record(directory: str, model: nn.Module) -> None:
     """``directory/model.json``: lets evaluation, export and fine-tuning rebuild the architecture."""
     with open(os.path.join(directory, MODEL_JSON), "w") as f:
         json.dump(model_to_dict(model), f, indent=2)
+
+
+def write_config(directory: str, config: Any) -> None:
+    """``directory/config.json``: the config a workdir was trained with, for the commands that read it."""
+    path = os.path.join(directory, CONFIG_JSON)
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)  # a run killed mid-write leaves the previous record
+
+
+def read_config(directory: str | os.PathLike) -> Any | None:
+    """The training config recorded in a workdir's ``config.json`` (a ConfigDict), or None without one."""
+    import ml_collections
+
+    path = os.path.join(os.fspath(directory), CONFIG_JSON)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not a config record ({sentence(error)}); pass --config instead.") from None
+    if not isinstance(record, dict) or "dataset" not in record or "image_size" not in record:
+        raise CheckpointError(f"{path} is not a training config (no dataset or image_size); pass --config instead.")
+    return ml_collections.ConfigDict(record)
+
+
+def config_for(source: str | os.PathLike, config: Any | None, purpose: str) -> Any:
+    """``config`` when given, else the one ``source`` (a workdir) was trained with; one sentence without either."""
+    if config is not None:
+        return config
+    recorded = read_config(source) if os.path.isdir(os.fspath(source)) else None
+    if recorded is None:
+        raise CheckpointError(
+            f"{source} records no training config ({CONFIG_JSON}); {purpose} needs --config naming the dataset."
+        )
+    return recorded
 
 
 def read_model_record(directory: str, **runtime: Any) -> nn.Module:

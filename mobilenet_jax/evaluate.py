@@ -7,7 +7,8 @@ Weights come from one of:
 * ``--tflite FILE.tflite``: an exported file, run in the LiteRT interpreter (with one of
   the above as well, both are evaluated and their top-1 agreement is reported).
 
-The dataset, split and resolution come from the config. For converted torchvision
+The dataset, split and resolution come from the config (``--config``; a training
+workdir's own ``config.json`` when it is left out). For converted torchvision
 weights, ``--config.eval_preprocessing=torchvision`` (the default with
 ``--torch_weights``) evaluates as torchvision does: resize 256, center crop 224,
 bilinear, ImageNet mean/std. The command only reads: it creates nothing in a workdir.
@@ -23,7 +24,12 @@ from ml_collections import config_flags
 from mobilenet_jax import errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config (dataset, split, image size).", lock_config=False)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Training config (dataset, split, image size); default: a --workdir's config.json.",
+    lock_config=False,
+)
 flags.DEFINE_string("workdir", None, "Training workdir whose newest good checkpoint to evaluate.")
 flags.DEFINE_string("model_dir", None, "Converted model directory (python -m mobilenet_jax.convert).")
 flags.DEFINE_string("torch_weights", None, "PyTorch .pth state dict to convert and evaluate.")
@@ -132,6 +138,19 @@ def evaluate_tflite(config, tflite_path: str, reference=None) -> dict:
     return result
 
 
+def _reference(model, variables, model_dir: str | None):
+    """``pipeline images -> logits`` of the JAX model, fed as its ``preprocessing.json`` says (if any)."""
+    from mobilenet_jax import checkpoint, input_pipeline
+
+    preprocessing = checkpoint.read_preprocessing(model_dir) if model_dir else None
+    if preprocessing is None or input_pipeline.is_pipeline_normalisation(
+        preprocessing["mean_rgb"], preprocessing["stddev_rgb"]
+    ):
+        return lambda images: model.apply(variables, images, train=False)
+    scale, shift = input_pipeline.renormalization(preprocessing["mean_rgb"], preprocessing["stddev_rgb"])
+    return lambda images: model.apply(variables, images * scale + shift, train=False)
+
+
 def _tflite_report(config, result: dict) -> str:
     parts = [
         f"{name}: top-1 {100 * result[name + '_top1']:.2f}%, top-5 {100 * result[name + '_top5']:.2f}%"
@@ -155,6 +174,12 @@ def main() -> None:
 
     tf.config.experimental.set_visible_devices([], "GPU")
     config = FLAGS.config
+    if config is None:  # a training workdir remembers its config; other sources name none
+        if not FLAGS.workdir:
+            raise errors.UserError("Give --config naming the dataset (only a training --workdir supplies its own).")
+        from mobilenet_jax import checkpoint
+
+        config = checkpoint.config_for(FLAGS.workdir, None, "evaluation")
     if FLAGS.torch_weights and "eval_preprocessing" not in config_flags.get_override_values(FLAGS["config"]):
         config.eval_preprocessing = "torchvision"
     if FLAGS.tflite:
@@ -169,7 +194,7 @@ def main() -> None:
                 torch_weights=FLAGS.torch_weights,
                 weights=FLAGS.weights,
             )
-            reference = jax.jit(lambda x: model.apply(variables, x, train=False))
+            reference = jax.jit(_reference(model, variables, FLAGS.model_dir))
         print(_tflite_report(config, evaluate_tflite(config, FLAGS.tflite, reference)))
         return
     result = run(
@@ -187,5 +212,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
     app.run(errors.absl_main(main), flags_parser=errors.parse_absl_flags)

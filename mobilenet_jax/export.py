@@ -7,7 +7,8 @@
 
 SOURCE is a training workdir (its newest good checkpoint, or ``--step N``; the EMA
 weights unless ``--weights live``) or a model directory from ``python -m
-mobilenet_jax.convert``.
+mobilenet_jax.convert``. A workdir's ``config.json`` supplies the dataset (int8
+calibration) and image size; ``--config`` replaces it.
 
 The exported graph is the model in inference mode, rebuilt from its variables with
 every BatchNorm folded into the convolution before it (``w * gamma / sqrt(var + eps)``
@@ -349,12 +350,14 @@ def export(
 
     if fmt not in FORMATS:
         raise errors.UserError(f"--format must be one of {FORMATS}, got {fmt!r}.")
-    image_size = image_size or (config.image_size if config is not None else 224)
-    if image_size < 8:
-        raise errors.UserError(f"--image_size must be at least 8 pixels, got {image_size}.")
     if os.path.isdir(out):
         raise errors.UserError(f"{out} is a directory; name the file to write.")
     model, variables = checkpoint.load_any(source, weights=weights, step=step)
+    if config is None:  # a workdir remembers the config it was trained with
+        config = checkpoint.read_config(source)
+    image_size = image_size or (config.image_size if config is not None else 224)
+    if image_size < 8:
+        raise errors.UserError(f"--image_size must be at least 8 pixels, got {image_size}.")
     preprocessing = checkpoint.read_preprocessing(source)
     if fmt in ("stablehlo", "onnx"):
         if quantize != "none" or io_dtype != "float32":
@@ -364,7 +367,10 @@ def export(
         calibration = None
         if quantize == "int8":
             if config is None:
-                raise errors.UserError("--quantize int8 needs --config naming the training dataset for calibration.")
+                raise errors.UserError(
+                    "--quantize int8 needs calibration images: pass --config naming the training dataset "
+                    "(a training workdir supplies its own)."
+                )
             calibration = calibration_images(config, calibration_count)
         data = to_tflite(model, variables, image_size, quantize, io_dtype, calibration, preprocessing=preprocessing)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -409,7 +415,9 @@ def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Training config: dataset for int8 calibration, image size.")
+    config_flags.DEFINE_config_file(
+        "config", None, "Training config: dataset for int8 calibration, image size (default: a workdir's config.json)."
+    )
     flags.DEFINE_string("format", "tflite", "tflite, stablehlo or onnx.")
     flags.DEFINE_string("quantize", "none", "none (float32), int8 (full integer) or dynamic (int8 weights).")
     flags.DEFINE_string("io_dtype", "float32", "float32 or int8 inputs and outputs (int8 needs --quantize int8).")

@@ -141,11 +141,20 @@ def is_pipeline_normalisation(mean_rgb, stddev_rgb) -> bool:
     return bool(np.allclose(mean_rgb, MEAN_RGB) and np.allclose(stddev_rgb, STDDEV_RGB))
 
 
+def renormalization(mean_rgb, stddev_rgb) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, shift)`` per channel taking :func:`normalize`'d images to ``(rgb - mean_rgb) / stddev_rgb``.
+
+    ``x_new = (x * STDDEV_RGB + MEAN_RGB - mean_rgb) / stddev_rgb = x * scale + shift``.
+    """
+    mean, std = np.asarray(MEAN_RGB, np.float64), np.asarray(STDDEV_RGB, np.float64)
+    new_mean, new_std = np.asarray(mean_rgb, np.float64), np.asarray(stddev_rgb, np.float64)
+    return (std / new_std).astype(np.float32), ((mean - new_mean) / new_std).astype(np.float32)
+
+
 def renormalize(batch: dict, mean_rgb, stddev_rgb) -> dict:
     """A batch of :func:`normalize`'d images re-normalised as ``(rgb - mean_rgb) / stddev_rgb`` instead."""
-    rgb = batch["image"] * tf.constant(STDDEV_RGB, tf.float32) + tf.constant(MEAN_RGB, tf.float32)
-    image = (rgb - tf.constant(mean_rgb, tf.float32)) / tf.constant(stddev_rgb, tf.float32)
-    return {**batch, "image": image}
+    scale, shift = renormalization(mean_rgb, stddev_rgb)
+    return {**batch, "image": batch["image"] * tf.constant(scale) + tf.constant(shift)}
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:

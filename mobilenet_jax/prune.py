@@ -1,12 +1,14 @@
 """Channel pruning of MobileNets as AMC does it: rank, slice the coupled tensors, refit by least squares.
 
     python -m mobilenet_jax.prune SOURCE OUT_DIR --profile 0.5flops [--config configs/v1.py:quickstart]
-    python -m mobilenet_jax.prune SOURCE OUT_DIR --macs 0.5 --config configs/v1.py:quickstart
+    python -m mobilenet_jax.prune WORKDIR OUT_DIR --macs 0.5   # the workdir's config.json feeds the refit
     python -m mobilenet_jax.prune SOURCE OUT_DIR --channels "24,48,(96,2),80,..." [--no_refit]
     python -m mobilenet_jax.prune V2_DIR OUT_DIR --channels "32,(64,16),72,(96,24),..."  # V2: hidden or (hidden, out)
 
 SOURCE is a training workdir or a model directory; OUT_DIR is a model directory that
-evaluation, export, ``--config.init_from`` and ``convert.to_torch`` read.
+evaluation, export, ``--config.init_from`` and ``convert.to_torch`` read. The refit's
+images come from ``--config``'s training split, or from the dataset a workdir was
+trained on (its ``config.json``).
 
 MobileNetV1: every layer that produces channels (the stem and each block's pointwise conv) keeps
 the channels whose weights in the *next* pointwise conv (or the classifier, after the
@@ -474,7 +476,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     target.add_argument("--macs", type=float, help="fraction of the model's multiply-adds to keep, in (0, 1]")
     parser.add_argument("--criterion", choices=CRITERIA, default="l1", help="l1 (AMC) or bn (BatchNorm scale)")
     parser.add_argument("--no_refit", action="store_true", help="skip the least-squares refit")
-    parser.add_argument("--config", help="training config whose training images feed the refit (path[:options])")
+    parser.add_argument(
+        "--config",
+        help="training config whose training images feed the refit (path[:options]; default: a workdir's config.json)",
+    )
     parser.add_argument("--refit_images", type=int, default=256)
     parser.add_argument("--image_size", type=int, default=None, help="for --macs (default: the config's, else 224)")
     parser.add_argument("--weights", choices=("ema", "live"), default="ema")
@@ -484,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mobilenet_jax import checkpoint, export
 
         model, variables = checkpoint.load_any(args.source, weights=args.weights)
-        config = errors.load_config(args.config) if args.config else None
+        config = errors.load_config(args.config) if args.config else checkpoint.read_config(args.source)
         image_size = args.image_size or (config.image_size if config is not None else 224)
         if args.channels:
             channels = parse_channels(args.channels, model)

@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import linen as nn
 from jax import lax
@@ -68,10 +67,9 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int, **override
     preprocessing, affine = checkpoint.read_preprocessing(config.teacher), None
     if preprocessing and not input_pipeline.is_pipeline_normalisation(
         preprocessing["mean_rgb"], preprocessing["stddev_rgb"]
-    ):  # x_teacher = (x * std + mean - teacher_mean) / teacher_std
-        mean, std = np.asarray(input_pipeline.MEAN_RGB), np.asarray(input_pipeline.STDDEV_RGB)
-        t_mean, t_std = np.asarray(preprocessing["mean_rgb"]), np.asarray(preprocessing["stddev_rgb"])
-        affine = (tuple((std / t_std).tolist()), tuple(((mean - t_mean) / t_std).tolist()))
+    ):
+        scale, shift = input_pipeline.renormalization(preprocessing["mean_rgb"], preprocessing["stddev_rgb"])
+        affine = (tuple(scale.tolist()), tuple(shift.tolist()))
     if model.num_classes != num_classes:
         raise ConfigError(
             f"Bad config: teacher={config.teacher!r} has {model.num_classes} classes and the dataset {num_classes}; "
@@ -171,9 +169,10 @@ def train_step(
     With a ``teacher``, the loss is :func:`distillation_loss` against its logits on the
     same batch (``teacher_variables``, replicated, are read, never updated).
 
-    ``metrics['finite']`` is 1 when the new state is finite (a finite loss and a finite
-    update; with ``skip_nonfinite``, a skipped update counts as finite) and 0 otherwise,
-    so the loop can refuse to save a poisoned state.
+    ``metrics['finite']`` is 1 when the new state is finite (a finite loss, and finite
+    parameters, BatchNorm statistics, EMA and optimizer state; with ``skip_nonfinite``, a
+    skipped update counts as finite) and 0 otherwise, so the loop can refuse to save a
+    poisoned state.
     """
     grads, logits, per_example, batch_stats = _gradients(
         state, batch, model, label_smoothing, teacher, teacher_variables
@@ -196,7 +195,11 @@ def train_step(
     )
     sums = lax.psum(_metrics(logits, batch["label"], batch["mask"], per_example), BATCH)
     count = jnp.maximum(sums["count"], 1.0)
-    finite = _all_finite(updates) & _all_finite(batch_stats)
+    # Everything a checkpoint saves: RMSprop's accumulator can overflow while the loss and
+    # the update are still finite, and a resume from such a state cannot train.
+    finite = _all_finite(
+        (new_state.params, new_state.batch_stats, new_state.opt_state, new_state.ema_params, new_state.ema_batch_stats)
+    )
     if not skip_nonfinite:
         finite &= jnp.isfinite(sums["loss"])
     metrics = {

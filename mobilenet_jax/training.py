@@ -240,7 +240,7 @@ def check_finite(pending: list[dict], first_step: int) -> None:
     for offset, finite in enumerate(flags):
         if not finite:
             loss = float(distributed.to_host(pending[offset]["loss"]))
-            what = f"loss became {loss}" if not math.isfinite(loss) else "update became non-finite"
+            what = f"loss became {loss}" if not math.isfinite(loss) else "state became non-finite"
             raise DivergenceError(
                 f"Training {what} at step {first_step + offset}; lower the learning rate "
                 f"(nothing from that step on was saved)."
@@ -349,6 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
         run.workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints
     )
     writer = MetricWriter(run.workdir, enabled=jax.process_index() == 0)
+    if jax.process_index() == 0:  # export, prune and evaluate read the dataset and image size from it
+        checkpoint.write_config(run.workdir, config)
     try:
         state = restore_or_init(run, manager)
         if jax.process_index() == 0:

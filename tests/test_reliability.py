@@ -47,6 +47,12 @@ def train_losses(workdir):
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
+def train_steps(workdir):
+    """The step of every train record of metrics.jsonl, in the order written."""
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r["step"] for r in records if r["split"] == "train"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(image_folder, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -92,6 +98,9 @@ def test_resume_falls_back_to_the_newest_good_checkpoint(corrupt, uninterrupted,
 
     expected, got = train_losses(uninterrupted), train_losses(workdir)
     assert got.keys() == expected.keys()
+    # Resumed from step 4: exactly one train record per step (a run that retrained from step 0
+    # would log steps 1-4 again; the deterministic losses alone could not tell).
+    assert train_steps(workdir) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([got[s] for s in (5, 6)], [expected[s] for s in (5, 6)], rtol=1e-6)
     (moved,) = os.listdir(workdir / "corrupt_checkpoints")  # renamed aside, not deleted
     assert moved.startswith("6-")
@@ -121,8 +130,8 @@ def test_evaluation_and_init_from_skip_a_corrupt_checkpoint(uninterrupted, tmp_p
         checkpoint.load_any(str(workdir), step=9)
 
 
-def _poison_step(monkeypatch, bad_step):
-    """The batch of training step ``bad_step`` gets a NaN image (an exploding loss, on cue)."""
+def _poison_step(monkeypatch, *bad_steps):
+    """The batches of training steps ``bad_steps`` get a NaN image (an exploding loss, on cue)."""
     calls = {"train": 0}
     original = input_pipeline.as_numpy
 
@@ -130,7 +139,7 @@ def _poison_step(monkeypatch, bad_step):
         batch = original(batch)
         if batch["image"].shape[0] == 8 and "mask" in batch and batch["mask"].all():
             calls["train"] += 1
-            if calls["train"] == bad_step:
+            if calls["train"] in bad_steps:
                 batch["image"] = np.full_like(batch["image"], np.nan)
         return batch
 
@@ -139,7 +148,7 @@ def _poison_step(monkeypatch, bad_step):
 
 @pytest.mark.slow
 def test_divergence_between_saves_stops_before_saving(monkeypatch, image_folder, tmp_path):
-    _poison_step(monkeypatch, bad_step=5)
+    _poison_step(monkeypatch, 5)
     config = config_for(image_folder, num_train_steps=10, log_every_steps=10, async_checkpoints=True)
     with pytest.raises(DivergenceError, match="Training loss became nan at step 5; lower the learning rate"):
         training.train_and_evaluate(config, str(tmp_path))
@@ -151,13 +160,42 @@ def test_divergence_between_saves_stops_before_saving(monkeypatch, image_folder,
 
 
 @pytest.mark.slow
+def test_divergence_that_overflows_the_optimizer_state_saves_nothing_poisoned(uninterrupted, image_folder, tmp_path):
+    # RMSprop's accumulator overflows one step before the loss does: with a checkpoint every
+    # step, that state was saved when the flag covered only the loss and the update.
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    config = config_for(
+        image_folder, num_train_steps=30, learning_rate=1e6, checkpoint_every_steps=1, keep_checkpoints=30
+    )
+    with pytest.raises(DivergenceError, match="Training state became non-finite at step") as info:
+        training.train_and_evaluate(config, str(workdir))
+    diverged_at = int(str(info.value).split("at step ")[1].split(";")[0])
+    manager = checkpoint.TrainCheckpoints(str(workdir), read_only=True)
+    assert manager.all_steps() == [2, 4, *range(6, diverged_at)]  # every step before the bad one was saved
+    for step in manager.all_steps():
+        state = manager.restore_weights(step)  # the whole state, optimizer included; raises if non-finite
+        assert checkpoint.nonfinite_problem(state["opt_state"]) is None, step
+    manager.close()
+
+
+@pytest.mark.slow
 def test_skipping_nonfinite_updates_rides_out_a_spike(monkeypatch, image_folder, tmp_path):
-    _poison_step(monkeypatch, bad_step=3)
+    _poison_step(monkeypatch, 3)
     config = config_for(image_folder, max_consecutive_nonfinite_skips=2)
     state, _ = training.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 6
     assert checkpoint.nonfinite_problem(jax.device_get(state)) is None
     assert not np.isfinite(train_losses(tmp_path)[3])  # the spike was seen and skipped
+
+
+@pytest.mark.slow
+def test_skipping_stops_after_max_consecutive_nonfinite_skips(monkeypatch, image_folder, tmp_path):
+    _poison_step(monkeypatch, 2, 3, 4)  # three bad steps in a row, two allowed
+    config = config_for(image_folder, max_consecutive_nonfinite_skips=2, log_every_steps=6, checkpoint_every_steps=6)
+    with pytest.raises(DivergenceError, match="Training loss became nan at step 4; lower the learning rate"):
+        training.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or os.listdir(tmp_path / "checkpoints") == []
 
 
 def cli(*args, cwd=REPO):

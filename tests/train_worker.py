@@ -1,7 +1,8 @@
 """One training run in a fresh process, for the device-count, multi-process and resume tests.
 
 Usage: python -m tests.train_worker '{"devices": 2, "workdir": ..., "overrides": {...}}'
-Writes WORKDIR/final_params.npz (the flattened parameters) when training completes.
+Writes WORKDIR/final_params.npz (the flattened parameters and EMA parameters) when training
+completes.
 """
 
 import json
@@ -62,7 +63,10 @@ state, results = training.train_and_evaluate(config, args["workdir"])
 if "preempted_at_step" in results:
     print(f"PREEMPTED {results['preempted_at_step']}", flush=True)
 elif jax.process_index() == 0:
-    flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(state.params))[0]
+    # Not the BatchNorm statistics: flax creates them in float32 whatever param_dtype is, so in these
+    # float64 runs a restore (to the initial dtype) rounds them, which float32 training never sees.
+    weights = {"params": state.params, "ema_params": state.ema_params}
+    flat = jax.tree_util.tree_flatten_with_path(distributed.to_host(weights))[0]
     np.savez(
         os.path.join(args["workdir"], "final_params.npz"),
         **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat},
