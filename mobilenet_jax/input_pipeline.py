@@ -14,6 +14,7 @@ valid header and a corrupt body is dropped from the stream (evaluation counts it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -292,6 +293,27 @@ def _encoded(info: DatasetInfo, split: str) -> tf.data.Dataset:
     return ds.map(lambda ex: (ex[info.image_key], ex[info.label_key]))
 
 
+@contextlib.contextmanager
+def _without_global_seed():
+    """TensorFlow's global seed (``tf.random.set_seed``, ``keras.utils.set_random_seed``) joins every op seed.
+
+    The training stream is a function of ``config.seed`` alone, so the global seed is
+    cleared while the shuffles are built, then set again. (A global seed of 0 would also
+    make ``Dataset.shuffle`` fail on the traced per-epoch seed.)
+    """
+    from tensorflow.python.eager import context  # no public reader of the global seed
+
+    previous = context.global_seed()
+    if previous is None:
+        yield
+        return
+    tf.random.set_seed(None)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(previous)
+
+
 def create_train_dataset(
     info: DatasetInfo,
     split: str,
@@ -327,7 +349,8 @@ def create_train_dataset(
         return shuffled.map(lambda index, example: (e, index, example))
 
     start_epoch, offset = divmod(start_step * global_batch_size, total)
-    stream = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(offset)
+    with _without_global_seed():  # the shuffles are traced here
+        stream = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(offset)
     stream = stream.shard(process_count, process_index)
 
     def preprocess(e, index, example):

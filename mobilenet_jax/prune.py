@@ -346,11 +346,12 @@ def pointwise_io(
 def refit(
     model: nn.Module, variables: dict, pruned: nn.Module, pruned_variables: dict, keeps, images: jax.Array
 ) -> tuple[dict, dict[str, tuple[float, float]]]:
-    """Least-squares refit of each pruned pointwise conv, in order (AMC).
+    """Least-squares refit of each pruned pointwise conv, in order (AMC), then of the classifier.
 
     Each conv whose kernel was sliced gets the kernel that best maps the pruned
     network's inputs to that layer onto the unpruned layer's (kept) outputs on
-    ``images``. Returns the new variables and, per layer, the relative reconstruction
+    ``images``; a classifier that reads pruned channels gets the kernel and bias that
+    best reproduce the unpruned logits. Returns the new variables and, per layer, the relative reconstruction
     error before and after. A layer with fewer than twice as many feature rows as
     input channels is left as sliced (least squares would fit these images exactly).
     """
@@ -378,7 +379,35 @@ def refit(
         weights, *_ = np.linalg.lstsq(x, target, rcond=None)
         report[layer] = (before, np.linalg.norm(x @ weights - target) / scale)
         node["kernel"] = weights.astype(node["kernel"].dtype)[None, None]
+    _refit_classifier(model, variables, pruned, {**pruned_variables, "params": params}, images, report)
     return {**pruned_variables, "params": jax.tree.map(jnp.asarray, params)}, report
+
+
+def _refit_classifier(model, variables, pruned, pruned_variables, images, report) -> None:
+    """The classifier reads the last pruned layer: refit its kernel and bias to the unpruned logits.
+
+    Without it, what the dropped channels contributed to the logits is simply lost
+    (the convs before it are refit to their kept outputs, which the classifier then reads).
+    """
+    params = pruned_variables["params"]
+    old = variables["params"].get("classifier")
+    if old is None or params["classifier"]["kernel"].shape == old["kernel"].shape:
+        return  # a backbone, or the classifier's inputs were not pruned
+    target = np.asarray(model.apply(variables, images, train=False), np.float64)
+    _, features = pruned.apply(pruned_variables, images, train=False, return_features=True)
+    x = np.asarray(features["pre_logits"], np.float64)
+    x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)  # the bias as one more input
+    node = params["classifier"]
+    current = np.concatenate([np.asarray(node["kernel"], np.float64), np.asarray(node["bias"], np.float64)[None]])
+    scale = max(np.linalg.norm(target), 1e-12)
+    before = np.linalg.norm(x @ current - target) / scale
+    if x.shape[0] < 2 * x.shape[1]:
+        report["classifier"] = (before, before)
+        return
+    weights, *_ = np.linalg.lstsq(x, target, rcond=None)
+    report["classifier"] = (before, np.linalg.norm(x @ weights - target) / scale)
+    node["kernel"] = weights[:-1].astype(node["kernel"].dtype)
+    node["bias"] = weights[-1].astype(node["bias"].dtype)
 
 
 def _round(c: int, keep: float, divisor: int) -> int:

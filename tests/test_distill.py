@@ -6,7 +6,6 @@ The 1-vs-2-device agreement with a teacher is in test_distributed.py (separate p
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import v1
@@ -32,15 +31,16 @@ def teacher_dir(tmp_path_factory):
     return directory
 
 
-def test_distillation_step_matches_a_hand_computed_loss(teacher_dir):
-    config = tiny(v1.get_config(), teacher=str(teacher_dir), label_smoothing=0.1)
-    config.distill_temperature, config.distill_alpha = 3.0, 0.7
-    model = steps.create_model(config, num_classes=4, profile=(8, (16, (32, 2), 32)))  # three blocks: quick compile
-    teacher = steps.load_teacher(config, num_classes=4)
-    assert teacher[0].temperature == 3.0 and teacher[0].alpha == 0.7
-    teacher_before = jax.tree.map(np.array, teacher[1])
-    mesh = distributed.make_mesh()
-    tx = optim.create_optimizer(config, optax.constant_schedule(0.01))
+def test_distillation_step_matches_a_hand_computed_loss(teacher_dir, image_folder, tmp_path):
+    # A three-block student (quick to compile), given as train.py takes one: an init_from directory.
+    student = MobileNetV1(num_classes=4, profile=(8, (16, (32, 2), 32)))
+    checkpoint.save_model(tmp_path / "student", student, student.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    config = tiny(v1.get_config(), teacher=str(teacher_dir), label_smoothing=0.1, init_from=str(tmp_path / "student"))
+    config.dataset, config.data_dir = "folder", str(image_folder)
+    config.distill_temperature, config.distill_alpha, config.warmup_epochs = 3.0, 0.7, 0.0
+    run = training.Run.from_config(config, str(tmp_path / "run"))  # model, optimizer and teacher as train.py gets them
+    model, teacher, mesh, tx = run.model, run.teacher, run.mesh, run.tx
+    assert model.profile == student.profile and teacher[0].temperature == 3.0 and teacher[0].alpha == 0.7
     state = optim.create_train_state(jax.random.key(0), model, tx, 32)
     rng = np.random.default_rng(0)
     batch = {
@@ -63,13 +63,14 @@ def test_distillation_step_matches_a_hand_computed_loss(teacher_dir):
     assert np.std(teacher_logits) > 0.5 and np.mean(kl) > 1e-3  # the soft term matters
 
     params_before = jax.tree.map(np.array, state.params)
-    train_fn = steps.make_train_step(config, model, mesh, tx, optax.constant_schedule(0.01), teacher)
+    train_fn = steps.make_train_step(config, model, mesh, tx, run.learning_rate_fn, teacher)
     new_state, metrics = train_fn(state, distributed.global_batch(batch, mesh))
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
     # The student moved; the teacher did not, and it is not part of the train state.
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), new_state.params, params_before)
     assert max(jax.tree.leaves(moved)) > 0
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, teacher[1]), teacher_before)
+    # The teacher's arrays were read, not donated with the state (a donated array is deleted).
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(teacher[1]) if isinstance(leaf, jax.Array))
     assert jax.tree.structure(new_state.params) == jax.tree.structure(params_before)
 
     # alpha = 0 is plain cross-entropy.
@@ -111,6 +112,37 @@ def test_init_from_a_pruned_model_takes_its_architecture(tmp_path, image_folder)
     config.model.architecture = "MobileNetV2"
     with pytest.raises(ConfigError, match="holds a MobileNetV1 and model.architecture is 'MobileNetV2'"):
         training.init_from_fields(config)
+
+
+@pytest.mark.slow
+def test_init_from_another_class_count_with_a_teacher_then_from_a_workdir(tmp_path, image_folder, teacher_dir):
+    """The README's compress step 2 through what train.py calls: a 10-class model directory fine-tuned on the
+    4-class folder with a teacher (new head), then a second run initialised from that run's workdir."""
+    source = MobileNetV1(num_classes=10, width=0.25)
+    variables = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    checkpoint.save_model(tmp_path / "converted", source, variables)
+    # A learning rate this small leaves every weight where init_from put it (to ~1e-6).
+    settings = dict(
+        dataset="folder", data_dir=str(image_folder), learning_rate=1e-9, warmup_epochs=0.0, num_train_steps=1
+    )
+    first = tiny(v1.get_config(), init_from=str(tmp_path / "converted"), teacher=str(teacher_dir), **settings)
+    state, _ = training.train_and_evaluate(first, str(tmp_path / "first"))
+    kernel = "block_5", "conv_pw", "kernel"
+    np.testing.assert_allclose(
+        state.params[kernel[0]][kernel[1]][kernel[2]], variables["params"]["block_5"]["conv_pw"]["kernel"], atol=1e-6
+    )
+    assert state.params["classifier"]["kernel"].shape == (256, 4)  # a new head for 4 classes
+    assert checkpoint.read_config(tmp_path / "first").teacher == str(teacher_dir)
+    # init_from a training workdir: its newest checkpoint's EMA weights.
+    second = tiny(v1.get_config(), init_from=str(tmp_path / "first"), **settings)
+    state2, _ = training.train_and_evaluate(second, str(tmp_path / "second"))
+    _, first_ema = checkpoint.load_any(str(tmp_path / "first"))
+    np.testing.assert_allclose(
+        state2.params["classifier"]["kernel"], first_ema["params"]["classifier"]["kernel"], atol=1e-6
+    )
+    assert not np.allclose(
+        first_ema["params"]["classifier"]["kernel"], variables["params"]["classifier"]["kernel"][:, :4]
+    )
 
 
 def test_a_teacher_with_other_inputs_gets_them(tmp_path):

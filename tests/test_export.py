@@ -63,6 +63,8 @@ def jax_logits(model, variables, rgb):
             ),
             36,
         ),
+        # timm's fix_stem_head ('d' variants); a pruned V2 is in the test below.
+        (MobileNetV2(num_classes=10, width=0.5, block_table=((1, 16, 1, 1), (6, 24, 2, 2)), fix_stem_head=True), 33),
     ],
 )
 def test_float32_tflite_matches_the_jax_model(model, size):
@@ -74,6 +76,19 @@ def test_float32_tflite_matches_the_jax_model(model, size):
     print(f"tflite float32 {type(model).__name__} {model.width} @{size}: max abs error {error:.2e}")
     assert expected.std() > 0.1 and error <= TOLERANCE
     assert tflite.input["shape"].tolist() == [1, size, size, 3]
+
+
+def test_pruned_v2_exports_with_its_logits():
+    from mobilenet_jax import prune
+    from tests.test_prune import V2_CHANNELS, V2_TABLE
+
+    source = MobileNetV2(num_classes=10, width=0.5, block_table=V2_TABLE)
+    model, variables, _ = prune.prune(source, random_variables(source, 32), V2_CHANNELS)
+    assert model.block_channels is not None  # per-block (hidden, out) widths
+    rgb = rgb_images(3, 32)
+    expected = jax_logits(model, variables, rgb)
+    error = float(np.abs(export.TFLiteModel(export.to_tflite(model, variables, 32))(rgb) - expected).max())
+    assert expected.std() > 0.1 and error <= TOLERANCE
 
 
 def test_torchvision_model_exports_with_torchvisions_logits():

@@ -136,6 +136,17 @@ def test_train_stream_is_the_same_for_any_process_count_and_resumes_exactly(imag
     assert not np.array_equal(one[0]["label"].numpy(), one[8]["label"].numpy()) or not np.array_equal(
         one[1]["label"].numpy(), one[9]["label"].numpy()
     )
+    # A global TensorFlow seed (keras.utils.set_random_seed(0) in a user's script) changes nothing.
+    from tensorflow.python.eager import context
+
+    tf.random.set_seed(0)
+    try:
+        seeded = list(itertools.islice(ip.create_train_dataset(info, "train", **kwargs), 2))
+        assert context.global_seed() == 0  # set again afterwards
+    finally:
+        tf.random.set_seed(None)
+    for step in range(2):
+        np.testing.assert_array_equal(seeded[step]["image"].numpy(), one[step]["image"].numpy())
 
 
 def test_unknown_dataset_and_missing_folder_are_clear_errors(tmp_path):

@@ -211,12 +211,10 @@ def assert_one_sentence(result, fragment, code=None):
 
 @pytest.mark.slow
 def test_cli_bad_input_is_one_sentence(tmp_path, image_folder):
+    # One command line per kind of failure (flag parsing: exit 2; a bad value or a missing folder: exit 1);
+    # the messages of every other bad value are tested in-process (test_training, test_cli_errors...).
     train = ("train.py", "--config", "configs/v1.py", "--workdir", str(tmp_path / "w"))
-    assert_one_sentence(cli(*train, "--config.no_such_field=1"), "unknown config field 'no_such_field'", 2)
     assert_one_sentence(cli(*train, "--config.width=0.5"), "did you mean 'model.width'?", 2)
-    assert_one_sentence(cli(*train, "--config.model=MobileNetV2"), "set one of them, e.g. --config.model.", 2)
-    assert_one_sentence(cli(*train, "--config.batch_size=0"), "batch_size must be positive", 1)
-    assert_one_sentence(cli(*train, "--config.model.architecture=ResNet"), "must be one of", 1)
     no_train = tmp_path / "no_train"
     shutil.copytree(image_folder / "validation", no_train / "validation")
     assert_one_sentence(
@@ -240,7 +238,6 @@ def test_cli_bad_input_is_one_sentence(tmp_path, image_folder):
         cli("-m", "mobilenet_jax.convert", str(tmp_path / "none.pth"), str(tmp_path / "o")), "No PyTorch checkpoint", 1
     )
     assert_one_sentence(cli("-m", "mobilenet_jax.summary", "--image_size=0"), "--image_size must be positive", 1)
-    assert_one_sentence(cli("-m", "mobilenet_jax.summary", "--model=ResNet50"), "must be one of", 1)
 
 
 def train_cli(workdir, image_folder, *overrides):
@@ -248,23 +245,16 @@ def train_cli(workdir, image_folder, *overrides):
     tiny = ["--config.dataset=folder", f"--config.data_dir={image_folder}", "--config.model.width=0.25"]
     tiny += ["--config.image_size=32", "--config.batch_size=8", "--config.num_train_steps=6"]
     tiny += ["--config.half_precision=False", "--config.checkpoint_every_steps=2", "--config.progress_bar=False"]
-    tiny += ["--config.shuffle_buffer_size=64", "--config.compilation_cache_dir="]
+    tiny += ["--config.shuffle_buffer_size=64"]
     return cli("train.py", "--config", "configs/v1.py", "--workdir", str(workdir), *tiny, *overrides)
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoint_and_divergence_on_the_command_line(tmp_path, image_folder, uninterrupted):
+def test_corrupt_checkpoint_on_the_command_line(tmp_path, image_folder, uninterrupted):
     resumed = tmp_path / "resumed"
     shutil.copytree(uninterrupted, resumed)
     _truncate_arrays(str(resumed / "checkpoints" / "6"))
     result = train_cli(resumed, image_folder, "--config.log_every_steps=1")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "Skipping checkpoint 6 does not restore" in result.stderr and "Final evaluation" in result.stdout
-
-    diverged = tmp_path / "diverged"
-    result = train_cli(diverged, image_folder, "--config.learning_rate=1e30", "--config.log_every_steps=10")
-    assert_one_sentence(result, "lower the learning rate", 1)
-    manager = checkpoint.TrainCheckpoints(str(diverged), read_only=True)
-    for step in manager.all_steps():
-        assert checkpoint.nonfinite_problem(manager.restore_weights(step)) is None
-    manager.close()
+    # (Divergence itself, its sentence and what it leaves on disk: the in-process tests above.)

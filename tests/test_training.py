@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import v1, v2
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, optim, steps, training
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, evaluate, optim, steps, training
 from mobilenet_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +110,8 @@ def test_train_and_evaluate_imagenet_config_on_mock_data(tmp_path):
     config = tiny(v1.get_config(), half_precision=True)  # the recipe's bfloat16 path
     with tfds.testing.mock_data(num_examples=20):
         state, results = training.train_and_evaluate(config, str(tmp_path))
+        # The final EMA figures are those of the EMA weights saved in the last checkpoint.
+        assert evaluate.run(config, workdir=str(tmp_path)) == pytest.approx(results["validation_ema"])
     assert int(state.step) == 3
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train = [r for r in records if r["split"] == "train"]
@@ -117,7 +119,7 @@ def test_train_and_evaluate_imagenet_config_on_mock_data(tmp_path):
     assert {"loss", "top1", "top5", "learning_rate", "images_per_sec"} <= set(train[0])
     evals = [r for r in records if r["split"] == "validation"]
     assert evals[-1]["examples"] == 20  # the whole split: 8 + 8 + 4 padded, nothing dropped
-    assert results["validation"]["examples"] == 20 and 0 <= results["validation_ema"]["top1"] <= 1
+    assert results["validation"]["examples"] == 20
     assert os.listdir(tmp_path / "tensorboard") and (tmp_path / "model.json").exists()
     assert checkpoint.TrainCheckpoints(str(tmp_path)).latest_step() == 3
 
@@ -180,33 +182,6 @@ def test_init_from_converted_weights_with_a_new_head(tmp_path, image_folder):
 
 
 @pytest.mark.slow
-def test_quickstart_smoke_run(tmp_path):
-    """The README's first command, cut to a few steps (the full run is in .ci/run); data under tmp_path."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config",
-            "configs/v1.py:quickstart",
-            "--workdir",
-            str(tmp_path / "run"),
-            f"--config.data_dir={tmp_path / 'tensorflow_datasets'}",
-            "--config.num_train_steps=4",
-            "--config.log_every_steps=2",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Final evaluation | validation: top-1" in result.stdout
-    assert "2000 images" in result.stdout  # the whole validation split
-    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
-    assert (tmp_path / "tensorflow_datasets" / "mobilenet_shapes").is_dir()  # built here, not in ~
-
-
-@pytest.mark.slow
 def test_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
     config = tiny(v1.get_config(), dataset="folder", data_dir=str(image_folder), num_train_steps=2)
     training.train_and_evaluate(config, str(tmp_path))
@@ -215,16 +190,8 @@ def test_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
             sys.executable,
             "-m",
             "mobilenet_jax.evaluate",
-            "--config",
-            "configs/v1.py",
-            "--workdir",
+            "--workdir",  # its config.json names the dataset, image size and precision
             str(tmp_path),
-            "--config.dataset=folder",
-            f"--config.data_dir={image_folder}",
-            "--config.model.width=0.25",
-            "--config.image_size=32",
-            "--config.batch_size=8",
-            "--config.half_precision=False",
         ],
         capture_output=True,
         text=True,
@@ -256,3 +223,14 @@ def test_config_model_section_is_the_architecture():
     config.model.alpha = 0.5
     with pytest.raises(ValueError, match=r"MobileNetV2 does not take the field\(s\) \['alpha'\]"):
         steps.create_model(config, num_classes=7)
+
+
+def test_bad_config_overrides_are_one_sentence():
+    """The messages train.py prints for bad --config.* overrides (one command line runs in test_reliability)."""
+    from mobilenet_jax import errors
+
+    argv = ["train.py", "--config", "configs/v1.py"]
+    message = errors._flag_error_message(ValueError("bad"), [*argv, "--config.no_such_field=1"])
+    assert message.startswith("unknown config field 'no_such_field' in --config.no_such_field=1")
+    message = errors._flag_error_message(ValueError("bad"), [*argv, "--config.model=MobileNetV2"])
+    assert "config field 'model' is a group of fields" in message and "set one of them, e.g. --config.model." in message
