@@ -95,3 +95,17 @@ def test_cpu_only_follows_jax_platforms(monkeypatch):
     assert host.cpu_only()
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
     assert not host.cpu_only()
+
+
+def test_tensorflow_starts_quietly_on_a_cpu_machine():
+    """TensorFlow only feeds data here: on Linux x86_64 the install takes tensorflow-cpu, which prints no
+    'Could not find cuda drivers' / 'failed call to cuInit' lines (the full build prints three)."""
+    import platform
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("tensorflow-cpu is the dependency on Linux x86_64 only")
+    code = "import tensorflow as tf; print(tf.config.list_physical_devices('GPU'))"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # the default log level
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+    assert "cuda" not in result.stderr.lower() and "cuInit" not in result.stderr, result.stderr[-2000:]
