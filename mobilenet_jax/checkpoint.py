@@ -67,13 +67,12 @@ def read_preprocessing(directory: str | os.PathLike) -> dict | None:
     (``'eval_preprocessing'``: 'center_crop' or 'torchvision') and its ``'interpolation'``.
     """
     path = os.path.join(os.fspath(directory), PREPROCESSING_JSON)
-    if not os.path.isfile(path):
+    record = _read_json(path, "a preprocessing record")
+    if record is None:
         return None
     try:
-        with open(path) as f:
-            record = json.load(f)
         mean, std = [float(v) for v in record["mean_rgb"]], [float(v) for v in record["stddev_rgb"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path} is not a preprocessing record ({sentence(error)}).") from None
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise CheckpointError(f"{path} needs three means and three positive standard deviations.")
@@ -87,6 +86,17 @@ def read_preprocessing(directory: str | os.PathLike) -> dict | None:
                 raise CheckpointError(f"{path}: {key} must be one of {allowed}, got {record[key]!r}.")
             result[key] = record[key]
     return result
+
+
+def _read_json(path: str, what: str) -> Any | None:
+    """The JSON value in ``path``, None when there is no such file; one sentence when it is not JSON."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not {what} ({sentence(error)}).") from None
 
 
 def write_model_record(directory: str, model: nn.Module) -> None:
@@ -108,13 +118,9 @@ def read_config(directory: str | os.PathLike) -> Any | None:
     import ml_collections
 
     path = os.path.join(os.fspath(directory), CONFIG_JSON)
-    if not os.path.isfile(path):
+    record = _read_json(path, "a config record")
+    if record is None:
         return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not a config record ({sentence(error)}); pass --config instead.") from None
     if not isinstance(record, dict) or "dataset" not in record or "image_size" not in record:
         raise CheckpointError(f"{path} is not a training config (no dataset or image_size); pass --config instead.")
     return ml_collections.ConfigDict(record)
@@ -124,7 +130,7 @@ def config_for(source: str | os.PathLike, config: Any | None, purpose: str) -> A
     """``config`` when given, else the one ``source`` (a workdir) was trained with; one sentence without either."""
     if config is not None:
         return config
-    recorded = read_config(source) if os.path.isdir(os.fspath(source)) else None
+    recorded = read_config(source)
     if recorded is None:
         raise CheckpointError(
             f"{source} records no training config ({CONFIG_JSON}); {purpose} needs --config naming the dataset."
