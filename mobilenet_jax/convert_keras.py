@@ -278,9 +278,7 @@ def _closest(layers: list[Layer]) -> str:
     return max(scores, key=scores.get)
 
 
-# Layers a classifier head may have between the backbone and its Dense: they change nothing
-# at inference, or (softmax) are left out so that the converted model returns logits.
-_HEAD_PASSTHROUGH = {"InputLayer", "GlobalAveragePooling2D", "Dropout", "SpatialDropout2D", "Reshape", "Flatten"}
+# Poolings that leave a Dense on other features than the average-pooled backbone (Flatten: the whole map).
 _POOLING = {"GlobalMaxPooling2D", "MaxPooling2D", "AveragePooling2D", "Flatten"}
 
 
