@@ -370,15 +370,9 @@ def refit(
         x = current[layer][0].astype(np.float64)
         target = reference[layer][1]
         target = (target if keep_out is None else target[:, keep_out]).astype(np.float64)
-        old = node["kernel"][0, 0].astype(np.float64)
-        scale = max(np.linalg.norm(target), 1e-12)
-        before = np.linalg.norm(x @ old - target) / scale
-        if x.shape[0] < 2 * x.shape[1]:
-            report[layer] = (before, before)
-            continue
-        weights, *_ = np.linalg.lstsq(x, target, rcond=None)
-        report[layer] = (before, np.linalg.norm(x @ weights - target) / scale)
-        node["kernel"] = weights.astype(node["kernel"].dtype)[None, None]
+        weights, report[layer] = _least_squares(x, target, node["kernel"][0, 0])
+        if weights is not None:
+            node["kernel"] = weights.astype(node["kernel"].dtype)[None, None]
     _refit_classifier(model, variables, pruned, {**pruned_variables, "params": params}, images, report)
     return {**pruned_variables, "params": jax.tree.map(jnp.asarray, params)}, report
 
@@ -398,16 +392,25 @@ def _refit_classifier(model, variables, pruned, pruned_variables, images, report
     x = np.asarray(features["pre_logits"], np.float64)
     x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)  # the bias as one more input
     node = params["classifier"]
-    current = np.concatenate([np.asarray(node["kernel"], np.float64), np.asarray(node["bias"], np.float64)[None]])
+    current = np.concatenate([np.asarray(node["kernel"]), np.asarray(node["bias"])[None]])
+    weights, report["classifier"] = _least_squares(x, target, current)
+    if weights is not None:
+        node["kernel"] = weights[:-1].astype(node["kernel"].dtype)
+        node["bias"] = weights[-1].astype(node["bias"].dtype)
+
+
+def _least_squares(x: np.ndarray, target: np.ndarray, current) -> tuple[np.ndarray | None, tuple[float, float]]:
+    """``(weights or None, (error before, error after))`` of the least-squares fit ``x @ weights ~ target``.
+
+    Errors are relative to ``target``'s norm. None (and the error unchanged) when ``x`` has
+    fewer than twice as many rows as columns: the fit would reproduce these rows exactly.
+    """
     scale = max(np.linalg.norm(target), 1e-12)
-    before = np.linalg.norm(x @ current - target) / scale
+    before = np.linalg.norm(x @ np.asarray(current, np.float64) - target) / scale
     if x.shape[0] < 2 * x.shape[1]:
-        report["classifier"] = (before, before)
-        return
+        return None, (before, before)
     weights, *_ = np.linalg.lstsq(x, target, rcond=None)
-    report["classifier"] = (before, np.linalg.norm(x @ weights - target) / scale)
-    node["kernel"] = weights[:-1].astype(node["kernel"].dtype)
-    node["bias"] = weights[-1].astype(node["bias"].dtype)
+    return weights, (before, np.linalg.norm(x @ weights - target) / scale)
 
 
 def _round(c: int, keep: float, divisor: int) -> int:
