@@ -89,9 +89,9 @@ def run(config, **sources) -> dict:
         dataset, total = input_pipeline.eval_dataset(
             config, info, preprocessing.get("eval_preprocessing"), preprocessing.get("interpolation", "bilinear")
         )
-        if not input_pipeline.is_pipeline_normalisation(preprocessing["mean_rgb"], preprocessing["stddev_rgb"]):
-            normalisation = {k: preprocessing[k] for k in ("mean_rgb", "stddev_rgb")}
-            dataset = dataset.map(functools.partial(input_pipeline.renormalize, **normalisation))
+        affine = input_pipeline.renormalization(preprocessing)
+        if affine is not None:
+            dataset = dataset.map(functools.partial(input_pipeline.renormalize, scale=affine[0], shift=affine[1]))
     return steps.evaluate(steps.make_eval_step(mesh, model), variables, dataset, mesh, total)
 
 
@@ -142,13 +142,10 @@ def _reference(model, variables, model_dir: str | None):
     """``pipeline images -> logits`` of the JAX model, fed as its ``preprocessing.json`` says (if any)."""
     from mobilenet_jax import checkpoint, input_pipeline
 
-    preprocessing = checkpoint.read_preprocessing(model_dir) if model_dir else None
-    if preprocessing is None or input_pipeline.is_pipeline_normalisation(
-        preprocessing["mean_rgb"], preprocessing["stddev_rgb"]
-    ):
+    affine = input_pipeline.renormalization(checkpoint.read_preprocessing(model_dir) if model_dir else None)
+    if affine is None:
         return lambda images: model.apply(variables, images, train=False)
-    scale, shift = input_pipeline.renormalization(preprocessing["mean_rgb"], preprocessing["stddev_rgb"])
-    return lambda images: model.apply(variables, images * scale + shift, train=False)
+    return lambda images: model.apply(variables, images * affine[0] + affine[1], train=False)
 
 
 def _tflite_report(config, result: dict) -> str:

@@ -142,19 +142,22 @@ def is_pipeline_normalisation(mean_rgb, stddev_rgb) -> bool:
     return bool(np.allclose(mean_rgb, MEAN_RGB) and np.allclose(stddev_rgb, STDDEV_RGB))
 
 
-def renormalization(mean_rgb, stddev_rgb) -> tuple[np.ndarray, np.ndarray]:
-    """``(scale, shift)`` per channel taking :func:`normalize`'d images to ``(rgb - mean_rgb) / stddev_rgb``.
+def renormalization(preprocessing: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(scale, shift)`` per channel taking :func:`normalize`'d images to the inputs a model's
+    ``preprocessing.json`` asks for, ``(rgb - mean_rgb) / stddev_rgb``; None when those are the same.
 
     ``x_new = (x * STDDEV_RGB + MEAN_RGB - mean_rgb) / stddev_rgb = x * scale + shift``.
     """
+    if preprocessing is None or is_pipeline_normalisation(preprocessing["mean_rgb"], preprocessing["stddev_rgb"]):
+        return None
     mean, std = np.asarray(MEAN_RGB, np.float64), np.asarray(STDDEV_RGB, np.float64)
-    new_mean, new_std = np.asarray(mean_rgb, np.float64), np.asarray(stddev_rgb, np.float64)
+    new_mean = np.asarray(preprocessing["mean_rgb"], np.float64)
+    new_std = np.asarray(preprocessing["stddev_rgb"], np.float64)
     return (std / new_std).astype(np.float32), ((mean - new_mean) / new_std).astype(np.float32)
 
 
-def renormalize(batch: dict, mean_rgb, stddev_rgb) -> dict:
-    """A batch of :func:`normalize`'d images re-normalised as ``(rgb - mean_rgb) / stddev_rgb`` instead."""
-    scale, shift = renormalization(mean_rgb, stddev_rgb)
+def renormalize(batch: dict, scale: np.ndarray, shift: np.ndarray) -> dict:
+    """A batch of :func:`normalize`'d images through the affine of :func:`renormalization`."""
     return {**batch, "image": batch["image"] * tf.constant(scale) + tf.constant(shift)}
 
 

@@ -64,12 +64,9 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int, **override
 
     runtime = {"dtype": jnp.bfloat16 if config.half_precision else jnp.float32, "bn_axis_name": None, **overrides}
     model, variables = checkpoint.load_any(config.teacher, **runtime)
-    preprocessing, affine = checkpoint.read_preprocessing(config.teacher), None
-    if preprocessing and not input_pipeline.is_pipeline_normalisation(
-        preprocessing["mean_rgb"], preprocessing["stddev_rgb"]
-    ):
-        scale, shift = input_pipeline.renormalization(preprocessing["mean_rgb"], preprocessing["stddev_rgb"])
-        affine = (tuple(scale.tolist()), tuple(shift.tolist()))
+    affine = input_pipeline.renormalization(checkpoint.read_preprocessing(config.teacher))
+    if affine is not None:  # plain floats, as the frozen Teacher holds them
+        affine = tuple(tuple(part.tolist()) for part in affine)
     if model.num_classes != num_classes:
         raise ConfigError(
             f"Bad config: teacher={config.teacher!r} has {model.num_classes} classes and the dataset {num_classes}; "

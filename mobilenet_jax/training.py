@@ -197,10 +197,7 @@ def initial_variables(config: ml_collections.ConfigDict, model: nn.Module, image
     if not config.init_from:
         return None
     source_model, source = checkpoint.load_any(config.init_from)
-    preprocessing = checkpoint.read_preprocessing(config.init_from)
-    if preprocessing and not input_pipeline.is_pipeline_normalisation(
-        preprocessing["mean_rgb"], preprocessing["stddev_rgb"]
-    ):
+    if input_pipeline.renormalization(checkpoint.read_preprocessing(config.init_from)) is not None:
         logging.warning(
             "init_from=%s expects other inputs (its preprocessing.json, e.g. Keras's [-1, 1]) than the ImageNet "
             "normalisation training feeds; fine-tuning starts from differently scaled inputs.",
