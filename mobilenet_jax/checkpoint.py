@@ -28,17 +28,18 @@ from flax import linen as nn
 
 from mobilenet_jax.errors import CheckpointError, sentence
 from mobilenet_jax.models.registry import model_from_dict, model_to_dict
+from mobilenet_jax.preprocessing import Preprocessing, PreprocessingError
+from mobilenet_jax.preprocessing import read as read_inputs
 
 MODEL_JSON = "model.json"
 CONFIG_JSON = "config.json"
-PREPROCESSING_JSON = "preprocessing.json"
 VARIABLES_DIR = "variables"
 CHECKPOINTS_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
 
 
 def save_model(
-    directory: str | os.PathLike, model: nn.Module, variables: dict, preprocessing: dict | None = None
+    directory: str | os.PathLike, model: nn.Module, variables: dict, preprocessing: Preprocessing | None = None
 ) -> None:
     """Writes ``variables`` and ``model``'s architecture to a new directory.
 
@@ -55,37 +56,15 @@ def save_model(
         checkpointer.wait_until_finished()
     write_model_record(directory, model)
     if preprocessing is not None:
-        with open(os.path.join(directory, PREPROCESSING_JSON), "w") as f:
-            json.dump(preprocessing, f, indent=2)
+        preprocessing.write(directory)
 
 
-def read_preprocessing(directory: str | os.PathLike) -> dict | None:
-    """The inputs a model directory's weights expect, or None when nothing was recorded.
-
-    ``{'mean_rgb', 'stddev_rgb'}``: ``x = (rgb - mean_rgb) / stddev_rgb`` per channel, on
-    RGB values in 0..255; optionally the evaluation crop the weights were published with
-    (``'eval_preprocessing'``: 'center_crop' or 'torchvision') and its ``'interpolation'``.
-    """
-    path = os.path.join(os.fspath(directory), PREPROCESSING_JSON)
-    record = _read_json(path, "a preprocessing record")
-    if record is None:
-        return None
+def read_preprocessing(directory: str | os.PathLike) -> Preprocessing | None:
+    """The inputs a model directory's weights expect (its ``preprocessing.json``), or None when nothing was recorded."""
     try:
-        mean, std = [float(v) for v in record["mean_rgb"]], [float(v) for v in record["stddev_rgb"]]
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a preprocessing record ({sentence(error)}).") from None
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise CheckpointError(f"{path} needs three means and three positive standard deviations.")
-    result = {"mean_rgb": mean, "stddev_rgb": std}
-    for key, allowed in (
-        ("eval_preprocessing", ("center_crop", "torchvision")),
-        ("interpolation", ("bilinear", "bicubic")),
-    ):
-        if key in record:
-            if record[key] not in allowed:
-                raise CheckpointError(f"{path}: {key} must be one of {allowed}, got {record[key]!r}.")
-            result[key] = record[key]
-    return result
+        return read_inputs(directory)
+    except PreprocessingError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def _read_json(path: str, what: str) -> Any | None:

@@ -52,6 +52,7 @@ from mobilenet_jax.models import (
     v1_architecture,
     v2_architecture,
 )
+from mobilenet_jax.preprocessing import IMAGENET, KERAS, TIMM, TORCHVISION, Preprocessing
 
 LAYOUTS = ("torchvision", "amc_v1", "notes_v2", "timm_v1", "timm_v2")
 # One line per layout, for --list-layouts and the docs.
@@ -559,12 +560,7 @@ def default_layout(model: nn.Module) -> str:
 # How the published weights of each PyTorch layout are evaluated (the ImageNet normalisation in every
 # case): torchvision resizes to 256 and crops 224 (bilinear); timm's MobileNets the same with bicubic
 # (crop_pct 0.875). The design notes' layouts have no published weights: nothing is recorded.
-_IMAGENET = {"mean_rgb": [0.485 * 255, 0.456 * 255, 0.406 * 255], "stddev_rgb": [0.229 * 255, 0.224 * 255, 0.225 * 255]}
-PREPROCESSING = {
-    "torchvision": {**_IMAGENET, "eval_preprocessing": "torchvision", "interpolation": "bilinear"},
-    "timm_v1": {**_IMAGENET, "eval_preprocessing": "torchvision", "interpolation": "bicubic"},
-    "timm_v2": {**_IMAGENET, "eval_preprocessing": "torchvision", "interpolation": "bicubic"},
-}
+PREPROCESSING = {"torchvision": TORCHVISION, "timm_v1": TIMM, "timm_v2": TIMM}
 
 
 class Converted(NamedTuple):
@@ -573,7 +569,7 @@ class Converted(NamedTuple):
     model: nn.Module
     variables: dict
     layout: str
-    preprocessing: dict | None  # the inputs and evaluation crop of the published weights (preprocessing.json)
+    preprocessing: Preprocessing | None  # the inputs and evaluation crop of the published weights (preprocessing.json)
     note: str = ""  # e.g. what became of a Keras transfer-learning model's head
 
 
@@ -657,10 +653,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoint.save_model(args.out_dir, converted.model, converted.variables, converted.preprocessing)
         inputs = ""
         if converted.preprocessing is not None:
-            scale = "[-1, 1]" if converted.preprocessing["mean_rgb"][0] == 127.5 else "ImageNet mean/std"
+            inputs = converted.preprocessing
+            scale = (
+                "ImageNet mean/std"
+                if inputs.same_normalization(IMAGENET)
+                else f"mean {inputs.mean_rgb} std {inputs.stddev_rgb}"
+            )
+            scale = "[-1, 1]" if inputs.same_normalization(KERAS) else scale
             inputs = (
-                f"; inputs {scale}, evaluated with a {converted.preprocessing['eval_preprocessing']} crop "
-                f"({converted.preprocessing['interpolation']}), recorded in preprocessing.json"
+                f"; inputs {scale}, evaluated with a {inputs.eval_crop} crop "
+                f"({inputs.interpolation}), recorded in preprocessing.json"
             )
         print(
             f"Wrote {_describe(converted.model)} from the {converted.layout!r} layout to "

@@ -21,6 +21,7 @@ ReLU6 and BatchNorm epsilon 1e-3. Their inputs are scaled to [-1, 1]
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -32,15 +33,11 @@ from absl import logging
 from flax import linen as nn
 
 from mobilenet_jax.models import MobileNetV1, MobileNetV2, v1_architecture, v2_architecture
+from mobilenet_jax.preprocessing import KERAS, Preprocessing
 
 # keras.applications.mobilenet(_v2).preprocess_input: x / 127.5 - 1 on RGB 0..255.
 # The evaluation crop is TF-slim's (central 87.5%, bilinear), the papers' own.
-PREPROCESSING = {
-    "mean_rgb": [127.5, 127.5, 127.5],
-    "stddev_rgb": [127.5, 127.5, 127.5],
-    "eval_preprocessing": "center_crop",
-    "interpolation": "bilinear",
-}
+PREPROCESSING = KERAS
 KERAS_LAYOUTS = {
     "keras_v1": "keras.applications.MobileNet, alpha 0.25-1.0 (conv1, conv_dw_N, conv_pw_N, conv_preds)",
     "keras_v2": "keras.applications.MobileNetV2, alpha 0.35-1.4 (Conv1, block_N_expand/depthwise/project)",
@@ -324,13 +321,13 @@ def _head(leftover: list[Layer], found: dict, outer: list[tuple[str, dict]] | No
     )
 
 
-def _outer_preprocessing(outer: list[tuple[str, dict]] | None) -> dict:
+def _outer_preprocessing(outer: list[tuple[str, dict]] | None) -> Preprocessing:
     """Keras's [-1, 1] inputs, or what a Rescaling layer in front of the backbone makes of RGB 0..255."""
     for cls, config in outer or []:
         scale, offset = config.get("scale"), config.get("offset", 0.0)
         if cls == "Rescaling" and isinstance(scale, (int, float)) and isinstance(offset, (int, float)) and scale:
-            return {**PREPROCESSING, "mean_rgb": [-offset / scale] * 3, "stddev_rgb": [1.0 / scale] * 3}
-    return dict(PREPROCESSING)
+            return dataclasses.replace(KERAS, mean_rgb=(-offset / scale,) * 3, stddev_rgb=(1.0 / scale,) * 3)
+    return KERAS
 
 
 def _mismatch(layout: str, missing: list[str], unexpected: list[str], misshaped: list[str], limit: int = 12) -> str:
@@ -410,7 +407,7 @@ class KerasConversion(NamedTuple):
     model: nn.Module
     variables: dict
     layout: str
-    preprocessing: dict
+    preprocessing: Preprocessing
     note: str  # what became of a transfer-learning head ('' for a plain keras.applications model)
 
 

@@ -89,3 +89,8 @@ def to_host(tree):
     replicated array holds the whole value on every device.
     """
     return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)
+
+
+def as_numpy(batch: dict) -> dict:
+    """A host batch (tf.data's tensors or arrays) as NumPy arrays."""
+    return {k: np.asarray(v) for k, v in batch.items()}

@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mobilenet_jax import errors
+from mobilenet_jax.preprocessing import IMAGENET
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -86,10 +87,8 @@ def run(config, **sources) -> dict:
     if preprocessing is None:
         dataset, total = input_pipeline.eval_dataset(config, info)
     else:  # the crop, interpolation and normalisation the weights were published with
-        dataset, total = input_pipeline.eval_dataset(
-            config, info, preprocessing.get("eval_preprocessing"), preprocessing.get("interpolation", "bilinear")
-        )
-        affine = input_pipeline.renormalization(preprocessing)
+        dataset, total = input_pipeline.eval_dataset(config, info, preprocessing.eval_crop, preprocessing.interpolation)
+        affine = preprocessing.affine_from(IMAGENET)
         if affine is not None:
             dataset = dataset.map(functools.partial(input_pipeline.renormalize, scale=affine[0], shift=affine[1]))
     return steps.evaluate(steps.make_eval_step(mesh, model), variables, dataset, mesh, total)
@@ -122,7 +121,7 @@ def evaluate_tflite(config, tflite_path: str, reference=None) -> dict:
         if not mask.any():
             continue
         images, labels = batch["image"][mask], batch["label"][mask]
-        logits = {"tflite": model(export.normalized_to_rgb(images))}
+        logits = {"tflite": model(IMAGENET.denormalize(images))}
         if reference is not None:
             logits["jax"] = np.asarray(reference(images))
             agree += int(np.sum(logits["jax"].argmax(-1) == logits["tflite"].argmax(-1)))
@@ -140,9 +139,10 @@ def evaluate_tflite(config, tflite_path: str, reference=None) -> dict:
 
 def _reference(model, variables, model_dir: str | None):
     """``pipeline images -> logits`` of the JAX model, fed as its ``preprocessing.json`` says (if any)."""
-    from mobilenet_jax import checkpoint, input_pipeline
+    from mobilenet_jax import checkpoint
 
-    affine = input_pipeline.renormalization(checkpoint.read_preprocessing(model_dir) if model_dir else None)
+    inputs = checkpoint.read_preprocessing(model_dir) if model_dir else None
+    affine = None if inputs is None else inputs.affine_from(IMAGENET)
     if affine is None:
         return lambda images: model.apply(variables, images, train=False)
     return lambda images: model.apply(variables, images * affine[0] + affine[1], train=False)

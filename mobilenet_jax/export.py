@@ -10,7 +10,7 @@ weights unless ``--weights live``) or a model directory from ``python -m
 mobilenet_jax.convert``. A workdir's ``config.json`` supplies the dataset (int8
 calibration) and image size; ``--config`` replaces it.
 
-The exported graph is the model in inference mode, rebuilt from its variables with
+The exported graph is the model itself in its inference form (``models.fold``):
 every BatchNorm folded into the convolution before it (``w * gamma / sqrt(var + eps)``
 and a bias), so the LiteRT converter sees convolution + bias + ReLU6 and fuses them
 into one op. The input normalisation is part of the graph: the ``.tflite`` file takes
@@ -36,130 +36,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from jax import lax
 
-from mobilenet_jax import errors, input_pipeline
-from mobilenet_jax.models import MobileNetV1, MobileNetV2, mobilenet_v2, v1_architecture
-from mobilenet_jax.models.layers import pad_amounts
+from mobilenet_jax import errors
+from mobilenet_jax.models.fold import fold_batchnorm
+from mobilenet_jax.preprocessing import IMAGENET, Preprocessing
 
 QUANTIZE = ("none", "int8", "dynamic")
 FORMATS = ("tflite", "stablehlo", "onnx")
-# The training pipeline's normalisation (input_pipeline.normalize), applied inside the exported graph.
-MEAN_RGB = np.array(input_pipeline.MEAN_RGB, np.float32)
-STDDEV_RGB = np.array(input_pipeline.STDDEV_RGB, np.float32)
+# The training pipeline's normalisation, applied inside the exported graph unless a model records another.
+MEAN_RGB = np.array(IMAGENET.mean_rgb, np.float32)
+STDDEV_RGB = np.array(IMAGENET.stddev_rgb, np.float32)
 
 
 # ----------------------------------------------------------------------------- the folded inference graph
 
 
-def _fold(params: dict, stats: dict, conv: str, bn: str, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
-    """Kernel and bias of convolution ``conv`` with BatchNorm ``bn`` folded in (HWIO / HW1C kernels)."""
-    kernel = np.asarray(_get(params, conv)["kernel"], np.float32)
-    norm, running = _get(params, bn), _get(stats, bn)
-    scale = np.asarray(norm["scale"], np.float32) / np.sqrt(np.asarray(running["var"], np.float32) + epsilon)
-    bias = np.asarray(norm["bias"], np.float32) - np.asarray(running["mean"], np.float32) * scale
-    return kernel * scale, bias
-
-
-def _get(tree: dict, path: str) -> dict:
-    for key in path.split("/"):
-        tree = tree[key]
-    return tree
-
-
-def _conv(x, kernel, bias, stride: int = 1, depthwise: bool = False, padding: str = "torch"):
-    k = kernel.shape[0]
-    (top, bottom), (left, right) = (pad_amounts(n, k, stride, padding, depthwise) for n in x.shape[1:3])
-    if top or bottom or left or right:
-        x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    y = lax.conv_general_dilated(
-        x,
-        jnp.asarray(kernel),
-        (stride, stride),
-        "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1] if depthwise else 1,
-    )
-    return y + jnp.asarray(bias)
-
-
-def _layers(model: nn.Module) -> list[tuple]:
-    """``(conv, bn, stride, depthwise, activation, residual)`` per convolution, in order.
-
-    ``residual`` is ``'save'`` before the first convolution of an inverted residual
-    block with a shortcut and ``'add'`` after its projection.
-    """
-    if isinstance(model, MobileNetV1):
-        _, blocks = v1_architecture(model.profile, model.width)
-        act = model.activation
-        layers = [("stem_conv", "stem_bn", 2, False, act, None)]
-        for i, (_, stride) in enumerate(blocks):
-            layers += [
-                (f"block_{i}/conv_dw", f"block_{i}/bn_dw", stride, True, act, None),
-                (f"block_{i}/conv_pw", f"block_{i}/bn_pw", 1, False, act, None),
-            ]
-        if model.head_channels:
-            layers.append(("head_conv", "head_bn", 1, False, act, None))
-        return layers
-    if not isinstance(model, MobileNetV2):
-        raise TypeError(f"Expected a MobileNetV1 or MobileNetV2, got {type(model).__name__}.")
-    _, blocks, _ = mobilenet_v2.model_architecture(model)
-    layers = [("stem_conv", "stem_bn", 2, False, "relu6", None)]
-    for i, (_, _, _, stride, expand, shortcut) in enumerate(blocks):
-        block = [(f"block_{i}/conv_dw", f"block_{i}/bn_dw", stride, True, "relu6", None)]
-        if expand:
-            block.insert(0, (f"block_{i}/conv_pw", f"block_{i}/bn_pw", 1, False, "relu6", None))
-        block.append((f"block_{i}/conv_pwl", f"block_{i}/bn_pwl", 1, False, None, "add" if shortcut else None))
-        if shortcut:
-            block[0] = block[0][:5] + ("save",)
-        layers += block
-    return layers + [("last_conv", "last_bn", 1, False, "relu6", None)]
-
-
 def inference_function(
-    model: nn.Module, variables: dict, preprocessing: dict | None = None
+    model: nn.Module, variables: dict, preprocessing: Preprocessing | None = None
 ) -> Callable[[jax.Array], jax.Array]:
-    """``images (N, H, W, 3) RGB 0..255 -> logits``: normalisation, folded BatchNorm, no training ops.
+    """``images (N, H, W, 3) RGB 0..255 -> logits``: normalisation, then the model's BatchNorm-folded form.
 
     ``preprocessing`` (a model directory's ``preprocessing.json``, e.g. Keras weights'
     [-1, 1] scaling) replaces the ImageNet normalisation of the training pipeline.
     """
-    mean, std = MEAN_RGB, STDDEV_RGB
-    if preprocessing is not None:
-        mean = np.asarray(preprocessing["mean_rgb"], np.float32)
-        std = np.asarray(preprocessing["stddev_rgb"], np.float32)
+    preprocessing = preprocessing or IMAGENET
     if model.num_classes is None:
         raise errors.UserError("Export needs a model with a classifier (num_classes is None).")
-    params, stats = variables["params"], variables["batch_stats"]
-    layers = [
-        (_fold(params, stats, conv, bn, model.bn_epsilon), stride, depthwise, act, residual)
-        for conv, bn, stride, depthwise, act, residual in _layers(model)
-    ]
-    dense_kernel = np.asarray(params["classifier"]["kernel"], np.float32)
-    dense_bias = np.asarray(params["classifier"]["bias"], np.float32)
+    folded, folded_variables = fold_batchnorm(model.clone(dtype=jnp.float32, param_dtype=jnp.float32), variables)
+    folded_variables = jax.tree.map(jnp.asarray, folded_variables)
 
     def forward(images):
-        x = (images.astype(jnp.float32) - mean) / std
-        shortcut = None
-        for (kernel, bias), stride, depthwise, activation, residual in layers:
-            if residual == "save":
-                shortcut = x
-            x = _conv(x, kernel, bias, stride, depthwise, model.padding)
-            if activation == "relu":
-                x = jnp.maximum(x, 0.0)
-            elif activation == "relu6":
-                x = jnp.clip(x, 0.0, 6.0)
-            if residual == "add":
-                x = x + shortcut
-        x = jnp.mean(x, axis=(1, 2))
-        return x @ dense_kernel + dense_bias
+        return folded.apply(folded_variables, preprocessing.normalize(images.astype(jnp.float32)), train=False)
 
     return forward
-
-
-def normalized_to_rgb(images: np.ndarray) -> np.ndarray:
-    """Inverts ``input_pipeline.normalize``: pipeline images back to RGB on 0..255 (the export's input)."""
-    return np.asarray(images, np.float32) * STDDEV_RGB + MEAN_RGB
 
 
 # ----------------------------------------------------------------------------- LiteRT
@@ -182,7 +91,7 @@ def to_tflite(
     io_dtype: str = "float32",
     calibration: Iterable[np.ndarray] | None = None,
     saved_model_dir: str | None = None,
-    preprocessing: dict | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> bytes:
     """The ``.tflite`` flatbuffer of the model at batch 1 and ``image_size`` (see the module docstring).
 
@@ -276,7 +185,9 @@ class TFLiteModel:
 # ----------------------------------------------------------------------------- StableHLO
 
 
-def to_stablehlo(model: nn.Module, variables: dict, image_size: int, preprocessing: dict | None = None) -> bytes:
+def to_stablehlo(
+    model: nn.Module, variables: dict, image_size: int, preprocessing: Preprocessing | None = None
+) -> bytes:
     """A serialized ``jax.export`` artifact with a symbolic batch dimension (RGB 0..255 in, logits out)."""
     forward = inference_function(model, variables, preprocessing)
     (batch,) = jax.export.symbolic_shape("batch")
@@ -291,7 +202,7 @@ def load_stablehlo(data: bytes) -> Callable[[Any], jax.Array]:
 # ----------------------------------------------------------------------------- ONNX
 
 
-def to_onnx(model: nn.Module, variables: dict, image_size: int, preprocessing: dict | None = None) -> bytes:
+def to_onnx(model: nn.Module, variables: dict, image_size: int, preprocessing: Preprocessing | None = None) -> bytes:
     """An ONNX model (through jax2onnx) with a symbolic batch dimension: RGB 0..255 NHWC in, logits out."""
     jax2onnx = _require("jax2onnx")
     forward = inference_function(model, variables, preprocessing)
@@ -318,6 +229,8 @@ class ONNXModel:
 
 def calibration_images(config, count: int = 300) -> list[np.ndarray]:
     """``count`` training images through the evaluation preprocessing, as RGB 0..255, batch 1 each."""
+    from mobilenet_jax import input_pipeline  # TensorFlow: only to read a dataset
+
     info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
     input_pipeline.check_split(info, config.train_split)
     dataset = input_pipeline.create_eval_dataset(
@@ -326,7 +239,7 @@ def calibration_images(config, count: int = 300) -> list[np.ndarray]:
     images = []
     for batch in dataset.take(count):
         if float(batch["mask"][0]) > 0:
-            images.append(normalized_to_rgb(np.asarray(batch["image"])))
+            images.append(IMAGENET.denormalize(np.asarray(batch["image"])))
     if not images:
         raise errors.DatasetError(f"No decodable calibration images in split {config.train_split!r}.")
     return images

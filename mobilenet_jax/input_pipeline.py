@@ -23,14 +23,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mobilenet_jax.distributed import as_numpy  # noqa: F401 (the pipeline's batches, as NumPy)
 from mobilenet_jax.errors import DatasetError
+from mobilenet_jax.preprocessing import EVAL_CROPS, IMAGENET, INTERPOLATIONS
 
-# ImageNet statistics on the 0..255 scale, as torchvision normalises.
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-EVAL_CROP_FRACTION = 0.875
-EVAL_METHODS = ("center_crop", "torchvision")
-INTERPOLATIONS = ("bilinear", "bicubic")
+# What the pipeline feeds: ImageNet statistics on the 0..255 scale, as torchvision normalises.
+MEAN_RGB = IMAGENET.mean_rgb
+STDDEV_RGB = IMAGENET.stddev_rgb
+EVAL_CROP_FRACTION = IMAGENET.crop_fraction
+EVAL_METHODS = EVAL_CROPS
 _MAX_EPOCHS = 1_000_000
 
 
@@ -137,27 +138,8 @@ def num_examples(info: DatasetInfo, split: str) -> int:
 # ----------------------------------------------------------------------------- image functions
 
 
-def is_pipeline_normalisation(mean_rgb, stddev_rgb) -> bool:
-    """Whether ``(mean_rgb, stddev_rgb)`` is the ImageNet normalisation :func:`normalize` applies."""
-    return bool(np.allclose(mean_rgb, MEAN_RGB) and np.allclose(stddev_rgb, STDDEV_RGB))
-
-
-def renormalization(preprocessing: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(scale, shift)`` per channel taking :func:`normalize`'d images to the inputs a model's
-    ``preprocessing.json`` asks for, ``(rgb - mean_rgb) / stddev_rgb``; None when those are the same.
-
-    ``x_new = (x * STDDEV_RGB + MEAN_RGB - mean_rgb) / stddev_rgb = x * scale + shift``.
-    """
-    if preprocessing is None or is_pipeline_normalisation(preprocessing["mean_rgb"], preprocessing["stddev_rgb"]):
-        return None
-    mean, std = np.asarray(MEAN_RGB, np.float64), np.asarray(STDDEV_RGB, np.float64)
-    new_mean = np.asarray(preprocessing["mean_rgb"], np.float64)
-    new_std = np.asarray(preprocessing["stddev_rgb"], np.float64)
-    return (std / new_std).astype(np.float32), ((mean - new_mean) / new_std).astype(np.float32)
-
-
 def renormalize(batch: dict, scale: np.ndarray, shift: np.ndarray) -> dict:
-    """A batch of :func:`normalize`'d images through the affine of :func:`renormalization`."""
+    """A batch of :func:`normalize`'d images through an affine of ``Preprocessing.affine_from``."""
     return {**batch, "image": batch["image"] * tf.constant(scale) + tf.constant(shift)}
 
 
@@ -444,7 +426,3 @@ def eval_dataset(
         process_count=jax.process_count(),
     )
     return dataset, num_examples(info, config.eval_split)
-
-
-def as_numpy(batch: dict) -> dict:
-    return {k: np.asarray(v) for k, v in batch.items()}

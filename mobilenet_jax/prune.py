@@ -10,21 +10,25 @@ evaluation, export, ``--config.init_from`` and ``convert.to_torch`` read. The re
 images come from ``--config``'s training split, or from the dataset a workdir was
 trained on (its ``config.json``).
 
-MobileNetV1: every layer that produces channels (the stem and each block's pointwise conv) keeps
-the channels whose weights in the *next* pointwise conv (or the classifier, after the
-last block) have the largest L1 norm (He et al., 2018, AMC; ``criterion='bn'`` ranks
-by the producer's BatchNorm scale instead). Slicing one producer's output slices,
-together, its BatchNorm, the next block's depthwise kernel and BatchNorm, and the
-next pointwise conv's input. Then, as AMC does, each pruned block's pointwise kernel
-is refitted in order by least squares, so that on features of a few hundred
-training images the pruned network reproduces the unpruned layer's outputs.
+Which tensors prune together is derived from the model's architecture table, for any
+MobileNet (:func:`mobilenet_jax.models.table.channel_groups`, what Torch-Pruning's
+dependency graph does for PyTorch): a *channel group* is the output channels of the
+layers that produce them (a residual add joins the producers of a block's input and
+output), the depthwise layers they pass through, and the layers that read them. Its
+channels are ranked by the summed L1 norm of their weights in every reader (He et al.,
+2018, AMC; ``criterion='bn'``: the producers' BatchNorm scales), and one slice cuts
+the producers' kernels and BatchNorms, the depthwise kernels and BatchNorms, and the
+readers' inputs. Then, as AMC does, each pruned pointwise kernel is refitted in order
+by least squares, so that on features of a few hundred training images the pruned
+network reproduces the unpruned layer's outputs, and the classifier the unpruned logits.
 
-MobileNetV2: each block's expansion (hidden) channels are ranked by their L1 norm in
-the block's projection and sliced through the expansion conv, the depthwise conv and
-their BatchNorms; they couple nothing outside the block. A block's outputs can be
-pruned only together with the blocks its shortcut joins (a residual group), ranked by
-the summed L1 norms of every layer that reads them. The pruned model records the
-counts as ``block_channels``. ``--macs`` prunes the hidden channels at one ratio.
+MobileNetV1's groups are the stem's and each block's outputs (and a head conv's);
+MobileNetV2's the stem's, each expansion's, each residual group's and the last conv's.
+The notations: MobileNetV1 ``(stem, blocks)`` as the design notes write it (recorded
+as the pruned model's ``profile``), MobileNetV2 ``hidden`` or ``(hidden, out)`` per
+block (recorded as ``block_channels``, with ``stem_channels`` and ``last_channels``),
+and ``--groups``, one width per channel group, for any model. ``--macs`` keeps one
+ratio in every group a non-linear layer produces except the head conv's.
 """
 
 from __future__ import annotations
@@ -32,28 +36,35 @@ from __future__ import annotations
 import ast
 from collections.abc import Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from mobilenet_jax import errors
-from mobilenet_jax.models import V1_PROFILES, MobileNetV1, MobileNetV2, mobilenet_v2, v1_architecture
+from mobilenet_jax.models import V1_PROFILES, MobileNetV1, MobileNetV2, table, v1_architecture
 from mobilenet_jax.models.layers import PointwiseConv
+from mobilenet_jax.preprocessing import IMAGENET
 from mobilenet_jax.summary import summarize
 
 CRITERIA = ("l1", "bn")
-
-
-def _architecture(model: nn.Module) -> tuple[int, tuple[tuple[int, int], ...]]:
-    if not isinstance(model, MobileNetV1):
-        raise errors.UserError(f"This step handles MobileNetV1, not {type(model).__name__}.")
-    return v1_architecture(model.profile, model.width)
+MIN_CHANNELS = 8
 
 
 def _check_model(model: nn.Module) -> None:
-    if not isinstance(model, (MobileNetV1, MobileNetV2)):
-        raise errors.UserError(f"Pruning handles MobileNetV1 and MobileNetV2, not {type(model).__name__}.")
+    if not hasattr(model, "network") or not hasattr(model, "with_network"):
+        raise errors.UserError(f"Pruning handles MobileNets (an architecture table), not {type(model).__name__}.")
+
+
+def groups(model: nn.Module) -> tuple[table.Group, ...]:
+    """The channel groups of ``model`` (:func:`mobilenet_jax.models.table.channel_groups`)."""
+    _check_model(model)
+    return table.channel_groups(model.network(), classifier=model.num_classes is not None)
+
+
+def group_widths(model: nn.Module) -> tuple[int, ...]:
+    return tuple(group.channels for group in groups(model))
 
 
 def parse_channels(text: str, model: nn.Module | None = None) -> tuple:
@@ -63,12 +74,7 @@ def parse_channels(text: str, model: nn.Module | None = None) -> tuple:
     ``(24, (48, (96, 2), 80))``. MobileNetV2: one entry per block, ``hidden`` or
     ``(hidden, out)``: ``'16,96,(144,24),...'`` -> ``(16, 96, (144, 24), ...)``.
     """
-    try:
-        values = ast.literal_eval(f"[{text}]")
-    except (ValueError, SyntaxError):
-        raise errors.UserError(
-            f"--channels must be a comma-separated list like '24,48,(96,2)', got {text!r}."
-        ) from None
+    values = _parse_list(text, "--channels", "'24,48,(96,2)'")
     if len(values) < 2:
         raise errors.UserError("--channels needs one entry per layer, e.g. '24,48,(96,2),...'.")
     if isinstance(model, MobileNetV2):
@@ -76,36 +82,34 @@ def parse_channels(text: str, model: nn.Module | None = None) -> tuple:
     return values[0], tuple(values[1:])
 
 
-def _count(name: str, count, have: int, minimum: int = 8) -> int:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise errors.UserError(f"The {name} needs a positive channel count, got {count!r}.")
-    if count > have:
-        raise errors.UserError(f"The {name} has {have} channels; it cannot keep {count}.")
-    if count < min(minimum, have):
-        raise errors.UserError(f"The {name} would keep {count} channels; pruning keeps at least {minimum} per layer.")
-    return count
+def _parse_list(text: str, flag: str, example: str) -> list:
+    try:
+        return ast.literal_eval(f"[{text}]")
+    except (ValueError, SyntaxError):
+        raise errors.UserError(f"{flag} must be a comma-separated list like {example}, got {text!r}.") from None
 
 
-def residual_groups(model: nn.Module) -> list[list[int]]:
-    """MobileNetV2 blocks whose outputs are added together, as lists of block indices.
+def _v1_target(model: MobileNetV1, channels) -> nn.Module:
+    """MobileNetV1's notation: ``(stem, (c or (c, stride), ...))`` with the model's strides."""
+    _, blocks = v1_architecture(model.profile, model.width)
+    stem, entries = channels
+    if len(entries) != len(blocks):
+        raise errors.UserError(f"The channel list has {len(entries)} blocks; the model has {len(blocks)}.")
+    counts = [stem]
+    for i, (entry, (_, stride)) in enumerate(zip(entries, blocks, strict=True)):
+        count, given_stride = (entry, 1) if not isinstance(entry, (tuple, list)) else tuple(entry)
+        if given_stride != stride:
+            raise errors.UserError(f"Block {i} has stride {stride}; the channel list says {given_stride}.")
+        counts.append(count)
+    for name, count in zip(["stem"] + [f"block {i}" for i in range(len(blocks))], counts, strict=True):
+        _check_count(name, count, None)
+    profile = (stem, tuple(c if s == 1 else (c, s) for c, (_, s) in zip(counts[1:], blocks, strict=True)))
+    return model.clone(profile=profile, width=1.0)
 
-    A group starts at a block without a shortcut; the blocks after it with a shortcut
-    add their output to it, so they all keep one output width. A group that begins
-    with a shortcut block is joined to the stem (torchvision's 0.25 width) and is left whole.
-    """
-    _, blocks, _ = mobilenet_v2.model_architecture(model)
-    groups: list[list[int]] = []
-    for i, block in enumerate(blocks):
-        if block.residual and groups:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
-
-def _v2_targets(model: nn.Module, channels: tuple) -> tuple[tuple[int, int], ...]:
-    """Checks a MobileNetV2 channel list (``hidden`` or ``(hidden, out)`` per block); returns the pairs."""
-    _, blocks, _ = mobilenet_v2.model_architecture(model)
+def _v2_target(model: MobileNetV2, channels) -> nn.Module:
+    """MobileNetV2's notation: one entry per block, ``hidden`` or ``(hidden, out)``."""
+    blocks = model.network().blocks
     if len(channels) != len(blocks):
         raise errors.UserError(f"The channel list has {len(channels)} blocks; the model has {len(blocks)}.")
     pairs = []
@@ -113,207 +117,128 @@ def _v2_targets(model: nn.Module, channels: tuple) -> tuple[tuple[int, int], ...
         if isinstance(entry, (tuple, list)) and len(entry) != 2:
             raise errors.UserError(f"Block {i}'s entry must be hidden or (hidden, out), got {entry!r}.")
         hidden, out = tuple(entry) if isinstance(entry, (tuple, list)) else (entry, block.out)
-        if not block.expand and hidden != block.hidden:
-            raise errors.UserError(
-                f"Block {i} has no expansion conv: its hidden channels are its inputs ({block.hidden}); "
-                f"give {block.hidden}, not {hidden!r}."
-            )
-        pairs.append(
-            (_count(f"block {i} hidden layer", hidden, block.hidden), _count(f"block {i} output", out, block.out))
-        )
-    for group in residual_groups(model):
-        widths = [pairs[i][1] for i in group]
-        first = blocks[group[0]]
-        if first.residual and widths[0] != first.out:
-            raise errors.UserError(
-                f"Block {group[0]}'s output is added to the stem's, which pruning keeps; keep its {first.out}."
-            )
-        if len(set(widths)) > 1:
-            raise errors.UserError(
-                f"Blocks {group[0]}-{group[-1]} form a residual group (their outputs are added), so they must keep "
-                f"one output width; the list gives {', '.join(map(str, widths))}."
-            )
-    return tuple(pairs)
+        hidden = _check_count(f"block {i} hidden layer", hidden, None, minimum=1)
+        pairs.append((hidden, _check_count(f"block {i} output", out, None, minimum=1)))
+    return model.clone(block_channels=tuple(pairs))
 
 
-def target_channels(model: nn.Module, channels: tuple) -> tuple:
-    """Checks a channel list against ``model``.
+def target_model(model: nn.Module, channels) -> nn.Module:
+    """The pruned architecture ``channels`` describes, checked against ``model``.
 
-    MobileNetV1: ``(stem, blocks)`` in the model's profile notation (``c`` for a
-    stride-1 block, ``(c, 2)`` for a stride-2 one, strides as the model's); returns
-    the stem and per-block output counts. MobileNetV2: one entry per block, ``hidden``
-    (keep the block's outputs) or ``(hidden, out)``; returns ``(hidden, out)`` pairs.
+    ``channels`` is a model of the same class (e.g. from :func:`resize`), one width per
+    channel group (any table-built model), or the architecture's own notation:
+    MobileNetV1 ``(stem, blocks)`` (``c`` for a stride-1 block, ``(c, 2)`` for a
+    stride-2 one) and MobileNetV2 one entry per block, ``hidden`` or ``(hidden, out)``.
     """
     _check_model(model)
-    if isinstance(model, MobileNetV2):
-        return _v2_targets(model, tuple(channels))
-    stem, blocks = _architecture(model)
-    new_stem, new_blocks = channels
-    if len(new_blocks) != len(blocks):
-        raise errors.UserError(f"The channel list has {len(new_blocks)} blocks; the model has {len(blocks)}.")
-    counts = []
-    for i, (entry, (_, stride)) in enumerate(zip(new_blocks, blocks, strict=True)):
-        count, given_stride = (entry, 1) if not isinstance(entry, (tuple, list)) else tuple(entry)
-        if given_stride != stride:
-            raise errors.UserError(f"Block {i} has stride {stride}; the channel list says {given_stride}.")
-        counts.append(count)
-    new_stem = _count("stem", new_stem, stem)
-    counts = [_count(f"block {i}", c, b[0]) for i, (c, b) in enumerate(zip(counts, blocks, strict=True))]
-    return new_stem, tuple(counts)
+    if isinstance(channels, nn.Module):
+        target = channels
+    elif isinstance(model, MobileNetV1):
+        target = _v1_target(model, channels)
+    elif isinstance(model, MobileNetV2):
+        target = _v2_target(model, channels)
+    else:
+        target = resize(model, channels)
+    try:
+        new = group_widths(target)
+    except ValueError as error:  # the architecture refuses the counts (e.g. a residual group split)
+        raise errors.UserError(str(error)) from None
+    old = group_widths(model)
+    if type(target) is not type(model) or len(new) != len(old):
+        raise errors.UserError(f"The pruned model must have the {len(old)} channel groups of the model it prunes.")
+    for group, count, have in zip(groups(model), new, old, strict=True):
+        _check_count(describe_group(group), count, have)
+    return target
+
+
+def resize(model: nn.Module, widths) -> nn.Module:
+    """``model`` with one width per channel group (:func:`groups`), e.g. a searched ratio per layer."""
+    _check_model(model)
+    try:
+        return model.with_network(table.resize(model.network(), widths))
+    except ValueError as error:
+        raise errors.UserError(str(error)) from None
+
+
+def describe_group(group: table.Group) -> str:
+    """``'stem'`` or ``'group of block_3/conv_pwl, block_4/conv_pwl'`` (the layers producing its channels)."""
+    paths = ", ".join(conv.path for conv in group.producers)
+    return "stem" if paths == "stem_conv" else f"group of {paths}"
+
+
+def _check_count(name: str, count, have: int | None, minimum: int = MIN_CHANNELS) -> int:
+    """``count`` if it is a positive integer, at most ``have`` and at least ``minimum`` (or ``have``)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise errors.UserError(f"The {name} needs a positive channel count, got {count!r}.")
+    if have is not None and count > have:
+        raise errors.UserError(f"The {name} has {have} channels; it cannot keep {count}.")
+    if count < min(minimum, have or minimum):
+        raise errors.UserError(f"The {name} would keep {count} channels; pruning keeps at least {minimum} per layer.")
+    return count
+
+
+# ----------------------------------------------------------------------------- ranking and slicing
 
 
 def _l1_of_inputs(kernel) -> np.ndarray:
-    """L1 norm of each input channel's weights in a 1x1 conv (HWIO) or dense (IO) kernel."""
+    """L1 norm of each input channel's weights in a conv (HWIO) or dense (IO) kernel."""
     kernel = np.abs(np.asarray(kernel))
     return kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1]).sum(axis=(0, 2))
 
 
-def _importance(params: dict, producer: int, num_blocks: int, criterion: str) -> np.ndarray:
-    """Importance of the output channels of MobileNetV1 producer ``producer`` (-1: the stem, i: block i)."""
-    if criterion == "bn":
-        bn = params["stem_bn"] if producer < 0 else params[f"block_{producer}"]["bn_pw"]
-        return np.abs(np.asarray(bn["scale"]))
-    if producer + 1 < num_blocks:  # the next block's pointwise conv reads these channels
-        return _l1_of_inputs(params[f"block_{producer + 1}"]["conv_pw"]["kernel"])
-    if "head_conv" in params:  # timm's mobilenetv1_100h: a 1x1 head conv before the pooling
-        return _l1_of_inputs(params["head_conv"]["kernel"])
-    return _l1_of_inputs(params["classifier"]["kernel"])
+def _importance(params: dict, group: table.Group, criterion: str) -> np.ndarray:
+    """AMC's rank of a group's channels: the summed L1 norm of their weights in every layer that reads them.
+
+    ``criterion='bn'`` (or a group nothing reads: a backbone's last layer) sums the
+    BatchNorm scales of the layers that produce them instead.
+    """
+    if criterion == "bn" or not group.readers:
+        return sum(np.abs(np.asarray(table.at(params, conv.norm)["scale"])) for conv in group.producers)
+    return sum(_l1_of_inputs(table.at(params, reader)["kernel"]) for reader in group.readers)
 
 
 def _top(importance: np.ndarray, count: int) -> np.ndarray:
     return np.sort(np.argsort(-importance, kind="stable")[:count])
 
 
-def _v2_keeps(model: nn.Module, params: dict, pairs, criterion: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(kept hidden, kept outputs)`` indices per MobileNetV2 block."""
-    _, blocks, _ = mobilenet_v2.model_architecture(model)
-    outputs = {}
-    for group in residual_groups(model):
-        # Every layer that reads the group's channels: the later blocks' expansions and
-        # the first conv after the group (the next block's expansion or the last conv).
-        after = group[-1] + 1
-        readers = [params[f"block_{i}"].get("conv_pw") for i in group[1:]]
-        readers.append(params[f"block_{after}"].get("conv_pw") if after < len(blocks) else params["last_conv"])
-        readers = [layer["kernel"] for layer in readers if layer is not None]  # a block without expansion: skip
-        if criterion == "bn" or not readers:
-            importance = sum(np.abs(np.asarray(params[f"block_{i}"]["bn_pwl"]["scale"])) for i in group)
-        else:
-            importance = sum(_l1_of_inputs(kernel) for kernel in readers)
-        for i in group:
-            outputs[i] = _top(importance, pairs[i][1])
-    keeps = []
-    for i, block in enumerate(blocks):
-        if not block.expand:  # the hidden channels are the inputs: kept as the previous layer keeps them
-            hidden = keeps[-1][1] if keeps else np.arange(block.hidden)
-        elif criterion == "bn":
-            hidden = _top(np.abs(np.asarray(params[f"block_{i}"]["bn_dw"]["scale"])), pairs[i][0])
-        else:
-            hidden = _top(_l1_of_inputs(params[f"block_{i}"]["conv_pwl"]["kernel"]), pairs[i][0])
-        keeps.append((hidden, outputs[i]))
-    return keeps
-
-
-def keep_indices(model: nn.Module, variables: dict, channels: tuple, criterion: str = "l1") -> list:
-    """Sorted indices of the kept channels.
-
-    MobileNetV1: one array per producer (the stem, then every block's outputs).
-    MobileNetV2: one ``(hidden, outputs)`` pair of arrays per block.
-    """
+def keep_indices(model: nn.Module, variables: dict, channels, criterion: str = "l1") -> list[np.ndarray]:
+    """Sorted indices of the kept channels, one array per channel group (:func:`groups`)."""
     if criterion not in CRITERIA:
         raise errors.UserError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
-    targets = target_channels(model, channels)
-    params = variables["params"]
-    if isinstance(model, MobileNetV2):
-        return _v2_keeps(model, params, targets, criterion)
-    stem, counts = targets
+    widths = group_widths(target_model(model, channels))
     return [
-        _top(_importance(params, producer, len(counts), criterion), count)
-        for producer, count in enumerate((stem, *counts), start=-1)
+        _top(_importance(variables["params"], group, criterion), width)
+        for group, width in zip(groups(model), widths, strict=True)
     ]
 
 
-def _slice_bn(params: dict, stats: dict, keep: np.ndarray) -> tuple[dict, dict]:
-    return {k: v[keep] for k, v in params.items()}, {k: v[keep] for k, v in stats.items()}
+def slice_model(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray]) -> tuple[nn.Module, dict]:
+    """The pruned model and its variables: every tensor of each channel group sliced to its kept channels.
+
+    Producers lose output channels (kernel's last axis, BatchNorm), depthwise layers
+    the same channels (kernel's last axis, BatchNorm), readers input channels (a
+    conv kernel's third axis, the classifier's rows).
+    """
+    params = jax.tree.map(np.array, flax.core.unfreeze(variables["params"]))
+    stats = jax.tree.map(np.array, flax.core.unfreeze(variables["batch_stats"]))
+    for group, keep in zip(groups(model), keeps, strict=True):
+        for conv in group.producers + group.passes:
+            layer = table.at(params, conv.path)
+            layer["kernel"] = layer["kernel"][..., keep]
+            for tree in (params, stats):
+                norm = table.at(tree, conv.norm)
+                norm.update({k: v[keep] for k, v in norm.items()})
+        for reader in group.readers:
+            layer = table.at(params, reader)
+            layer["kernel"] = layer["kernel"][keep] if reader == "classifier" else layer["kernel"][:, :, keep]
+    pruned = resize(model, [len(keep) for keep in keeps])
+    return pruned, {"params": jax.tree.map(jnp.asarray, params), "batch_stats": jax.tree.map(jnp.asarray, stats)}
 
 
-def _to_jax(params: dict, stats: dict) -> dict:
-    return {"params": jax.tree.map(jnp.asarray, params), "batch_stats": jax.tree.map(jnp.asarray, stats)}
-
-
-def slice_v1(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray]) -> tuple[nn.Module, dict]:
-    """The pruned model and its variables: every coupled tensor sliced to the kept channels."""
-    _, blocks = _architecture(model)
-    params = jax.tree.map(np.asarray, variables["params"])
-    stats = jax.tree.map(np.asarray, variables["batch_stats"])
-    new_params, new_stats = {}, {}
-    new_params["stem_conv"] = {"kernel": params["stem_conv"]["kernel"][..., keeps[0]]}
-    new_params["stem_bn"], new_stats["stem_bn"] = _slice_bn(params["stem_bn"], stats["stem_bn"], keeps[0])
-    for i in range(len(blocks)):
-        name, keep_in, keep_out = f"block_{i}", keeps[i], keeps[i + 1]
-        block, block_stats = params[name], stats[name]
-        bn_dw, bn_dw_stats = _slice_bn(block["bn_dw"], block_stats["bn_dw"], keep_in)
-        bn_pw, bn_pw_stats = _slice_bn(block["bn_pw"], block_stats["bn_pw"], keep_out)
-        new_params[name] = {
-            "conv_dw": {"kernel": block["conv_dw"]["kernel"][..., keep_in]},
-            "bn_dw": bn_dw,
-            "conv_pw": {"kernel": block["conv_pw"]["kernel"][:, :, keep_in][..., keep_out]},
-            "bn_pw": bn_pw,
-        }
-        new_stats[name] = {"bn_dw": bn_dw_stats, "bn_pw": bn_pw_stats}
-    if "head_conv" in params:
-        new_params["head_conv"] = {"kernel": params["head_conv"]["kernel"][:, :, keeps[-1]]}
-        new_params["head_bn"], new_stats["head_bn"] = params["head_bn"], stats["head_bn"]
-        if "classifier" in params:
-            new_params["classifier"] = params["classifier"]
-    elif "classifier" in params:
-        new_params["classifier"] = {
-            "kernel": params["classifier"]["kernel"][keeps[-1]],
-            "bias": params["classifier"]["bias"],
-        }
-    profile = (
-        len(keeps[0]),
-        tuple(len(k) if s == 1 else (len(k), s) for k, (_, s) in zip(keeps[1:], blocks, strict=True)),
-    )
-    pruned = model.clone(profile=profile, width=1.0)  # activation, head, padding, BatchNorm settings kept
-    return pruned, _to_jax(new_params, new_stats)
-
-
-def slice_v2(
-    model: nn.Module, variables: dict, keeps: Sequence[tuple[np.ndarray, np.ndarray]]
-) -> tuple[nn.Module, dict]:
-    """The pruned MobileNetV2 (``block_channels`` set) and its sliced variables."""
-    params = jax.tree.map(np.array, dict(variables["params"]))
-    stats = jax.tree.map(np.array, dict(variables["batch_stats"]))
-    keep_in = np.arange(params["stem_bn"]["scale"].shape[0])
-    for i, (hidden, out) in enumerate(keeps):
-        block, block_stats = params[f"block_{i}"], stats[f"block_{i}"]
-        if "conv_pw" in block:
-            block["conv_pw"]["kernel"] = block["conv_pw"]["kernel"][:, :, keep_in][..., hidden]
-            block["bn_pw"], block_stats["bn_pw"] = _slice_bn(block["bn_pw"], block_stats["bn_pw"], hidden)
-        block["conv_dw"]["kernel"] = block["conv_dw"]["kernel"][..., hidden]
-        block["bn_dw"], block_stats["bn_dw"] = _slice_bn(block["bn_dw"], block_stats["bn_dw"], hidden)
-        block["conv_pwl"]["kernel"] = block["conv_pwl"]["kernel"][:, :, hidden][..., out]
-        block["bn_pwl"], block_stats["bn_pwl"] = _slice_bn(block["bn_pwl"], block_stats["bn_pwl"], out)
-        keep_in = out
-    params["last_conv"]["kernel"] = params["last_conv"]["kernel"][:, :, keep_in]
-    pruned = model.clone(block_channels=tuple((len(hidden), len(out)) for hidden, out in keeps))
-    return pruned, _to_jax(params, stats)
-
-
-def slice_model(model: nn.Module, variables: dict, keeps: Sequence) -> tuple[nn.Module, dict]:
-    """:func:`slice_v1` or :func:`slice_v2`, as ``model`` is."""
-    return (slice_v2 if isinstance(model, MobileNetV2) else slice_v1)(model, variables, keeps)
-
-
-def _refit_outputs(model: nn.Module, keeps: Sequence) -> dict[str, np.ndarray | None]:
-    """The pointwise convs a refit may change, in order, with the indices of their kept outputs (None: all)."""
-    if isinstance(model, MobileNetV2):
-        layers = {}
-        for i, (hidden, out) in enumerate(keeps):
-            layers[f"block_{i}/conv_pw"] = hidden
-            layers[f"block_{i}/conv_pwl"] = out
-        return {**layers, "last_conv": None}
-    return {**{f"block_{i}/conv_pw": keep for i, keep in enumerate(keeps[1:])}, "head_conv": None}
+def _refit_outputs(model: nn.Module, keeps: Sequence) -> dict[str, np.ndarray]:
+    """The pointwise convs a refit may change, in order, with the indices of their kept outputs."""
+    kept = {conv.path: keep for group, keep in zip(groups(model), keeps, strict=True) for conv in group.producers}
+    return {conv.path: kept[conv.path] for conv in model.network().convs() if conv.kind == "pointwise"}
 
 
 def pointwise_io(
@@ -417,42 +342,37 @@ def _round(c: int, keep: float, divisor: int) -> int:
     return min(c, max(divisor, int(round(c * keep / divisor)) * divisor))
 
 
-def channels_for_macs(model: nn.Module, ratio: float, image_size: int, divisor: int = 8) -> tuple:
-    """A channel list within 2% of ``ratio`` times the model's multiply-adds.
+def macs_groups(model: nn.Module) -> list[bool]:
+    """Which channel groups ``--macs`` prunes: those a non-linear layer produces, except the head conv's.
 
-    Every prunable layer keeps one fraction of its channels, rounded to multiples of
-    ``divisor``: for MobileNetV1 the stem and every block's outputs; for MobileNetV2
-    every block's expansion (hidden) channels, the narrow block outputs kept whole.
+    MobileNetV1: the stem and every block's outputs. MobileNetV2: the stem and every
+    expansion; the linear bottlenecks (which residual adds join) and the last conv stay whole.
+    """
+    head = model.network().head_conv().path if model.network().head_channels else None
+    return [all(c.activation is not None and c.path != head for c in g.producers) for g in groups(model)]
+
+
+def channels_for_macs(model: nn.Module, ratio: float, image_size: int, divisor: int = 8) -> nn.Module:
+    """The pruned model within 2% of ``ratio`` times ``model``'s multiply-adds.
+
+    Every group of :func:`macs_groups` keeps one fraction of its channels, rounded to
+    multiples of ``divisor``; the fraction is bisected.
     """
     if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
         raise errors.UserError(f"--macs must be in (0, 1], got {ratio!r}.")
     _check_model(model)
     full = summarize(model, image_size).macs
+    widths, prunable = group_widths(model), macs_groups(model)
 
-    if isinstance(model, MobileNetV2):
-        _, blocks, _ = mobilenet_v2.model_architecture(model)
+    def plan(keep: float) -> nn.Module:
+        return resize(model, [_round(w, keep, divisor) if p else w for w, p in zip(widths, prunable, strict=True)])
 
-        def plan(keep: float) -> tuple:
-            return tuple((_round(b.hidden, keep, divisor) if b.expand else b.hidden, b.out) for b in blocks)
-
-        def candidate_model(candidate):
-            return model.clone(block_channels=candidate)
-    else:
-        stem, v1_blocks = _architecture(model)
-
-        def plan(keep: float) -> tuple:
-            count = lambda c: _round(c, keep, divisor)  # noqa: E731
-            return count(stem), tuple(count(c) if s == 1 else (count(c), s) for c, s in v1_blocks)
-
-        def candidate_model(candidate):
-            return model.clone(profile=candidate, width=1.0)
-
-    # MACs grow with the keep fraction: bisect it, remembering the closest list seen.
+    # MACs grow with the keep fraction: bisect it, remembering the closest model seen.
     low, high, best, best_error = 0.0, 1.0, None, float("inf")
     for _ in range(14):
         middle = (low + high) / 2
         candidate = plan(middle)
-        difference = summarize(candidate_model(candidate), image_size).macs / full - ratio
+        difference = summarize(candidate, image_size).macs / full - ratio
         if abs(difference) < best_error:
             best, best_error = candidate, abs(difference)
         low, high = (middle, high) if difference < 0 else (low, middle)
@@ -474,9 +394,7 @@ def profile_channels(model: nn.Module, name: str) -> tuple:
 
 
 def _describe(model: nn.Module) -> str:
-    if isinstance(model, MobileNetV2):
-        return "block (hidden, out) channels " + ",".join(f"({h},{o})" for h, o in model.block_channels)
-    return f"profile {model.profile}"
+    return "channel groups " + ",".join(map(str, group_widths(model)))
 
 
 def prune(
@@ -506,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     target.add_argument("--channels", help="stem,block,... in the design notes' notation, e.g. '24,48,(96,2),...'")
     target.add_argument("--profile", help="a named MobileNetV1 profile, e.g. 0.5flops")
     target.add_argument("--macs", type=float, help="fraction of the model's multiply-adds to keep, in (0, 1]")
+    target.add_argument("--groups", help="one width per channel group, in order (any model; --list_groups shows them)")
+    target.add_argument("--list_groups", action="store_true", help="print the model's channel groups and exit")
     parser.add_argument("--criterion", choices=CRITERIA, default="l1", help="l1 (AMC) or bn (BatchNorm scale)")
     parser.add_argument("--no_refit", action="store_true", help="skip the least-squares refit")
     parser.add_argument(
@@ -523,7 +443,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         model, variables = checkpoint.load_any(args.source, weights=args.weights)
         config = errors.load_config(args.config) if args.config else checkpoint.read_config(args.source)
         image_size = args.image_size or (config.image_size if config is not None else 224)
-        if args.channels:
+        if args.list_groups:
+            for i, group in enumerate(groups(model)):
+                print(f"{i}: {group.channels} channels, {describe_group(group)}; read by {', '.join(group.readers)}")
+            return
+        if args.groups:
+            channels = resize(model, _parse_list(args.groups, "--groups", "'16,32,96,...'"))
+        elif args.channels:
             channels = parse_channels(args.channels, model)
         elif args.profile:
             channels = profile_channels(model, args.profile)
@@ -534,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if config is None:
                 raise errors.UserError("The refit needs --config naming the training dataset (or pass --no_refit).")
             rgb = np.concatenate(export.calibration_images(config, args.refit_images))
-            images = jnp.asarray((rgb - export.MEAN_RGB) / export.STDDEV_RGB)
+            images = jnp.asarray(IMAGENET.normalize(rgb))
         pruned, pruned_variables, report = prune(
             model, variables, channels, criterion=args.criterion, refit_images=images
         )

@@ -9,7 +9,6 @@ the benchmarks all build their steps here.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -21,8 +20,8 @@ from flax import linen as nn
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from mobilenet_jax import distributed, input_pipeline
-from mobilenet_jax.errors import ConfigError
+from mobilenet_jax import distributed
+from mobilenet_jax.distill import Teacher, distillation_loss
 from mobilenet_jax.models import registry
 from mobilenet_jax.optim import TrainState
 
@@ -36,56 +35,6 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, **override
         bn_axis_name=BATCH if config.cross_replica_bn else None,
     )
     return registry.create_model(config.model.to_dict(), num_classes, **{**runtime, **overrides})
-
-
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-    """A distillation teacher: its module (inference mode), temperature and the soft loss's weight."""
-
-    model: nn.Module
-    temperature: float
-    alpha: float
-    # Per-channel affine from the pipeline's normalised images to the teacher's inputs, for a
-    # teacher that expects others (its preprocessing.json, e.g. Keras's [-1, 1]); None: the same.
-    input_affine: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-
-    def inputs(self, images: jax.Array) -> jax.Array:
-        if self.input_affine is None:
-            return images
-        scale, shift = (jnp.asarray(v, images.dtype) for v in self.input_affine)
-        return images * scale + shift
-
-
-def load_teacher(config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> tuple[Teacher, dict] | None:
-    """``(Teacher, variables)`` from ``config.teacher`` (a model directory or workdir), or None without one."""
-    if not config.get("teacher"):
-        return None
-    from mobilenet_jax import checkpoint  # orbax: only when a teacher is named
-
-    runtime = {"dtype": jnp.bfloat16 if config.half_precision else jnp.float32, "bn_axis_name": None, **overrides}
-    model, variables = checkpoint.load_any(config.teacher, **runtime)
-    affine = input_pipeline.renormalization(checkpoint.read_preprocessing(config.teacher))
-    if affine is not None:  # plain floats, as the frozen Teacher holds them
-        affine = tuple(tuple(part.tolist()) for part in affine)
-    if model.num_classes != num_classes:
-        raise ConfigError(
-            f"Bad config: teacher={config.teacher!r} has {model.num_classes} classes and the dataset {num_classes}; "
-            "distillation compares the two models' class probabilities, so they must agree."
-        )
-    return Teacher(model, float(config.distill_temperature), float(config.distill_alpha), affine), variables
-
-
-def distillation_loss(
-    logits: jax.Array, teacher_logits: jax.Array, targets: jax.Array, temperature: float, alpha: float
-) -> jax.Array:
-    """Per example: ``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(targets)``.
-
-    The ``T^2`` keeps the soft term's gradients on the scale of the hard term's
-    (Hinton et al., 2015, Section 2).
-    """
-    teacher_log_probs = jax.nn.log_softmax(teacher_logits / temperature)
-    kl = jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - jax.nn.log_softmax(logits / temperature)), -1)
-    return alpha * temperature**2 * kl + (1.0 - alpha) * optax.softmax_cross_entropy(logits, targets)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -231,7 +180,7 @@ def make_train_step(
     """The jitted, sharded train step of ``config``: ``(state, global_batch) -> (state, metrics)``.
 
     The state is donated: the caller keeps only the returned one. ``teacher`` (from
-    :func:`load_teacher`) makes it a distillation step; the teacher's variables are
+    :func:`mobilenet_jax.distill.load_teacher`) makes it a distillation step; the teacher's variables are
     placed on every device once and passed to each call, not baked into the program.
     """
     step = functools.partial(
@@ -264,7 +213,7 @@ def evaluate(eval_fn, variables: dict, dataset, mesh, total_examples: int | None
     """Runs ``eval_fn`` over a finite dataset and returns loss/top1/top5 over the valid examples."""
     totals = None
     for batch in dataset:
-        sums = eval_fn(variables, distributed.global_batch(input_pipeline.as_numpy(batch), mesh))
+        sums = eval_fn(variables, distributed.global_batch(distributed.as_numpy(batch), mesh))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = distributed.to_host(totals)
     count = max(float(totals["count"]), 1.0)

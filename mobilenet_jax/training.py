@@ -23,10 +23,11 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from mobilenet_jax import checkpoint, distributed, input_pipeline, optim, steps
+from mobilenet_jax import checkpoint, distill, distributed, input_pipeline, optim, steps
 from mobilenet_jax.errors import ConfigError, DivergenceError
 from mobilenet_jax.metrics import MetricWriter, ProgressBar
 from mobilenet_jax.models import ARCHITECTURES, registry, reset_classifier
+from mobilenet_jax.preprocessing import IMAGENET
 
 _NUMBERS = (
     "batch_size image_size learning_rate lr_batch_size num_epochs num_train_steps label_smoothing ema_decay "
@@ -142,7 +143,7 @@ class Run:
     learning_rate_fn: optax.Schedule
     steps_per_epoch: int
     num_steps: int
-    teacher: tuple[steps.Teacher, dict] | None = None
+    teacher: tuple[distill.Teacher, dict] | None = None
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -161,7 +162,7 @@ class Run:
         learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
         model = steps.create_model(config, info.num_classes, **init_from_fields(config))
         tx = optim.create_optimizer(config, learning_rate_fn)
-        teacher = steps.load_teacher(config, info.num_classes)
+        teacher = distill.load_teacher(config, info.num_classes)
         return cls(config, workdir, mesh, info, model, tx, learning_rate_fn, steps_per_epoch, num_steps, teacher)
 
     @property
@@ -197,7 +198,8 @@ def initial_variables(config: ml_collections.ConfigDict, model: nn.Module, image
     if not config.init_from:
         return None
     source_model, source = checkpoint.load_any(config.init_from)
-    if input_pipeline.renormalization(checkpoint.read_preprocessing(config.init_from)) is not None:
+    inputs = checkpoint.read_preprocessing(config.init_from)
+    if inputs is not None and not inputs.same_normalization(IMAGENET):
         logging.warning(
             "init_from=%s expects other inputs (its preprocessing.json, e.g. Keras's [-1, 1]) than the ImageNet "
             "normalisation training feeds; fine-tuning starts from differently scaled inputs.",

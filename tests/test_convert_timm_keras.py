@@ -19,6 +19,7 @@ keras = pytest.importorskip("keras")
 
 from mobilenet_jax import MobileNetV1, checkpoint, convert, convert_keras, evaluate, export  # noqa: E402
 from mobilenet_jax import torch_reference as ref  # noqa: E402
+from mobilenet_jax.preprocessing import IMAGENET  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4
@@ -316,9 +317,7 @@ def test_keras_transfer_learning_model_converts_with_its_head(architecture, alph
         softmax_known = head == "functional" and not str(source).endswith(".weights.h5")
         assert ("Keras applied a softmax" in converted.note) == softmax_known
         # The Rescaling layer's [-1, 1] (or, without one, keras preprocess_input's) is the recorded preprocessing.
-        assert (
-            converted.preprocessing["mean_rgb"] == [127.5] * 3 and converted.preprocessing["stddev_rgb"] == [127.5] * 3
-        )
+        assert converted.preprocessing.mean_rgb == (127.5,) * 3 and converted.preprocessing.stddev_rgb == (127.5,) * 3
         forward = export.inference_function(converted.model, converted.variables, converted.preprocessing)
         np.testing.assert_allclose(np.asarray(forward(rgb)), expected, atol=TOLERANCE, rtol=0)
 
@@ -359,7 +358,7 @@ def test_keras_transfer_model_exports_to_int8_and_evaluates(tmp_path, image_fold
     batches = list(dataset.as_numpy_iterator())
     pipeline_images = np.concatenate([b["image"][b["mask"] > 0] for b in batches])
     labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
-    rgb = export.normalized_to_rgb(pipeline_images)
+    rgb = IMAGENET.denormalize(pipeline_images)
     _, expected = keras_pooled_and_logits(reference, rgb)
     tflite = export.TFLiteModel(str(out), delegates=False)
     for op in tflite.ops():  # an integer graph: TF padding and the [-1, 1] scaling quantized with the rest
@@ -412,7 +411,7 @@ def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path, image_fo
     assert isinstance(model, MobileNetV1) and model.head_channels == 1024 and model.activation == "relu6"
     assert model.num_classes == 4
     recorded = checkpoint.read_preprocessing(tmp_path / "out")  # timm: ImageNet mean/std, resize + crop, bicubic
-    assert (recorded["eval_preprocessing"], recorded["interpolation"]) == ("torchvision", "bicubic")
+    assert (recorded.eval_crop, recorded.interpolation) == ("torchvision", "bicubic")
     x = nhwc(2, 33, 33)
     assert max_error(model, variables, x, timm_logits(module, x)) <= TOLERANCE
     # Evaluation uses that crop and interpolation: the same figures as a manual run over such a split.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import v1
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, distributed, optim, prune, steps, training
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, distill, distributed, optim, prune, steps, training
 from mobilenet_jax.errors import ConfigError
 
 from .test_training import tiny
@@ -74,7 +74,7 @@ def test_distillation_step_matches_a_hand_computed_loss(teacher_dir, image_folde
     assert jax.tree.structure(new_state.params) == jax.tree.structure(params_before)
 
     # alpha = 0 is plain cross-entropy.
-    assert float(jnp.mean(steps.distillation_loss(student, teacher_logits, targets, t, 0.0))) == pytest.approx(
+    assert float(jnp.mean(distill.distillation_loss(student, teacher_logits, targets, t, 0.0))) == pytest.approx(
         np.mean(cross_entropy), rel=1e-6
     )
 
@@ -82,10 +82,10 @@ def test_distillation_step_matches_a_hand_computed_loss(teacher_dir, image_folde
 def test_bad_teachers_are_one_sentence(teacher_dir, tmp_path):
     config = tiny(v1.get_config(), teacher=str(teacher_dir))
     with pytest.raises(ConfigError, match="has 4 classes and the dataset 10; distillation compares"):
-        steps.load_teacher(config, num_classes=10)
+        distill.load_teacher(config, num_classes=10)
     config.teacher = str(tmp_path / "missing")
     with pytest.raises(Exception, match="is not a directory"):
-        steps.load_teacher(config, num_classes=4)
+        distill.load_teacher(config, num_classes=4)
     config.teacher, config.distill_alpha = str(teacher_dir), 1.5
     with pytest.raises(ConfigError, match=r"distill_alpha must be in \[0, 1\], got 1.5"):
         training.validate_config(config)
@@ -157,7 +157,7 @@ def test_a_teacher_with_other_inputs_gets_them(tmp_path):
         preprocessing=convert_keras.PREPROCESSING,
     )
     config = tiny(v1.get_config(), teacher=str(tmp_path / "keras_teacher"))
-    teacher, _ = steps.load_teacher(config, num_classes=4)
+    teacher, _ = distill.load_teacher(config, num_classes=4)
     rgb = np.random.default_rng(0).uniform(0, 255, size=(2, 8, 8, 3)).astype(np.float32)
     normalised = (rgb - np.array(input_pipeline.MEAN_RGB)) / np.array(input_pipeline.STDDEV_RGB)
     np.testing.assert_allclose(teacher.inputs(jnp.asarray(normalised, jnp.float32)), rgb / 127.5 - 1, atol=1e-5)

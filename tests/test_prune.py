@@ -46,7 +46,7 @@ def small():
 def test_slicing_equals_zeroing_the_pruned_channels(small):
     model, variables, images = small
     keeps = prune.keep_indices(model, variables, CHANNELS)
-    pruned, pruned_variables = prune.slice_v1(model, variables, keeps)
+    pruned, pruned_variables = prune.slice_model(model, variables, keeps)
     assert pruned.profile == CHANNELS and pruned.width == 1.0
     # In the unpruned model, give every dropped channel zero weight where it is read.
     params = jax.tree.map(np.array, variables["params"])
@@ -104,12 +104,13 @@ def test_refit_brings_the_pruned_network_back_to_the_unpruned_outputs(small):
 def test_mac_targets_and_the_amc_profile():
     model = MobileNetV1(num_classes=1000)
     for ratio in (0.75, 0.5, 0.35):
-        channels = prune.channels_for_macs(model, ratio, 224)
-        macs = summarize(model.clone(profile=channels), 224).macs / summarize(model, 224).macs
+        pruned = prune.channels_for_macs(model, ratio, 224)
+        macs = summarize(pruned, 224).macs / summarize(model, 224).macs
         assert abs(macs - ratio) <= 0.02, (ratio, macs)
+        channels = pruned.profile
         assert all(c % 8 == 0 for c in [channels[0]] + [b if isinstance(b, int) else b[0] for b in channels[1]])
-    amc = prune.target_channels(model, V1_PROFILES["0.5flops"])
-    assert amc[0] == 24 and len(amc[1]) == 13
+    amc = prune.target_model(model, V1_PROFILES["0.5flops"])
+    assert prune.group_widths(amc)[:3] == (24, 48, 96) and len(prune.group_widths(amc)) == 14
     assert round(summarize(model.clone(profile=prune.profile_channels(model, "0.5flops")), 224).macs / 1e6, 1) == 293.9
 
 
@@ -149,14 +150,17 @@ def small_v2():
 
 def test_v2_residual_groups_and_slicing_equals_zeroing(small_v2):
     model, variables, images = small_v2
-    assert prune.residual_groups(model) == [[0], [1, 2], [3, 4, 5]]
+    joined = [[conv.path for conv in group.producers] for group in prune.groups(model) if len(group.producers) > 1]
+    assert joined == [[f"block_{i}/conv_pwl" for i in (1, 2)], [f"block_{i}/conv_pwl" for i in (3, 4, 5)]]
     keeps = prune.keep_indices(model, variables, V2_CHANNELS)
-    pruned, pruned_variables = prune.slice_v2(model, variables, keeps)
+    pruned, pruned_variables = prune.slice_model(model, variables, keeps)
     assert pruned.block_channels == ((16, 8), (40, 16), (64, 16), (72, 8), (80, 8), (48, 8))
-    assert all(np.array_equal(keeps[i][1], keeps[3][1]) for i in (4, 5))  # one set of channels per residual group
+    groups = zip(prune.groups(model), keeps, strict=True)
+    kept = {conv.path: keep for group, keep in groups for conv in group.producers + group.passes}
+    per_block = [(kept[f"block_{i}/conv_dw"], kept[f"block_{i}/conv_pwl"]) for i in range(6)]
     params = jax.tree.map(np.array, variables["params"])
     widths = {"hidden": [16, 48, 96, 96, 96, 96], "out": [8, 16, 16, 16, 16, 16]}
-    for i, (hidden, out) in enumerate(keeps):
+    for i, (hidden, out) in enumerate(per_block):
         dropped = np.setdiff1d(np.arange(widths["hidden"][i]), hidden)
         params[f"block_{i}"]["conv_pwl"]["kernel"][:, :, dropped, :] = 0.0  # the only reader of the hidden channels
         dropped = np.setdiff1d(np.arange(widths["out"][i]), out)
@@ -185,17 +189,19 @@ def test_v2_refit_and_mac_targets(small_v2, tmp_path):
     )
     full = MobileNetV2(num_classes=1000)
     for ratio in (0.5,):  # each ratio bisects over 14 traces of the full network (V1 tests three ratios)
-        channels = prune.channels_for_macs(full, ratio, 224)
-        macs = summarize(full.clone(block_channels=channels), 224).macs / summarize(full, 224).macs
+        pruned = prune.channels_for_macs(full, ratio, 224)
+        macs = summarize(pruned, 224).macs / summarize(full, 224).macs
         assert abs(macs - ratio) <= 0.02, (ratio, macs)
-        assert all(hidden % 8 == 0 for hidden, _ in channels)
+        assert all(hidden % 8 == 0 for hidden, _ in pruned.block_channels) and pruned.stem_channels % 8 == 0
+        outs = [out for _, out in pruned.block_channels]  # the linear bottlenecks and the last conv stay whole
+        assert outs == [b.out for b in full.network().blocks] and pruned.last_channels == 1280
 
 
 def test_v2_bad_channel_lists_are_one_sentence(small_v2):
     model, variables, _ = small_v2
-    with pytest.raises(UserError, match=r"Blocks 3-5 form a residual group .* the list gives 16, 8, 16"):
+    with pytest.raises(UserError, match=r"Block 4 adds its input to its output .* not 8; prune a residual group's"):
         prune.keep_indices(model, variables, (16, 40, 64, (72, 16), (80, 8), 48))
-    with pytest.raises(UserError, match="Block 0 has no expansion conv: its hidden channels are its inputs"):
+    with pytest.raises(UserError, match="Block 0 has no expansion conv, so its hidden width is its input width 16"):
         prune.keep_indices(model, variables, (8,) + V2_CHANNELS[1:])
     with pytest.raises(UserError, match="The channel list has 2 blocks; the model has 6"):
         prune.keep_indices(model, variables, (16, 40))
@@ -246,12 +252,12 @@ def test_pruning_keeps_timm_and_keras_fields_and_slices_a_head_conv():
     variables = trained_like(model)
     images = jax.random.normal(jax.random.key(9), (16, 32, 32, 3))
     keeps = prune.keep_indices(model, variables, CHANNELS)
-    pruned, pruned_variables = prune.slice_v1(model, variables, keeps)
+    pruned, pruned_variables = prune.slice_model(model, variables, keeps)
     assert (pruned.activation, pruned.head_channels, pruned.padding) == ("relu6", 64, "tf")
     norms = np.abs(np.asarray(variables["params"]["head_conv"]["kernel"])[0, 0]).sum(axis=1)
-    assert set(keeps[-1]) == set(np.argsort(-norms)[:384])
+    assert set(keeps[-2]) == set(np.argsort(-norms)[:384]) and len(keeps[-1]) == 64  # the head conv's group kept
     params = jax.tree.map(np.array, variables["params"])
-    for producer, keep in enumerate(keeps, start=-1):
+    for producer, keep in enumerate(keeps[:-1], start=-1):
         width = params["stem_bn" if producer < 0 else f"block_{producer}"]
         width = (width if producer < 0 else width["bn_pw"])["scale"].shape[0]
         dropped = np.setdiff1d(np.arange(width), keep)

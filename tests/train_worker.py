@@ -25,7 +25,7 @@ import functools  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import v1  # noqa: E402
-from mobilenet_jax import distributed, steps, training  # noqa: E402
+from mobilenet_jax import distill, distributed, steps, training  # noqa: E402
 
 if args.get("float64"):
     # Float64 end to end, so that runs which differ only in how the work is split
@@ -33,7 +33,7 @@ if args.get("float64"):
     # by training.
     jax.config.update("jax_enable_x64", True)
     steps.create_model = functools.partial(steps.create_model, dtype=jnp.float64, param_dtype=jnp.float64)
-    steps.load_teacher = functools.partial(steps.load_teacher, dtype=jnp.float64, param_dtype=jnp.float64)
+    distill.load_teacher = functools.partial(distill.load_teacher, dtype=jnp.float64, param_dtype=jnp.float64)
 
 if args.get("step_delay"):
     # Slow steps, so that a test's signal lands while training is still running.

@@ -21,21 +21,37 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mobilenet_jax.models import layers
+from mobilenet_jax.models import layers, table
 
 
 class Layers(NamedTuple):
-    """Layer constructors with a model's dtype, BatchNorm and depthwise settings bound."""
+    """Layer constructors with a model's dtype, BatchNorm, padding and depthwise settings bound."""
 
-    conv: Callable[..., nn.Module]  # k x k convolution without bias (the stem)
-    norm: Callable[..., nn.Module]  # BatchNorm in the model's train/eval mode
-    pointwise: Callable[..., nn.Module]  # 1x1 convolution as one matrix product
-    depthwise: Callable[..., nn.Module]  # per-channel 3x3 convolution
+    conv: Callable[..., nn.Module]  # k x k convolution (the stem)
+    norm: Callable[..., Callable]  # BatchNorm in the model's train/eval mode (nothing in the folded form)
+    pointwise: Callable[..., nn.Module]  # 1x1 convolution
+    depthwise: Callable[..., nn.Module]  # per-channel k x k convolution
+    padding: str
 
 
 def layer_factories(model: nn.Module, train: bool) -> Layers:
-    """The constructors every block of ``model`` uses; ``model`` has the MobileNet runtime fields."""
+    """The constructors every layer of ``model`` uses; ``model`` has the MobileNet runtime fields.
+
+    With ``model.folded`` (the inference form, see :mod:`mobilenet_jax.models.fold`) the
+    convolutions carry a bias, BatchNorm is gone, and every convolution is one XLA
+    convolution op (what converters such as LiteRT's fuse with the bias and activation).
+    """
     precision = dict(dtype=model.dtype, param_dtype=model.param_dtype)
+    depthwise = functools.partial(layers.DepthwiseConv, padding=model.padding, **precision)
+    if getattr(model, "folded", False):
+        conv = functools.partial(nn.Conv, use_bias=True, **precision)
+        return Layers(
+            conv=conv,
+            norm=lambda name: _identity,
+            pointwise=lambda features, name: conv(features, (1, 1), padding="VALID", name=name),
+            depthwise=functools.partial(depthwise, implementation="xla", use_bias=True),
+            padding=model.padding,
+        )
     return Layers(
         conv=functools.partial(nn.Conv, use_bias=False, kernel_init=layers.conv_kernel_init, **precision),
         norm=functools.partial(
@@ -47,10 +63,13 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
             **precision,
         ),
         pointwise=functools.partial(layers.PointwiseConv, **precision),
-        depthwise=functools.partial(
-            layers.DepthwiseConv, implementation=model.depthwise_impl, padding=model.padding, **precision
-        ),
+        depthwise=functools.partial(depthwise, implementation=model.depthwise_impl),
+        padding=model.padding,
     )
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x
 
 
 def check_images(x: jax.Array, architecture: str) -> None:
@@ -58,20 +77,64 @@ def check_images(x: jax.Array, architecture: str) -> None:
         raise ValueError(f"{architecture} expects NHWC images of rank 4, got shape {x.shape}.")
 
 
-def stem(make: Layers, x: jax.Array, channels: int, activation: Callable, padding: str = "torch") -> jax.Array:
-    """3x3 stride-2 convolution, BatchNorm and ``activation`` (``stem_conv``, ``stem_bn``)."""
-    pads = tuple(layers.pad_amounts(n, 3, 2, padding) for n in x.shape[1:3])
-    x = make.conv(channels, (3, 3), strides=2, padding=pads, name="stem_conv")(x)
-    return activation(make.norm(name="stem_bn")(x))
-
-
 ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "relu6": nn.relu6}
 
 
-def activation(name: str) -> Callable:
+def activation(name: str | None) -> Callable:
+    if name is None:
+        return _identity
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}.")
     return ACTIVATIONS[name]
+
+
+def conv_bn(make: Layers, conv: table.Conv, x: jax.Array) -> jax.Array:
+    """One table row's convolution, its BatchNorm and activation, named as the table names them."""
+    if conv.kind == "depthwise":
+        x = make.depthwise(kernel_size=conv.kernel, strides=conv.stride, name=conv.name)(x)
+    elif conv.kind == "pointwise":
+        x = make.pointwise(conv.out_channels, name=conv.name)(x)
+    else:
+        pads = tuple(layers.pad_amounts(n, conv.kernel, conv.stride, make.padding) for n in x.shape[1:3])
+        x = make.conv(conv.out_channels, (conv.kernel,) * 2, strides=conv.stride, padding=pads, name=conv.name)(x)
+    return activation(conv.activation)(make.norm(name=conv.norm_name)(x))
+
+
+class TableBlock(nn.Module):
+    """One :class:`~mobilenet_jax.models.table.Block` row: its convolutions in order, plus the shortcut."""
+
+    block: table.Block
+    make: Layers
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shortcut = x
+        for conv in self.block.convs(""):
+            x = conv_bn(self.make, conv, x)
+        return x + shortcut if self.block.residual else x
+
+
+def forward(
+    model: nn.Module, network: table.Network, x: jax.Array, train: bool, return_features: bool, dropout_rate=0.0
+):
+    """The body every MobileNet's ``__call__`` runs: stem, blocks and head conv of ``network``, then the head.
+
+    ``features['stride_S']`` is the last feature map at stride S, ``features['pre_logits']`` the pooled vector.
+    """
+    check_images(x, type(model).__name__)
+    make = layer_factories(model, train)
+    convs = network.convs()
+    x = conv_bn(make, convs[0], x)
+    stride = convs[0].stride
+    features = {f"stride_{stride}": x}
+    for i, block in enumerate(network.blocks):
+        x = TableBlock(block, make, name=f"block_{i}")(x)
+        stride *= block.stride
+        features[f"stride_{stride}"] = x
+    if network.head_channels:
+        features[f"stride_{stride}"] = x = conv_bn(make, network.head_conv(), x)
+    x, features = head(model, x, features, train, dropout_rate)
+    return (x, features) if return_features else x
 
 
 def head(

@@ -179,7 +179,7 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 class DepthwiseConv(nn.Module):
-    """k x k depthwise convolution without bias.
+    """k x k depthwise convolution (without bias unless ``use_bias``).
 
     The parameter is ``kernel`` of shape ``(k, k, 1, C)``: exactly what
     ``nn.Conv(C, (k, k), feature_group_count=C)`` creates, so checkpoints do not
@@ -191,6 +191,7 @@ class DepthwiseConv(nn.Module):
     strides: int = 1
     implementation: str = "auto"
     padding: str = "torch"  # see PADDINGS
+    use_bias: bool = False  # the BatchNorm-folded inference form has one
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = conv_kernel_init
@@ -201,9 +202,11 @@ class DepthwiseConv(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype
         )
-        x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         x, padding = pad_input(x, self.kernel_size, self.strides, self.padding, depthwise=True)
-        return depthwise_conv(x, kernel, self.strides, padding, resolve_depthwise_impl(self.implementation))
+        y = depthwise_conv(x, kernel, self.strides, padding, resolve_depthwise_impl(self.implementation))
+        return y if bias is None else y + bias
 
 
 class PointwiseConv(nn.Module):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mobilenet_jax.models import common
+from mobilenet_jax.models import common, table
 
 Profile = str | tuple
 
@@ -63,21 +63,16 @@ def v1_architecture(profile: Profile = "normal", width: float = 1.0) -> tuple[in
     return scale(stem), tuple((scale(c), s) for c, s in blocks)
 
 
-class DepthwiseSeparable(nn.Module):
-    """3x3 depthwise conv + BN + activation, then 1x1 pointwise conv + BN + activation."""
-
-    features: int
-    strides: int
-    make: common.Layers
-    activation: str = "relu"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        act = common.activation(self.activation)
-        x = self.make.depthwise(strides=self.strides, name="conv_dw")(x)
-        x = act(self.make.norm(name="bn_dw")(x))
-        x = self.make.pointwise(self.features, name="conv_pw")(x)
-        return act(self.make.norm(name="bn_pw")(x))
+def v1_network(
+    profile: Profile = "normal", width: float = 1.0, activation: str = "relu", head_channels: int = 0
+) -> table.Network:
+    """The :class:`~mobilenet_jax.models.table.Network` of a MobileNetV1: one separable block per profile entry."""
+    stem, entries = v1_architecture(profile, width)
+    blocks, channels = [], stem
+    for out, stride in entries:
+        blocks.append(table.Block("separable", channels, channels, out, stride, activation=activation))
+        channels = out
+    return table.Network(stem, tuple(blocks), head_channels, "head", activation).check()
 
 
 class MobileNetV1(nn.Module):
@@ -95,6 +90,7 @@ class MobileNetV1(nn.Module):
       bn_momentum, bn_epsilon: BatchNorm settings (defaults are PyTorch's momentum 0.1 and eps 1e-5).
       bn_axis_name: mapped/sharded axis over which to average BatchNorm statistics.
       depthwise_impl: 'auto' (per backend), 'xla' or 'shift'; the parameters are the same.
+      folded: the inference form (BatchNorm folded into convolution biases; see ``models.fold``).
 
     ``model.apply(variables, images, train=False)`` takes NHWC images and returns the
     logits; with ``return_features=True`` it returns ``(logits, features)`` where
@@ -114,22 +110,17 @@ class MobileNetV1(nn.Module):
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None
     depthwise_impl: str = "auto"
+    folded: bool = False
+
+    def network(self) -> table.Network:
+        """This model's architecture table."""
+        return v1_network(self.profile, self.width, self.activation, self.head_channels)
+
+    def with_network(self, network: table.Network) -> MobileNetV1:
+        """This model with the channel counts of ``network`` (a resized :meth:`network`), as a profile."""
+        blocks = tuple(b.out if b.stride == 1 else (b.out, b.stride) for b in network.blocks)
+        return self.clone(profile=(network.stem_channels, blocks), width=1.0, head_channels=network.head_channels)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        common.check_images(x, "MobileNetV1")
-        stem_channels, blocks = v1_architecture(self.profile, self.width)
-        make = common.layer_factories(self, train)
-        act = common.activation(self.activation)
-        x = common.stem(make, x, stem_channels, act, self.padding)
-        stride = 2
-        features = {f"stride_{stride}": x}
-        for i, (channels, block_stride) in enumerate(blocks):
-            x = DepthwiseSeparable(channels, block_stride, make, self.activation, name=f"block_{i}")(x)
-            stride *= block_stride
-            features[f"stride_{stride}"] = x
-        if self.head_channels:
-            x = make.pointwise(self.head_channels, name="head_conv")(x)
-            features[f"stride_{stride}"] = x = act(make.norm(name="head_bn")(x))
-        x, features = common.head(self, x, features, train)
-        return (x, features) if return_features else x
+        return common.forward(self, self.network(), x, train, return_features)

@@ -7,13 +7,13 @@ projection, with a residual connection when the block keeps stride 1 and width.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mobilenet_jax.models import common, layers
+from mobilenet_jax.models import common, layers, table
 
 # Table 2 of the paper. t: expansion factor, c: output channels, n: repeats,
 # s: stride of the first repeat.
@@ -28,17 +28,7 @@ V2_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
     (6, 320, 1, 1),
 )
 V2_ROUNDINGS = ("torchvision", "floor", "keras")
-
-
-class V2Block(NamedTuple):
-    """One inverted residual block: channel counts, stride, and its two structural choices."""
-
-    in_channels: int
-    hidden: int
-    out: int
-    stride: int
-    expand: bool  # a 1x1 expansion conv (expansion factor t != 1)
-    residual: bool  # a shortcut (stride 1 and, before any pruning, in == out)
+KIND = "inverted_residual"
 
 
 def v2_architecture(
@@ -50,8 +40,8 @@ def v2_architecture(
     round_nearest: int = 8,
     block_channels: tuple[tuple[int, int], ...] | None = None,
     fix_stem_head: bool = False,
-) -> tuple[int, tuple[V2Block, ...], int]:
-    """Returns ``(stem, (V2Block, ...), last)``.
+) -> tuple[int, tuple[table.Block, ...], int]:
+    """Returns ``(stem, (Block, ...), last)``: the stem's channels, the inverted-residual rows, the last conv's.
 
     ``rounding='torchvision'`` rounds to multiples of ``round_nearest`` exactly as
     ``torchvision.models.mobilenet_v2``; ``'floor'`` is ``int(c * width)`` as in the
@@ -88,16 +78,18 @@ def v2_architecture(
         for i in range(n):
             stride = s if i == 0 else 1
             residual = stride == 1 and in_channels == out_channels
-            blocks.append(V2Block(in_channels, int(round(in_channels * t)), out_channels, stride, t != 1, residual))
+            hidden = int(round(in_channels * t))
+            block = table.Block(KIND, in_channels, hidden, out_channels, stride, expand=t != 1, residual=residual)
+            blocks.append(block)
             in_channels = out_channels
-    if min([stem, last] + [c for block in blocks for c in block[:3]]) < 1:
+    if min([stem, last] + [c for b in blocks for c in (b.in_channels, b.hidden, b.out)]) < 1:
         raise ValueError(f"MobileNetV2 width {width} leaves a layer with no channels; use a larger width.")
     if block_channels is not None:
         blocks = _with_channels(stem, blocks, block_channels)
     return stem, tuple(blocks), last
 
 
-def _with_channels(stem: int, blocks: list[V2Block], block_channels) -> list[V2Block]:
+def _with_channels(stem: int, blocks: list[table.Block], block_channels) -> list[table.Block]:
     """``blocks`` with the ``(hidden, out)`` counts of ``block_channels``, checked block by block."""
     if len(block_channels) != len(blocks):
         raise ValueError(f"block_channels has {len(block_channels)} entries; the model has {len(blocks)} blocks.")
@@ -122,34 +114,16 @@ def _with_channels(stem: int, blocks: list[V2Block], block_channels) -> list[V2B
     return result
 
 
-def model_architecture(model: MobileNetV2) -> tuple[int, tuple[V2Block, ...], int]:
-    """:func:`v2_architecture` of a :class:`MobileNetV2`'s fields."""
-    channels = None if model.block_channels is None else tuple(map(tuple, model.block_channels))
-    table = tuple(map(tuple, model.block_table))
-    return v2_architecture(
-        model.width, model.rounding, table, block_channels=channels, fix_stem_head=model.fix_stem_head
-    )
-
-
-class InvertedResidual(nn.Module):
-    """1x1 expansion (skipped when hidden == in), 3x3 depthwise, linear 1x1 projection."""
-
-    block: V2Block
-    make: common.Layers
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shortcut = x
-        if self.block.expand:
-            x = self.make.pointwise(self.block.hidden, name="conv_pw")(x)
-            x = nn.relu6(self.make.norm(name="bn_pw")(x))
-        x = self.make.depthwise(strides=self.block.stride, name="conv_dw")(x)
-        x = nn.relu6(self.make.norm(name="bn_dw")(x))
-        x = self.make.pointwise(self.block.out, name="conv_pwl")(x)
-        x = self.make.norm(name="bn_pwl")(x)
-        if self.block.residual:
-            x = x + shortcut
-        return x
+def model_architecture(model: MobileNetV2) -> tuple[int, tuple[table.Block, ...], int]:
+    """:func:`v2_architecture` of a :class:`MobileNetV2`'s fields, pruned counts (if any) applied."""
+    table_rows = tuple(map(tuple, model.block_table))
+    stem, blocks, last = v2_architecture(model.width, model.rounding, table_rows, fix_stem_head=model.fix_stem_head)
+    stem = stem if model.stem_channels is None else model.stem_channels
+    last = last if model.last_channels is None else model.last_channels
+    if model.block_channels is not None or model.stem_channels is not None:
+        pairs = [(b.hidden, b.out) for b in blocks] if model.block_channels is None else model.block_channels
+        blocks = _with_channels(stem, list(blocks), tuple(map(tuple, pairs)))
+    return stem, tuple(blocks), last
 
 
 class MobileNetV2(nn.Module):
@@ -164,9 +138,11 @@ class MobileNetV2(nn.Module):
       block_table: the ``(t, c, n, s)`` rows.
       block_channels: ``None``, or one ``(hidden, out)`` pair per block replacing the
         counts of ``width`` (what :mod:`mobilenet_jax.prune` writes).
+      stem_channels, last_channels: ``None``, or the stem's / last conv's channel count
+        replacing the one ``width`` gives (pruning writes them).
       fix_stem_head: keep the stem at 32 and the last conv at 1280 channels at any width (timm's ``d`` variants).
       padding: ``'torch'``, ``'tf'`` or ``'keras_v1'`` (see :mod:`mobilenet_jax.models.layers`).
-      dtype, param_dtype, bn_momentum, bn_epsilon, bn_axis_name, depthwise_impl: as in MobileNetV1.
+      dtype, param_dtype, bn_momentum, bn_epsilon, bn_axis_name, depthwise_impl, folded: as in MobileNetV1.
 
     ``model.apply(variables, images, train=False)`` returns logits; with
     ``return_features=True`` it returns ``(logits, features)``, ``features`` mapping
@@ -180,6 +156,8 @@ class MobileNetV2(nn.Module):
     dropout_rate: float = 0.2
     block_table: tuple[tuple[int, int, int, int], ...] = V2_BLOCKS
     block_channels: tuple[tuple[int, int], ...] | None = None
+    stem_channels: int | None = None
+    last_channels: int | None = None
     fix_stem_head: bool = False
     padding: str = "torch"
     dtype: Any = jnp.float32
@@ -188,20 +166,20 @@ class MobileNetV2(nn.Module):
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None
     depthwise_impl: str = "auto"
+    folded: bool = False
+
+    def network(self) -> table.Network:
+        """This model's architecture table."""
+        stem, blocks, last = model_architecture(self)
+        return table.Network(stem, blocks, last, "last", "relu6").check()
+
+    def with_network(self, network: table.Network) -> MobileNetV2:
+        """This model with the channel counts of ``network`` (a resized :meth:`network`)."""
+        pairs = tuple((block.hidden, block.out) for block in network.blocks)
+        return self.clone(
+            block_channels=pairs, stem_channels=network.stem_channels, last_channels=network.head_channels
+        )
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        common.check_images(x, "MobileNetV2")
-        stem, blocks, last = model_architecture(self)
-        make = common.layer_factories(self, train)
-        x = common.stem(make, x, stem, nn.relu6, self.padding)
-        stride = 2
-        features = {}
-        for i, block in enumerate(blocks):
-            x = InvertedResidual(block, make, name=f"block_{i}")(x)
-            stride *= block.stride
-            features[f"stride_{stride}"] = x
-        x = make.pointwise(last, name="last_conv")(x)
-        features[f"stride_{stride}"] = x = nn.relu6(make.norm(name="last_bn")(x))
-        x, features = common.head(self, x, features, train, self.dropout_rate)
-        return (x, features) if return_features else x
+        return common.forward(self, self.network(), x, train, return_features, self.dropout_rate)

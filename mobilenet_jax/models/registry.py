@@ -19,21 +19,35 @@ from typing import Any
 
 from flax import linen as nn
 
+from mobilenet_jax.models.mobilenet import MobileNet
 from mobilenet_jax.models.mobilenet_v1 import MobileNetV1
 from mobilenet_jax.models.mobilenet_v2 import MobileNetV2
+from mobilenet_jax.models.table import Network
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"MobileNetV1": MobileNetV1, "MobileNetV2": MobileNetV2}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "MobileNetV1": MobileNetV1,
+    "MobileNetV2": MobileNetV2,
+    "MobileNet": MobileNet,  # any architecture table
+}
 
 # Fields that choose how a model runs, not what it is; they stay out of the record so
 # a checkpoint written in float32 on a GPU can be restored in bfloat16 on a TPU.
-RUNTIME_FIELDS = ("parent", "name", "dtype", "param_dtype", "bn_axis_name", "depthwise_impl")
+RUNTIME_FIELDS = ("parent", "name", "dtype", "param_dtype", "bn_axis_name", "depthwise_impl", "folded")
 # Fields that only matter while training: a fine-tuning config sets them, whatever the
 # model it starts from was trained with.
 TRAINING_FIELDS = ("bn_momentum", "dropout_rate")
 
 
 def _to_tuples(value: Any) -> Any:
+    if isinstance(value, Network):
+        return value
+    if isinstance(value, Mapping):  # a MobileNet's architecture table, as model.json records it
+        return Network.from_dict(value)
     return tuple(_to_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _to_record(value: Any) -> Any:
+    return value.to_dict() if isinstance(value, Network) else value
 
 
 def architecture_fields(architecture: str) -> set[str]:
@@ -70,7 +84,9 @@ def model_to_dict(model: nn.Module) -> dict[str, Any]:
     if name not in ARCHITECTURES:
         raise ValueError(f"Only {sorted(ARCHITECTURES)} can be recorded, got {name}.")
     fields = {
-        f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init and f.name not in RUNTIME_FIELDS
+        f.name: _to_record(getattr(model, f.name))
+        for f in dataclasses.fields(model)
+        if f.init and f.name not in RUNTIME_FIELDS
     }
     return {"architecture": name, **fields}
 

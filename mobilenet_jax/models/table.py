@@ -1,0 +1,256 @@
+"""Architecture tables: each network described once, as data.
+
+A MobileNet is a stem convolution, a sequence of blocks, an optional 1x1 head
+convolution, global average pooling and a classifier. :class:`Network` holds that
+sequence as records, as torchvision's ``InvertedResidualConfig`` lists and timm's
+``arch_def`` do; :class:`Block` is one row:
+
+* ``'separable'`` (MobileNetV1): depthwise ``conv_dw`` + ``bn_dw`` + activation, then
+  pointwise ``conv_pw`` + ``bn_pw`` + activation;
+* ``'inverted_residual'`` (MobileNetV2): pointwise expansion ``conv_pw`` + ``bn_pw`` +
+  activation (absent when ``expand`` is False), depthwise ``conv_dw`` + ``bn_dw`` +
+  activation, linear projection ``conv_pwl`` + ``bn_pwl``, and the input added to the
+  output when ``residual``.
+
+The Flax modules are built from the table (:func:`mobilenet_jax.models.common.forward`),
+and every other part walks it: :meth:`Network.convs` lists each convolution with its
+parameter path, kind, channels, kernel, stride and activation (BatchNorm folding for
+export, weight-layout name maps), and :func:`channel_groups` derives which tensors
+share a channel axis (pruning). The parameter names above are the checkpoints' API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+BLOCK_KINDS = ("separable", "inverted_residual")
+ACTIVATIONS = ("relu", "relu6")
+CONV_KINDS = ("full", "pointwise", "depthwise")
+
+
+class Conv(NamedTuple):
+    """One convolution and its BatchNorm (and activation), as a walk over a table gives it."""
+
+    path: str  # parameter path of the convolution, e.g. 'block_3/conv_dw'
+    norm: str  # parameter path of its BatchNorm, e.g. 'block_3/bn_dw'
+    kind: str  # 'full' (k x k over all inputs), 'pointwise' (1x1) or 'depthwise' (k x k per channel)
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    activation: str | None  # None: linear
+
+    @property
+    def name(self) -> str:
+        """The convolution's name inside its block (``conv_dw``)."""
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def norm_name(self) -> str:
+        return self.norm.rsplit("/", 1)[-1]
+
+
+class Block(NamedTuple):
+    """One block row: its kind, channel counts, depthwise kernel and stride, activation and shortcut."""
+
+    kind: str
+    in_channels: int
+    hidden: int  # the depthwise layer's channels: the expansion width, or in_channels without expansion
+    out: int
+    stride: int = 1
+    kernel: int = 3
+    expand: bool = False  # inverted residual: a 1x1 expansion conv (expansion factor != 1)
+    residual: bool = False  # inverted residual: the input is added to the output
+    activation: str = "relu6"
+
+    def convs(self, prefix: str) -> tuple[Conv, ...]:
+        """The block's convolutions in order, their paths under ``prefix`` (``'block_3'``)."""
+        dw = Conv(
+            f"{prefix}/conv_dw", f"{prefix}/bn_dw", "depthwise", self.hidden, self.hidden, self.kernel,
+            self.stride, self.activation,
+        )  # fmt: skip
+        if self.kind == "separable":
+            pw = Conv(f"{prefix}/conv_pw", f"{prefix}/bn_pw", "pointwise", self.hidden, self.out, 1, 1, self.activation)
+            return dw, pw
+        pwl = Conv(f"{prefix}/conv_pwl", f"{prefix}/bn_pwl", "pointwise", self.hidden, self.out, 1, 1, None)
+        if not self.expand:
+            return dw, pwl
+        pw = Conv(
+            f"{prefix}/conv_pw", f"{prefix}/bn_pw", "pointwise", self.in_channels, self.hidden, 1, 1, self.activation
+        )
+        return pw, dw, pwl
+
+    def check(self, index: int) -> None:
+        """Raises ValueError with one sentence when the row cannot be built."""
+        where = f"Block {index} ({self.kind})"
+        if self.kind not in BLOCK_KINDS:
+            raise ValueError(f"Block {index}'s kind must be one of {BLOCK_KINDS}, got {self.kind!r}.")
+        if min(self.in_channels, self.hidden, self.out) < 1:
+            raise ValueError(f"{where} needs positive channel counts, got {self.in_channels}/{self.hidden}/{self.out}.")
+        if self.stride not in (1, 2) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"{where} needs stride 1 or 2 and an odd kernel, got {self.stride} and {self.kernel}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"{where}'s activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
+        if (self.kind == "separable" or not self.expand) and self.hidden != self.in_channels:
+            raise ValueError(
+                f"{where} has no expansion conv, so its depthwise layer has its {self.in_channels} input "
+                f"channels, not {self.hidden}."
+            )
+        if self.residual and (self.kind == "separable" or self.stride != 1 or self.in_channels != self.out):
+            raise ValueError(
+                f"{where} adds its input to its output, so it must be an inverted residual with stride 1 and as "
+                f"many outputs as inputs ({self.in_channels}), not {self.out} at stride {self.stride}; prune a "
+                "residual group's outputs together."
+            )
+
+
+class Network(NamedTuple):
+    """A whole network: stem, blocks, optional head conv; then pooling and the classifier.
+
+    ``head_channels`` = 0 means no 1x1 conv after the blocks; ``head_prefix`` names it
+    (``'last'``: ``last_conv``/``last_bn``, MobileNetV2; ``'head'``: ``head_conv``/``head_bn``, timm's
+    ``mobilenetv1_100h``).
+    """
+
+    stem_channels: int
+    blocks: tuple[Block, ...]
+    head_channels: int = 0
+    head_prefix: str = "last"
+    activation: str = "relu6"  # the stem's and the head conv's
+    stem_kernel: int = 3
+    in_channels: int = 3
+
+    def convs(self) -> tuple[Conv, ...]:
+        """Every convolution in order: the stem, each block's, the head conv."""
+        convs = [
+            Conv("stem_conv", "stem_bn", "full", self.in_channels, self.stem_channels, self.stem_kernel, 2,
+                 self.activation)
+        ]  # fmt: skip
+        for i, block in enumerate(self.blocks):
+            convs += block.convs(f"block_{i}")
+        if self.head_channels:
+            convs.append(self.head_conv())
+        return tuple(convs)
+
+    def head_conv(self) -> Conv:
+        h = self.head_prefix
+        out = self.head_channels
+        return Conv(f"{h}_conv", f"{h}_bn", "pointwise", self.features_in(), out, 1, 1, self.activation)
+
+    def features_in(self) -> int:
+        """Channels entering the head conv (the last block's outputs, or the stem's)."""
+        return self.blocks[-1].out if self.blocks else self.stem_channels
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled feature vector the classifier reads."""
+        return self.head_channels or self.features_in()
+
+    def check(self) -> Network:
+        """Raises ValueError with one sentence for a table that cannot be built; returns the table."""
+        if self.stem_channels < 1 or self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"The stem needs positive channels and an activation in {ACTIVATIONS}, got "
+                f"{self.stem_channels} and {self.activation!r}."
+            )
+        if self.head_prefix not in ("last", "head"):
+            raise ValueError(f"head_prefix must be 'last' or 'head', got {self.head_prefix!r}.")
+        channels = self.stem_channels
+        for i, block in enumerate(self.blocks):
+            block.check(i)
+            if block.in_channels != channels:
+                raise ValueError(f"Block {i} takes {block.in_channels} channels; the layer before gives {channels}.")
+            channels = block.out
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record (``model.json``)."""
+        return {**self._asdict(), "blocks": [block._asdict() for block in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Network:
+        try:
+            blocks = tuple(Block(**block) for block in record["blocks"])
+            return cls(**{**record, "blocks": blocks}).check()
+        except (TypeError, KeyError) as error:
+            raise ValueError(f"A network table needs stem_channels and blocks of Block fields: {error}.") from None
+
+
+def at(tree: Mapping, path: str) -> Any:
+    """The entry of a variables tree (``params`` or ``batch_stats``) at a table path, e.g. ``'block_3/bn_dw'``."""
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+# ----------------------------------------------------------------------------- channel groups
+
+
+class Group(NamedTuple):
+    """Tensors that share one channel axis: pruning a channel slices all of them together.
+
+    ``producers`` write the channels (their kernels' output axis and their BatchNorm),
+    ``passes`` carry them through per channel (depthwise kernels and their BatchNorm),
+    ``readers`` take them as inputs (kernels' input axis; ``'classifier'`` for the dense
+    layer). A group has several producers where residual adds join their outputs.
+    """
+
+    producers: tuple[Conv, ...]
+    passes: tuple[Conv, ...]
+    readers: tuple[str, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.producers[0].out_channels
+
+
+def channel_groups(network: Network, classifier: bool = True) -> tuple[Group, ...]:
+    """The channel groups of ``network``, in the order their first producer runs.
+
+    Derived from the table alone: a convolution that is not depthwise starts a group
+    (its outputs), a depthwise one passes its input's group through, every
+    non-depthwise convolution reads the group before it, and a residual block's
+    projection joins the group of the block's input.
+    """
+    groups: list[dict[str, list]] = []
+
+    def start(conv: Conv) -> int:
+        groups.append({"producers": [conv], "passes": [], "readers": []})
+        return len(groups) - 1
+
+    current = start(network.convs()[0])  # the stem
+    for i, block in enumerate(network.blocks):
+        block_input = current
+        for conv in block.convs(f"block_{i}"):
+            if conv.kind == "depthwise":
+                groups[current]["passes"].append(conv)
+                continue
+            groups[current]["readers"].append(conv.path)
+            if block.residual and conv.name == "conv_pwl":
+                groups[block_input]["producers"].append(conv)
+                current = block_input
+            else:
+                current = start(conv)
+    if network.head_channels:
+        groups[current]["readers"].append(network.head_conv().path)
+        current = start(network.head_conv())
+    if classifier:
+        groups[current]["readers"].append("classifier")
+    return tuple(Group(tuple(g["producers"]), tuple(g["passes"]), tuple(g["readers"])) for g in groups)
+
+
+def resize(network: Network, widths) -> Network:
+    """``network`` with each channel group of :func:`channel_groups` at the width given for it, in order."""
+    groups = channel_groups(network, classifier=False)
+    if len(widths) != len(groups):
+        raise ValueError(f"The network has {len(groups)} channel groups; {len(widths)} widths were given.")
+    width_of = {conv.path: int(w) for group, w in zip(groups, widths, strict=True) for conv in group.producers}
+    width_of.update({conv.path: int(w) for group, w in zip(groups, widths, strict=True) for conv in group.passes})
+    blocks, channels = [], width_of["stem_conv"]
+    for i, block in enumerate(network.blocks):
+        hidden, out = width_of[f"block_{i}/conv_dw"], width_of[block.convs(f"block_{i}")[-1].path]
+        blocks.append(block._replace(in_channels=channels, hidden=hidden, out=out))
+        channels = out
+    head = width_of[network.head_conv().path] if network.head_channels else 0
+    return network._replace(stem_channels=width_of["stem_conv"], blocks=tuple(blocks), head_channels=head).check()

@@ -1,0 +1,133 @@
+"""Architecture tables: the groups a trace of each module shows, and a new architecture given only as a table.
+
+The new architecture below has no code of its own anywhere: counting, LiteRT export
+(float and int8), pruning and checkpoints all work from the table.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, prune, summarize
+from mobilenet_jax.models import Block, MobileNet, Network
+from tests import jaxpr_groups
+from tests.test_prune import trained_like
+
+IR = "inverted_residual"
+# Three inverted-residual blocks: a 5x5 depthwise one without expansion (stride 2), a
+# residual one with ReLU, and an expanding stride-2 one; then a 64-channel 1x1 head conv.
+NEW = Network(
+    stem_channels=16,
+    blocks=(
+        Block(IR, 16, 16, 24, stride=2, kernel=5),
+        Block(IR, 24, 72, 24, stride=1, kernel=3, expand=True, residual=True, activation="relu"),
+        Block(IR, 24, 96, 40, stride=2, kernel=3, expand=True),
+    ),
+    head_channels=64,
+)
+V2_SMALL = MobileNetV2(num_classes=10, width=0.5, block_table=((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2)))
+
+
+@pytest.fixture(scope="module")
+def new():
+    model = MobileNet(network_table=NEW, num_classes=10)
+    return model, trained_like(model)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [MobileNetV1(num_classes=10, width=0.25, head_channels=64), V2_SMALL, MobileNet(network_table=NEW, num_classes=10)],
+    ids=["v1_head_conv", "v2", "new"],
+)
+def test_the_table_groups_are_the_groups_the_traced_module_has(model):
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    traced = jaxpr_groups.traced_groups(model, variables)
+    assert traced == jaxpr_groups.table_groups(model)
+    # The comparison has teeth: a table that forgot the residual adds gives other groups.
+    blocks = tuple(block._replace(residual=False) for block in model.network().blocks)
+    if any(block.residual for block in model.network().blocks):
+        forgetful = MobileNet(network_table=model.network()._replace(blocks=blocks), num_classes=10)
+        assert jaxpr_groups.table_groups(forgetful) != traced
+
+
+def test_summarize_counts_the_new_architecture(new):
+    model, _ = new
+    summary = summarize(model, 32)
+    # By hand at 32 px: stem 16x16 outputs, blocks 0-1 at 8x8, block 2 and the head at 4x4.
+    macs = (
+        16 * 16 * 16 * 27  # stem 3x3, 3 -> 16
+        + 64 * 16 * 25 + 64 * 16 * 24  # block 0: 5x5 depthwise (stride 2), projection 16 -> 24
+        + 64 * 24 * 72 + 64 * 72 * 9 + 64 * 72 * 24  # block 1: expansion, depthwise, projection
+        + 64 * 24 * 96 + 16 * 96 * 9 + 16 * 96 * 40  # block 2: expansion at 8x8, depthwise stride 2, projection
+        + 16 * 40 * 64  # head conv
+        + 64 * 10  # classifier
+    )  # fmt: skip
+    weights = 27 * 16 + 25 * 16 + 16 * 24 + 24 * 72 + 9 * 72 + 72 * 24 + 24 * 96 + 9 * 96 + 96 * 40 + 40 * 64 + 650
+    batchnorm = 2 * (16 + 16 + 24 + 72 + 72 + 24 + 96 + 96 + 40 + 64)
+    assert summary == (weights + batchnorm, weights, macs)
+
+
+def test_new_architecture_exports_to_litert_float_and_int8(new):
+    pytest.importorskip("ai_edge_litert")
+    from mobilenet_jax import export
+    from tests.test_export import COMPUTE_OPS, assert_int8_close, jax_logits, rgb_images
+
+    model, variables = new
+    rgb = rgb_images(16, 32, seed=3)
+    expected = jax_logits(model, variables, rgb)
+    float_model = export.TFLiteModel(export.to_tflite(model, variables, 32))
+    np.testing.assert_allclose(float_model(rgb), expected, atol=1e-4, rtol=1e-4)
+    calibration = [rgb_images(1, 32, seed=s) for s in range(16)]
+    int8 = export.TFLiteModel(export.to_tflite(model, variables, 32, quantize="int8", calibration=calibration))
+    ops = int8.ops()
+    names = [op["op_name"] for op in ops]
+    assert names.count("DEPTHWISE_CONV_2D") == 3 and names.count("CONV_2D") == 1 + 2 + 3 + 1  # stem, pw, pwl, head
+    for op in ops:
+        if op["op_name"] in COMPUTE_OPS:
+            assert int8.tensor(op["inputs"][0])["dtype"] == np.int8, op
+    kernels = [int8.tensor(op["inputs"][1])["shape"] for op in ops if op["op_name"] == "DEPTHWISE_CONV_2D"]
+    assert [tuple(k[1:3]) for k in kernels] == [(5, 5), (3, 3), (3, 3)]
+    assert_int8_close(int8(rgb), expected)  # measured: 0.70% of the logit range, top-1 100%
+
+
+def zeroed(model, variables, keeps):
+    """The unpruned variables with every dropped channel given zero weight in each layer that reads it."""
+    params = jax.tree.map(np.array, variables["params"])
+    for group, keep in zip(prune.groups(model), keeps, strict=True):
+        dropped = np.setdiff1d(np.arange(group.channels), keep)
+        for reader in group.readers:
+            node = params
+            for key in reader.split("/"):
+                node = node[key]
+            node["kernel"][..., dropped, :] = 0.0  # HWIO's input axis, or a dense kernel's rows
+    return {**variables, "params": params}
+
+
+def test_pruning_the_new_architectures_residual_group_slices_it_consistently(new):
+    model, variables = new
+    groups = prune.groups(model)
+    widths = [group.channels for group in groups]
+    residual = next(i for i, group in enumerate(groups) if len(group.producers) == 2)
+    assert [c.path for c in groups[residual].producers] == ["block_0/conv_pwl", "block_1/conv_pwl"]
+    assert groups[residual].readers == ("block_1/conv_pw", "block_2/conv_pw")
+    widths[residual] = 16  # of 24, shared by the two blocks the shortcut joins
+    widths[residual + 1] = 40  # block 1's expansion, 72 -> 40
+    target = prune.resize(model, widths)
+    assert target.network().blocks[1][1:4] == (16, 40, 16)
+    keeps = prune.keep_indices(model, variables, target)
+    pruned, pruned_variables = prune.slice_model(model, variables, keeps)
+    images = jax.random.normal(jax.random.key(5), (8, 32, 32, 3))
+    sliced = pruned.apply(pruned_variables, images)
+    assert float(jnp.std(sliced)) > 0.1
+    np.testing.assert_allclose(sliced, model.apply(zeroed(model, variables, keeps), images), atol=1e-4, rtol=1e-5)
+    assert summarize(pruned, 32).macs < summarize(model, 32).macs
+
+
+def test_the_new_architecture_round_trips_through_a_model_directory(new, tmp_path):
+    model, variables = new
+    checkpoint.save_model(tmp_path / "new", model, variables)
+    loaded, loaded_variables = checkpoint.load_model(tmp_path / "new")
+    assert loaded == model
+    images = jax.random.normal(jax.random.key(6), (4, 32, 32, 3))
+    np.testing.assert_array_equal(loaded.apply(loaded_variables, images), model.apply(variables, images))
