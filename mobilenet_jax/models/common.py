@@ -13,6 +13,7 @@ model and keep its explicit parameter names (``stem_conv``, ``stem_bn``,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -112,6 +113,37 @@ class TableBlock(nn.Module):
         for conv in self.block.convs(""):
             x = conv_bn(self.make, conv, x)
         return x + shortcut if self.block.residual else x
+
+
+class MobileNetBase(nn.Module):
+    """What every table-built MobileNet shares: how it runs (keyword-only fields) and its forward pass.
+
+    Subclasses add the fields that describe their architecture and define
+    ``network()`` (the :class:`~mobilenet_jax.models.table.Network` those fields give)
+    and ``with_network(network)`` (the same model with a resized network's channel counts).
+    ``model.apply(variables, images, train=False)`` returns logits; with
+    ``return_features=True``, ``(logits, features)`` (see :func:`forward`).
+    """
+
+    _: dataclasses.KW_ONLY
+    padding: str = "torch"  # 'torch', 'tf' or 'keras_v1' (see mobilenet_jax.models.layers)
+    dtype: Any = jnp.float32  # computation dtype, e.g. jnp.bfloat16; param_dtype stores the parameters
+    param_dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_axis_name: str | None = None  # mapped/sharded axis over which to average BatchNorm statistics
+    depthwise_impl: str = "auto"  # 'auto' (per backend), 'xla' or 'shift'; the parameters are the same
+    folded: bool = False  # the inference form: BatchNorm folded into convolution biases (models.fold)
+
+    def network(self) -> table.Network:
+        raise NotImplementedError(f"{type(self).__name__} does not describe its architecture table.")
+
+    def with_network(self, network: table.Network) -> MobileNetBase:
+        raise NotImplementedError(f"{type(self).__name__} cannot take a resized architecture table.")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        return forward(self, self.network(), x, train, return_features, getattr(self, "dropout_rate", 0.0))
 
 
 def forward(

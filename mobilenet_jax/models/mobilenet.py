@@ -11,19 +11,13 @@ as on MobileNetV1 and MobileNetV2, since they all walk the same table::
 
 from __future__ import annotations
 
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-from flax import linen as nn
-
 from mobilenet_jax.models import common, table
 
 
-class MobileNet(nn.Module):
-    """A classifier or backbone built from ``network`` (a :class:`~mobilenet_jax.models.table.Network`).
+class MobileNet(common.MobileNetBase):
+    """A classifier or backbone built from ``network_table`` (a :class:`~mobilenet_jax.models.table.Network`).
 
-    The other attributes are MobileNetV2's: ``num_classes``, ``dropout_rate``, ``padding``,
+    The other attributes are MobileNetV2's: ``num_classes``, ``dropout_rate``, and the keyword-only ``padding``,
     ``dtype``, ``param_dtype``, ``bn_momentum``, ``bn_epsilon``, ``bn_axis_name``,
     ``depthwise_impl``, ``folded``.
     """
@@ -31,21 +25,9 @@ class MobileNet(nn.Module):
     network_table: table.Network
     num_classes: int | None = 1000
     dropout_rate: float = 0.0
-    padding: str = "torch"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    bn_axis_name: str | None = None
-    depthwise_impl: str = "auto"
-    folded: bool = False
 
     def network(self) -> table.Network:
         return self.network_table.check()
 
     def with_network(self, network: table.Network) -> MobileNet:
         return self.clone(network_table=network)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        return common.forward(self, self.network(), x, train, return_features, self.dropout_rate)

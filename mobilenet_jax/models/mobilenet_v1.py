@@ -11,12 +11,6 @@ code in the design notes, so pruned networks (e.g. AMC's ``0.5flops``) load as-i
 
 from __future__ import annotations
 
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-from flax import linen as nn
-
 from mobilenet_jax.models import common, table
 
 Profile = str | tuple
@@ -75,7 +69,7 @@ def v1_network(
     return table.Network(stem, tuple(blocks), head_channels, "head", activation).check()
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(common.MobileNetBase):
     """MobileNetV1 classifier or backbone.
 
     Attributes:
@@ -103,14 +97,6 @@ class MobileNetV1(nn.Module):
     profile: Profile = "normal"
     activation: str = "relu"
     head_channels: int = 0
-    padding: str = "torch"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    bn_axis_name: str | None = None
-    depthwise_impl: str = "auto"
-    folded: bool = False
 
     def network(self) -> table.Network:
         """This model's architecture table."""
@@ -120,7 +106,3 @@ class MobileNetV1(nn.Module):
         """This model with the channel counts of ``network`` (a resized :meth:`network`), as a profile."""
         blocks = tuple(b.out if b.stride == 1 else (b.out, b.stride) for b in network.blocks)
         return self.clone(profile=(network.stem_channels, blocks), width=1.0, head_channels=network.head_channels)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        return common.forward(self, self.network(), x, train, return_features)

@@ -7,11 +7,6 @@ projection, with a residual connection when the block keeps stride 1 and width.
 from __future__ import annotations
 
 import functools
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-from flax import linen as nn
 
 from mobilenet_jax.models import common, layers, table
 
@@ -126,7 +121,7 @@ def model_architecture(model: MobileNetV2) -> tuple[int, tuple[table.Block, ...]
     return stem, tuple(blocks), last
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(common.MobileNetBase):
     """MobileNetV2 classifier or backbone.
 
     Attributes:
@@ -159,14 +154,6 @@ class MobileNetV2(nn.Module):
     stem_channels: int | None = None
     last_channels: int | None = None
     fix_stem_head: bool = False
-    padding: str = "torch"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    bn_axis_name: str | None = None
-    depthwise_impl: str = "auto"
-    folded: bool = False
 
     def network(self) -> table.Network:
         """This model's architecture table."""
@@ -179,7 +166,3 @@ class MobileNetV2(nn.Module):
         return self.clone(
             block_channels=pairs, stem_channels=network.stem_channels, last_channels=network.head_channels
         )
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        return common.forward(self, self.network(), x, train, return_features, self.dropout_rate)
