@@ -21,14 +21,7 @@ Expected: 70.6% top-1 for 1.0-224, 63.7% for 0.5-224 (paper Table 6); the
 quickstart reaches >= 95% top-1 on the embedded shapes dataset in minutes on a CPU.
 """
 
-import os
-import sys
-
-try:
-    from configs import common
-except ImportError:  # loaded by path (--config /path/to/configs/v1.py) from another working directory
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+from mobilenet_jax import config_defaults as common
 
 
 def get_config(arg=None):

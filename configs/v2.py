@@ -19,14 +19,7 @@ Run:
 Expected: 72.0% top-1 for 1.0-224, 74.7% for 1.4-224 (paper Table 4).
 """
 
-import os
-import sys
-
-try:
-    from configs import common
-except ImportError:  # loaded by path (--config /path/to/configs/v2.py) from another working directory
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+from mobilenet_jax import config_defaults as common
 
 
 def get_config(arg=None):

@@ -1,4 +1,6 @@
-"""The fields every training config has, with the defaults shared by v1.py and v2.py.
+"""The fields every training config has, with the defaults shared by configs/v1.py and configs/v2.py.
+
+In the package, so that a config file loaded by path from any directory imports it without editing ``sys.path``.
 
 Field names follow Flax's ImageNet example where they overlap. The architecture is
 all in ``config.model`` (the fields of ``model.json``); everything else is data,
@@ -12,7 +14,15 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every field, with the defaults v1.py and v2.py share: model and data, optimisation, bookkeeping."""
     config = ml_collections.ConfigDict()
+    _model_and_data(config)
+    _optimisation(config)
+    _bookkeeping(config)
+    return config
+
+
+def _model_and_data(config: ml_collections.ConfigDict) -> None:
     # Model: every field of the architecture, passed to its class (MobileNetV1/V2 add theirs).
     config.model = ml_collections.ConfigDict()
     config.model.architecture = "MobileNetV1"
@@ -37,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.shuffle_buffer_size = 16_384
     config.cache = False  # cache encoded images in memory (small datasets)
 
+
+def _optimisation(config: ml_collections.ConfigDict) -> None:
     # Optimisation (TF's RMSProp: decay 0.9, momentum 0.9, epsilon 1.0 inside the sqrt, accumulator starts at 1).
     config.batch_size = 1024  # global, over all devices and hosts
     # Peak learning rate per lr_batch_size images; the run uses
@@ -72,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
     # this many in a row; 0: a non-finite step stops the run before anything is saved.
     config.max_consecutive_nonfinite_skips = 0
 
-    # Bookkeeping.
+
+def _bookkeeping(config: ml_collections.ConfigDict) -> None:
     config.seed = 0
     config.log_every_steps = 100
     config.eval_every_steps = -1  # -1: once per epoch
@@ -82,7 +95,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.progress_bar = True
     # Persistent XLA compilation cache: a second start of the same config skips compilation ('' = off).
     config.compilation_cache_dir = "~/.cache/mobilenet_jax/xla"
-    return config
 
 
 def parse_options(arg: str | None, **defaults: Any) -> dict[str, Any]:

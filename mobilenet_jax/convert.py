@@ -25,7 +25,7 @@ Usage::
 Command line: ``python -m mobilenet_jax.convert IN OUT_DIR`` writes an orbax
 checkpoint of the variables, the detected architecture (``model.json``) and, for
 Keras weights, the [-1, 1] input scaling they expect (``preprocessing.json``);
-``--list-layouts`` prints what it reads.
+``--list_layouts`` prints what it reads.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from mobilenet_jax import errors
+from mobilenet_jax import cli, errors, layouts
 from mobilenet_jax.models import (
     V1_PROFILES,
     MobileNetV1,
@@ -52,17 +52,11 @@ from mobilenet_jax.models import (
     v1_architecture,
     v2_architecture,
 )
-from mobilenet_jax.preprocessing import IMAGENET, KERAS, TIMM, TORCHVISION, Preprocessing
+from mobilenet_jax.preprocessing import IMAGENET, KERAS, Preprocessing
 
-LAYOUTS = ("torchvision", "amc_v1", "notes_v2", "timm_v1", "timm_v2")
-# One line per layout, for --list-layouts and the docs.
-LAYOUT_NOTES = {
-    "torchvision": "torchvision.models.mobilenet_v2, any width_mult (features.N.conv.M.K)",
-    "amc_v1": "the design notes' / AMC MobileNetV1 (conv1.0, features.N.0-4, classifier.0), any channel list",
-    "notes_v2": "the design notes' MobileNetV2 port (features.N.conv.M, int(c * width) rounding)",
-    "timm_v1": "timm mobilenetv1_100/_100h/_125 (conv_stem, blocks.S.J.conv_dw/conv_pw, ReLU6)",
-    "timm_v2": "timm mobilenetv2_035 ... _140, _110d, _120d (blocks.S.J.conv_pw/conv_dw/conv_pwl)",
-}
+LAYOUTS = tuple(layouts.of("torch"))
+# One line per layout, for --list_layouts and the docs.
+LAYOUT_NOTES = {name: layout.description for name, layout in layouts.of("torch").items()}
 # Strides of the 13 depthwise-separable blocks of every MobileNetV1 profile.
 V1_STRIDES = tuple(s for _, s in v1_architecture("normal")[1])
 
@@ -72,111 +66,21 @@ _CONV_TO_FLAX = (2, 3, 1, 0)
 _DENSE = (1, 0)
 
 
-class StateDictMismatchError(ValueError):
-    """A state dict does not fit the architecture; lists missing, unexpected and mis-shaped keys."""
+# A state dict that does not fit the architecture (the converters' one mismatch error).
+StateDictMismatchError = layouts.WeightsMismatchError
 
 
 # ----------------------------------------------------------------------------- layout tables
 
 
-def _v1_modules(model: MobileNetV1) -> list[tuple[str, str]]:
-    _, blocks = v1_architecture(model.profile, model.width)
-    names = [("stem_conv", "conv1.0"), ("stem_bn", "conv1.1")]
-    for i in range(len(blocks)):
-        names += [
-            (f"block_{i}/conv_dw", f"features.{i}.0"),
-            (f"block_{i}/bn_dw", f"features.{i}.1"),
-            (f"block_{i}/conv_pw", f"features.{i}.3"),
-            (f"block_{i}/bn_pw", f"features.{i}.4"),
-        ]
-    return names + [("classifier", "classifier.0")]
-
-
-def _v2_modules(model: MobileNetV2, layout: str) -> list[tuple[str, str]]:
-    _, blocks, _ = mobilenet_v2.model_architecture(model)
-    names = [("stem_conv", "features.0.0"), ("stem_bn", "features.0.1")]
-    for i, block in enumerate(blocks):
-        prefix = f"features.{i + 1}.conv"
-        parts = ["conv_dw", "bn_dw", "conv_pwl", "bn_pwl"]
-        if block.expand:
-            parts = ["conv_pw", "bn_pw"] + parts
-        if layout == "torchvision":
-            # Conv-BN-ReLU6 triples are Sequentials (".k.0", ".k.1"), the projection is flat.
-            nested = len(parts) // 2 - 1
-            torch_names = [f"{prefix}.{k}.{j}" for k in range(nested) for j in (0, 1)]
-            torch_names += [f"{prefix}.{nested}", f"{prefix}.{nested + 1}"]
-        else:
-            # One flat Sequential: conv, bn, relu6 per layer, the projection without relu6.
-            torch_names = [f"{prefix}.{3 * k + j}" for k in range(len(parts) // 2) for j in (0, 1)]
-        names += [(f"block_{i}/{part}", name) for part, name in zip(parts, torch_names, strict=True)]
-    last = f"features.{len(blocks) + 1}"
-    return names + [("last_conv", f"{last}.0"), ("last_bn", f"{last}.1"), ("classifier", "classifier.1")]
-
-
-def _v1_stages(strides: Sequence[int]) -> list[str]:
-    """timm's ``S.J`` index of each MobileNetV1 block: a stride-2 block starts a new stage."""
-    names, stage, index = [], 0, -1
-    for i, stride in enumerate(strides):
-        if stride == 2 and i > 0:
-            stage, index = stage + 1, 0
-        else:
-            index += 1
-        names.append(f"{stage}.{index}")
-    return names
-
-
-def _timm_v1_modules(model: MobileNetV1) -> list[tuple[str, str]]:
-    _, blocks = v1_architecture(model.profile, model.width)
-    names = [("stem_conv", "conv_stem"), ("stem_bn", "bn1")]
-    for i, index in enumerate(_v1_stages([s for _, s in blocks])):
-        prefix = f"blocks.{index}"
-        names += [
-            (f"block_{i}/conv_dw", f"{prefix}.conv_dw"),
-            (f"block_{i}/bn_dw", f"{prefix}.bn1"),
-            (f"block_{i}/conv_pw", f"{prefix}.conv_pw"),
-            (f"block_{i}/bn_pw", f"{prefix}.bn2"),
-        ]
-    if model.head_channels:
-        names += [("head_conv", "conv_head"), ("head_bn", "bn2")]
-    return names + [("classifier", "classifier")]
-
-
-def _timm_v2_modules(model: MobileNetV2) -> list[tuple[str, str]]:
-    _, blocks, _ = mobilenet_v2.model_architecture(model)
-    rows = [n for _, _, n, _ in model.block_table]
-    indices = [f"{stage}.{j}" for stage, n in enumerate(rows) for j in range(n)]
-    names = [("stem_conv", "conv_stem"), ("stem_bn", "bn1")]
-    for i, (index, block) in enumerate(zip(indices, blocks, strict=True)):
-        prefix = f"blocks.{index}"
-        if block.expand:  # timm's InvertedResidual
-            parts = [("conv_pw", "conv_pw"), ("bn_pw", "bn1"), ("conv_dw", "conv_dw"), ("bn_dw", "bn2")]
-            parts += [("conv_pwl", "conv_pwl"), ("bn_pwl", "bn3")]
-        else:  # timm's DepthwiseSeparableConv (expansion 1)
-            parts = [("conv_dw", "conv_dw"), ("bn_dw", "bn1"), ("conv_pwl", "conv_pw"), ("bn_pwl", "bn2")]
-        names += [(f"block_{i}/{ours}", f"{prefix}.{theirs}") for ours, theirs in parts]
-    return names + [("last_conv", "conv_head"), ("last_bn", "bn2"), ("classifier", "classifier")]
-
-
 def _modules(model: nn.Module, layout: str) -> list[tuple[str, str]]:
-    if layout not in LAYOUTS:
-        raise ValueError(f"Unknown layout {layout!r}; use one of {LAYOUTS}.")
-    if isinstance(model, MobileNetV1):
-        if layout not in ("amc_v1", "timm_v1"):
-            raise ValueError(f"MobileNetV1 converts to the 'amc_v1' or 'timm_v1' layout, not {layout!r}.")
-        if layout == "amc_v1" and (model.head_channels or model.activation != "relu"):
-            raise ValueError("The 'amc_v1' layout has ReLU and no head conv; write this model as 'timm_v1'.")
-        names = _v1_modules(model) if layout == "amc_v1" else _timm_v1_modules(model)
-    elif isinstance(model, MobileNetV2):
-        if layout not in ("torchvision", "notes_v2", "timm_v2"):
-            raise ValueError(
-                f"MobileNetV2 converts to the 'torchvision', 'notes_v2' or 'timm_v2' layout, not {layout!r}."
-            )
-        names = _timm_v2_modules(model) if layout == "timm_v2" else _v2_modules(model, layout)
-    else:
-        raise TypeError(f"Expected a MobileNetV1 or MobileNetV2 module, got {type(model).__name__}.")
-    if model.num_classes is None:
-        names = [(flax, torch) for flax, torch in names if flax != "classifier"]
-    return names
+    """``(flax module path, PyTorch module name)`` of every layer, from the layout's naming rule."""
+    entry = layouts.get(layout, model)
+    if entry.framework != "torch":
+        raise ValueError(f"{layout!r} is a Keras layout; PyTorch layouts are {LAYOUTS}.")
+    if layout == "amc_v1" and (model.head_channels or model.activation != "relu"):
+        raise ValueError("The 'amc_v1' layout has ReLU and no head conv; write this model as 'timm_v1'.")
+    return [(flax, name) for flax, name, _ in entry.names(model)]
 
 
 def _entries(model: nn.Module, layout: str, flax_params: Mapping) -> list[tuple[str, str | None, tuple, tuple | None]]:
@@ -210,12 +114,6 @@ def _get(tree: Mapping, path: tuple) -> Any:
     for key in path:
         tree = tree[key]
     return tree
-
-
-def _set(tree: dict, path: tuple, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def _abstract_variables(model: nn.Module, in_channels: int = 3) -> dict:
@@ -295,16 +193,7 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def detect_layout(state: Mapping[str, Any]) -> str | None:
     """The layout of a (prefix-free) state dict, or None when no MobileNet layout fits."""
-    keys = list(state)
-    if "conv_stem.weight" in state and any(re.match(r"blocks\.\d+\.\d+\.conv_dw\.weight$", k) for k in keys):
-        return "timm_v2" if any(k.endswith(".conv_pwl.weight") for k in keys) else "timm_v1"
-    if any(k.startswith("conv1.") for k in keys) and any(re.match(r"features\.\d+\.3\.weight$", k) for k in keys):
-        return "amc_v1"
-    if any(re.match(r"features\.\d+\.conv\.\d+\.\d+\.weight$", k) for k in keys):
-        return "torchvision"
-    if any(re.match(r"features\.\d+\.conv\.\d+\.weight$", k) for k in keys):
-        return "notes_v2"
-    return None
+    return layouts.detect(list(state), "torch")
 
 
 def _num_classes(state: Mapping, key: str) -> int:
@@ -375,7 +264,7 @@ def _detect_timm_v2(state: Mapping) -> MobileNetV2:
     head = int(state["conv_head.weight"].shape[0]) if "conv_head.weight" in state else None
     best = None
     for fix in (False, True):
-        for width in _candidate_widths():
+        for width in layouts.candidate_widths():
             if (
                 make_divisible(32 * width) != stem
                 if not fix
@@ -394,15 +283,6 @@ def _detect_timm_v2(state: Mapping) -> MobileNetV2:
             break
     width, fix = best or (1.0, False)
     return MobileNetV2(num_classes=num_classes, width=width, block_table=table, fix_stem_head=fix)
-
-
-@functools.cache
-def _candidate_widths() -> tuple[float, ...]:
-    """Widths to try when detecting a MobileNetV2, round ones first (so torchvision's 0.35 is recorded as 0.35)."""
-    widths = []
-    for denominator in (20, 100, 1000, 8000):
-        widths += [i / denominator for i in range(1, 4 * denominator + 1)]
-    return tuple(dict.fromkeys(widths))
 
 
 def _block_convs(architecture: tuple) -> dict[int, list[tuple]]:
@@ -428,7 +308,7 @@ def _detect_v2(state: Mapping, layout: str) -> MobileNetV2:
     scale = make_divisible if rounding == "torchvision" else int
     best_width, best_score = 1.0, -1
     seen = set()
-    for width in _candidate_widths():
+    for width in layouts.candidate_widths():
         if stem is not None and scale(32 * width) != stem:
             continue  # cheap pre-filter: the stem alone rules out most widths
         architecture = v2_architecture(width, rounding)
@@ -452,20 +332,11 @@ def _mismatch_message(model: nn.Module, layout: str, state: Mapping, expected: M
     if not (missing or unexpected or misshaped):
         return None
 
-    def listing(title: str, items: list[str]) -> str:
-        more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-        return f"{len(items)} {title}: [{', '.join(items[:limit])}{more}]"
-
     hint = ""
     if any(".se." in k for k in state):
         hint = " It has squeeze-excitation layers (MobileNetV3, EfficientNet), which these MobileNets do not have."
-    lists = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-    return (
-        f"The state dict does not fit {_describe(model)} in the {layout!r} layout: "
-        + "; ".join(listing(t, i) for t, i in lists if i)
-        + "."
-        + hint
-    )
+    subject = f"The state dict does not fit {_describe(model)} in the {layout!r} layout"
+    return layouts.mismatch_message(subject, missing, unexpected, misshaped, limit) + hint
 
 
 def _describe(model: nn.Module) -> str:
@@ -519,7 +390,7 @@ def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn
         closest, reference = _closest_layout(state)
         message = _mismatch_message(reference, closest, state, _expected_shapes(reference, closest))
         raise StateDictMismatchError(
-            f"No MobileNet layout this converter knows fits (closest: {closest!r}; see --list-layouts). {message}"
+            f"No MobileNet layout this converter knows fits (closest: {closest!r}; see --list_layouts). {message}"
         )
     detect = {
         "amc_v1": lambda: _detect_v1(state, strides),
@@ -545,7 +416,7 @@ def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn
             value = value.transpose(_CONV_TO_FLAX)
         elif perm is not None:
             value = value.transpose(perm)
-        _set(variables[collection], path, jax.numpy.asarray(value))
+        layouts.set_path(variables[collection], path, jax.numpy.asarray(value))
     return model, variables
 
 
@@ -560,7 +431,7 @@ def default_layout(model: nn.Module) -> str:
 # How the published weights of each PyTorch layout are evaluated (the ImageNet normalisation in every
 # case): torchvision resizes to 256 and crops 224 (bilinear); timm's MobileNets the same with bicubic
 # (crop_pct 0.875). The design notes' layouts have no published weights: nothing is recorded.
-PREPROCESSING = {"torchvision": TORCHVISION, "timm_v1": TIMM, "timm_v2": TIMM}
+PREPROCESSING = {name: layout.preprocessing for name, layout in layouts.of("torch").items() if layout.preprocessing}
 
 
 class Converted(NamedTuple):
@@ -616,41 +487,28 @@ def to_torch(
 
 
 def list_layouts() -> str:
-    from mobilenet_jax import convert_keras
-
-    notes = {**LAYOUT_NOTES, **convert_keras.KERAS_LAYOUTS}
-    return "\n".join(f"{name:12s} {note}" for name, note in notes.items())
+    return "\n".join(f"{name:12s} {layout.description}" for name, layout in layouts.LAYOUTS.items())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     """``python -m mobilenet_jax.convert IN OUT_DIR``: orbax checkpoint, model.json, preprocessing.json if needed."""
-    import argparse
+    from absl import flags
 
     from mobilenet_jax import checkpoint
 
-    parser = argparse.ArgumentParser(
-        prog="python -m mobilenet_jax.convert",
-        description="Convert PyTorch (torchvision, timm, design notes) or Keras MobileNet weights to Flax.",
-    )
-    parser.add_argument("source", nargs="?", help=".pth / .safetensors (PyTorch, timm) or .h5 / .weights.h5 (Keras)")
-    parser.add_argument("out_dir", nargs="?", help="directory for the orbax checkpoint and model.json")
-    parser.add_argument("--list-layouts", action="store_true", help="print the layouts this converter reads")
-    parser.add_argument(
-        "--strides",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=None,
-        help="MobileNetV1 per-block strides, comma-separated, for non-standard depths",
-    )
-    args = parser.parse_args(argv)
-    if args.list_layouts:
+    FLAGS = flags.FLAGS
+    cli.quiet_logging()
+    if FLAGS.list_layouts:
         print(list_layouts())
         return
-    if not (args.source and args.out_dir):
-        parser.error("give IN and OUT_DIR (or --list-layouts)")
+    if len(argv) != 3:
+        cli.exit_with("usage: python -m mobilenet_jax.convert IN OUT_DIR [--strides 1,2,...] (or --list_layouts).", 2)
+    source, out_dir = argv[1:]
+    strides = None if FLAGS.strides is None else [int(s) for s in FLAGS.strides]
 
     def convert_and_save() -> None:
-        converted = load_with_info(args.source, strides=args.strides)
-        checkpoint.save_model(args.out_dir, converted.model, converted.variables, converted.preprocessing)
+        converted = load_with_info(source, strides=strides)
+        checkpoint.save_model(out_dir, converted.model, converted.variables, converted.preprocessing)
         inputs = ""
         if converted.preprocessing is not None:
             inputs = converted.preprocessing
@@ -666,13 +524,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         print(
             f"Wrote {_describe(converted.model)} from the {converted.layout!r} layout to "
-            f"{os.path.abspath(args.out_dir)}{inputs}"
+            f"{os.path.abspath(out_dir)}{inputs}"
         )
         if converted.note:
             print(converted.note)
 
-    errors.run(convert_and_save)
+    cli.run(convert_and_save)
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_bool("list_layouts", False, "Print the layouts this converter reads.")
+    flags.DEFINE_list("strides", None, "MobileNetV1 per-block strides, comma-separated, for non-standard depths.")
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app
+
+    _define_flags()
+    app.run(main, flags_parser=cli.parse_absl_flags)

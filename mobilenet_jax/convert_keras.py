@@ -32,21 +32,19 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
+from mobilenet_jax import layouts
 from mobilenet_jax.models import MobileNetV1, MobileNetV2, v1_architecture, v2_architecture
 from mobilenet_jax.preprocessing import KERAS, Preprocessing
 
 # keras.applications.mobilenet(_v2).preprocess_input: x / 127.5 - 1 on RGB 0..255.
 # The evaluation crop is TF-slim's (central 87.5%, bilinear), the papers' own.
 PREPROCESSING = KERAS
-KERAS_LAYOUTS = {
-    "keras_v1": "keras.applications.MobileNet, alpha 0.25-1.0 (conv1, conv_dw_N, conv_pw_N, conv_preds)",
-    "keras_v2": "keras.applications.MobileNetV2, alpha 0.35-1.4 (Conv1, block_N_expand/depthwise/project)",
-}
+KERAS_LAYOUTS = {name: layout.description for name, layout in layouts.of("keras").items()}
 KINDS = ("conv2d", "depthwise_conv2d", "batch_normalization", "dense")
 
 
-class KerasMismatchError(ValueError):
-    """The Keras weights do not fit a MobileNet; lists missing, unexpected and mis-shaped layers."""
+# The Keras weights do not fit a MobileNet (the converters' one mismatch error).
+KerasMismatchError = layouts.WeightsMismatchError
 
 
 Layer = tuple  # (name or None, kind, [arrays])
@@ -187,40 +185,17 @@ def read_layers(source: Any) -> list[Layer]:
 # ----------------------------------------------------------------------------- layouts
 
 
-def _v1_plan(blocks: int = 13, top: bool = True) -> list[tuple[str, str, str]]:
-    """``(keras name, kind, flax module)`` of keras.applications.MobileNet, in model order."""
-    plan = [("conv1", "conv2d", "stem_conv"), ("conv1_bn", "batch_normalization", "stem_bn")]
-    for i in range(1, blocks + 1):
-        plan += [
-            (f"conv_dw_{i}", "depthwise_conv2d", f"block_{i - 1}/conv_dw"),
-            (f"conv_dw_{i}_bn", "batch_normalization", f"block_{i - 1}/bn_dw"),
-            (f"conv_pw_{i}", "conv2d", f"block_{i - 1}/conv_pw"),
-            (f"conv_pw_{i}_bn", "batch_normalization", f"block_{i - 1}/bn_pw"),
-        ]
-    return plan + ([("conv_preds", "conv2d", "classifier")] if top else [])
+# The reference networks whose tables the Keras plans walk: every keras.applications MobileNet has
+# their depth (13 separable blocks; 17 inverted residuals and a last conv) whatever its alpha.
+_REFERENCE = {"keras_v1": MobileNetV1(activation="relu6"), "keras_v2": MobileNetV2()}
+_KERAS_KINDS = {"conv": "conv2d", "depthwise": "depthwise_conv2d", "norm": "batch_normalization"}
 
 
-def _v2_plan(blocks: int = 17, top: bool = True) -> list[tuple[str, str, str]]:
-    """``(keras name, kind, flax module)`` of keras.applications.MobileNetV2, in model order."""
-    plan = [("Conv1", "conv2d", "stem_conv"), ("bn_Conv1", "batch_normalization", "stem_bn")]
-    plan += [
-        ("expanded_conv_depthwise", "depthwise_conv2d", "block_0/conv_dw"),
-        ("expanded_conv_depthwise_BN", "batch_normalization", "block_0/bn_dw"),
-        ("expanded_conv_project", "conv2d", "block_0/conv_pwl"),
-        ("expanded_conv_project_BN", "batch_normalization", "block_0/bn_pwl"),
-    ]
-    for i in range(1, blocks):
-        for keras, kind, ours in (
-            ("expand", "conv2d", "conv_pw"),
-            ("expand_BN", "batch_normalization", "bn_pw"),
-            ("depthwise", "depthwise_conv2d", "conv_dw"),
-            ("depthwise_BN", "batch_normalization", "bn_dw"),
-            ("project", "conv2d", "conv_pwl"),
-            ("project_BN", "batch_normalization", "bn_pwl"),
-        ):
-            plan.append((f"block_{i}_{keras}", kind, f"block_{i}/{ours}"))
-    plan += [("Conv_1", "conv2d", "last_conv"), ("Conv_1_bn", "batch_normalization", "last_bn")]
-    return plan + ([("predictions", "dense", "classifier")] if top else [])
+def _plan(layout: str, top: bool = True) -> list[tuple[str, str, str]]:
+    """``(keras name, kind, flax module)`` of the layout's keras.applications model, in model order."""
+    model = _REFERENCE[layout].clone(num_classes=1000 if top else None)
+    top_kind = "conv2d" if layout == "keras_v1" else "dense"  # MobileNet's conv_preds is a 1x1 conv
+    return [(name, _KERAS_KINDS.get(kind, top_kind), flax) for flax, name, kind in layouts.get(layout).names(model)]
 
 
 def _assign(layers: list[Layer], plan: list[tuple[str, str, str]]) -> tuple[dict, list[str], list[Layer]]:
@@ -254,14 +229,11 @@ def _assign(layers: list[Layer], plan: list[tuple[str, str, str]]) -> tuple[dict
 
 def detect_layout(layers: list[Layer]) -> str | None:
     names = {name for name, _, _ in layers}
-    if "conv_pw_1" in names:
-        return "keras_v1"
-    if "block_1_expand" in names or "expanded_conv_project" in names:
-        return "keras_v2"
-    if None in names:  # Keras 3 weights file: count the depthwise layers
+    layout = layouts.detect(names, "keras")
+    if layout is None and None in names:  # Keras 3 weights file: count the depthwise layers
         depthwise = sum(kind == "depthwise_conv2d" for _, kind, _ in layers)
         return {13: "keras_v1", 17: "keras_v2"}.get(depthwise)
-    return None
+    return layout
 
 
 def _closest(layers: list[Layer]) -> str:
@@ -270,7 +242,10 @@ def _closest(layers: list[Layer]) -> str:
     depthwise = sum(kind == "depthwise_conv2d" for _, kind, _ in layers)
     scores = {
         layout: (len(names & {k for k, _, _ in plan()}), -abs(depthwise - count))
-        for layout, plan, count in (("keras_v1", _v1_plan, 13), ("keras_v2", _v2_plan, 17))
+        for layout, plan, count in (
+            ("keras_v1", lambda: _plan("keras_v1"), 13),
+            ("keras_v2", lambda: _plan("keras_v2"), 17),
+        )
     }
     return max(scores, key=scores.get)
 
@@ -330,15 +305,9 @@ def _outer_preprocessing(outer: list[tuple[str, dict]] | None) -> Preprocessing:
     return KERAS
 
 
-def _mismatch(layout: str, missing: list[str], unexpected: list[str], misshaped: list[str], limit: int = 12) -> str:
-    def listing(title: str, items: list[str]) -> str:
-        more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-        return f"{len(items)} {title}: [{', '.join(items[:limit])}{more}]"
-
-    parts = [
-        listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if i
-    ]
-    return f"The Keras weights do not fit the {layout!r} layout ({KERAS_LAYOUTS[layout]}): " + "; ".join(parts) + "."
+def _mismatch(layout: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+    subject = f"The Keras weights do not fit the {layout!r} layout ({KERAS_LAYOUTS[layout]})"
+    return layouts.mismatch_message(subject, missing, unexpected, misshaped)
 
 
 def _v1_model(found: dict, epsilon: float) -> MobileNetV1:
@@ -355,14 +324,12 @@ def _v1_model(found: dict, epsilon: float) -> MobileNetV1:
 
 
 def _v2_model(found: dict, epsilon: float) -> MobileNetV2:
-    from mobilenet_jax.convert import _candidate_widths
-
     stem = found["stem_conv"][0].shape[-1]
     outputs = [found[f"block_{i}/conv_pwl"][0].shape[-1] for i in range(17)]
     last = found["last_conv"][0].shape[-1]
     top = found.get("classifier")
     width = 1.0
-    for candidate in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4) + _candidate_widths():
+    for candidate in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4) + layouts.candidate_widths():
         stem_c, blocks, last_c = v2_architecture(candidate, "keras")
         if stem_c == stem and last_c == last and [b.out for b in blocks] == outputs:
             width = candidate
@@ -427,13 +394,13 @@ def convert_keras(source: Any) -> KerasConversion:
     layout = detect_layout(layers)
     if layout is None:
         closest = _closest(layers)
-        plan = _v1_plan() if closest == "keras_v1" else _v2_plan()
+        plan = _plan(closest)
         _, missing, leftover = _assign(layers, plan)
         unexpected = [str(name) for name, _, _ in leftover]
         raise KerasMismatchError(
             "No Keras MobileNet layout fits (closest: " + closest + "). " + _mismatch(closest, missing, unexpected, [])
         )
-    plan = _v1_plan(top=False) if layout == "keras_v1" else _v2_plan(top=False)
+    plan = _plan(layout, top=False)
     found, missing, leftover = _assign(layers, plan)
     if missing:
         raise KerasMismatchError(_mismatch(layout, missing, [str(name) for name, _, _ in leftover], []))
@@ -453,8 +420,6 @@ def _variables(model: nn.Module, found: dict, kinds: dict, layout: str) -> dict:
     """The Flax variables of ``model`` from the assigned Keras arrays (KerasMismatchError on a wrong shape)."""
     import jax
 
-    from mobilenet_jax import convert  # its tree setter; convert imports this module only inside functions
-
     abstract = jax.eval_shape(
         lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
     )
@@ -467,7 +432,7 @@ def _variables(model: nn.Module, found: dict, kinds: dict, layout: str) -> dict:
                 if expected is None or tuple(expected.shape) != value.shape:
                     misshaped.append(f"{module}/{leaf} {value.shape} != {None if expected is None else expected.shape}")
                     continue
-                convert._set(variables[collection], (*module.split("/"), leaf), jax.numpy.asarray(value))
+                layouts.set_path(variables[collection], (*module.split("/"), leaf), jax.numpy.asarray(value))
     if misshaped:
         raise KerasMismatchError(_mismatch(layout, [], [], misshaped))
     return variables

@@ -18,24 +18,28 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from mobilenet_jax import errors
+from mobilenet_jax import cli, errors
 from mobilenet_jax.preprocessing import IMAGENET
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Training config (dataset, split, image size); default: a --workdir's config.json.",
-    lock_config=False,
-)
-flags.DEFINE_string("workdir", None, "Training workdir whose newest good checkpoint to evaluate.")
-flags.DEFINE_string("model_dir", None, "Converted model directory (python -m mobilenet_jax.convert).")
-flags.DEFINE_string("torch_weights", None, "PyTorch .pth state dict to convert and evaluate.")
-flags.DEFINE_enum("weights", "ema", ["ema", "live"], "Which weights of a training checkpoint to evaluate.")
-flags.DEFINE_string("tflite", None, "A .tflite file (python -m mobilenet_jax.export) to run in the LiteRT interpreter.")
+
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (importing this module defines none)."""
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Training config (dataset, split, image size); default: a --workdir's config.json.",
+        lock_config=False,
+    )
+    flags.DEFINE_string("workdir", None, "Training workdir whose newest good checkpoint to evaluate.")
+    flags.DEFINE_string("model_dir", None, "Converted model directory (python -m mobilenet_jax.convert).")
+    flags.DEFINE_string("torch_weights", None, "PyTorch .pth state dict to convert and evaluate.")
+    flags.DEFINE_enum("weights", "ema", ["ema", "live"], "Which weights of a training checkpoint to evaluate.")
+    flags.DEFINE_string("tflite", None, "A .tflite file (python -m mobilenet_jax.export) for the LiteRT interpreter.")
 
 
 def load_weights(
@@ -162,8 +166,7 @@ def _tflite_report(config, result: dict) -> str:
 def main() -> None:
     from mobilenet_jax import host
 
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.quiet_logging()
     host.configure_cpu_allocator()
     if FLAGS.torch_weights:
         host.import_torch_before_tensorflow()
@@ -209,4 +212,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    app.run(errors.absl_main(main), flags_parser=errors.parse_absl_flags)
+    _define_flags()
+    app.run(cli.absl_main(main), flags_parser=cli.parse_absl_flags)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mobilenet_jax import errors
+from mobilenet_jax import cli, errors
 from mobilenet_jax.models.fold import fold_batchnorm
 from mobilenet_jax.preprocessing import IMAGENET, Preprocessing
 
@@ -293,15 +293,14 @@ def export(
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags, logging
+    from absl import flags
 
     from mobilenet_jax import host
 
     FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.quiet_logging()
     if len(argv) != 3:
-        errors.exit_with("usage: python -m mobilenet_jax.export SOURCE OUT [--quantize ...] [--format ...].", 2)
+        cli.exit_with("usage: python -m mobilenet_jax.export SOURCE OUT [--quantize ...] [--format ...].", 2)
     host.configure_cpu_allocator()
 
     def run() -> None:
@@ -321,7 +320,7 @@ def main(argv: list[str]) -> None:
             )
         )
 
-    errors.run(run)
+    cli.run(run)
 
 
 def _define_flags() -> None:
@@ -344,4 +343,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main, flags_parser=errors.parse_absl_flags)
+    app.run(main, flags_parser=cli.parse_absl_flags)

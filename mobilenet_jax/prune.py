@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mobilenet_jax import errors
+from mobilenet_jax import cli, errors
 from mobilenet_jax.models import V1_PROFILES, MobileNetV1, MobileNetV2, table, v1_architecture
 from mobilenet_jax.models.layers import PointwiseConv
 from mobilenet_jax.preprocessing import IMAGENET
@@ -414,47 +414,44 @@ def prune(
     return pruned, pruned_variables, report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
+TARGETS = ("channels", "profile", "macs", "groups", "list_groups")
 
-    parser = argparse.ArgumentParser(prog="python -m mobilenet_jax.prune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="training workdir or model directory")
-    parser.add_argument("out_dir", help="new model directory")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--channels", help="stem,block,... in the design notes' notation, e.g. '24,48,(96,2),...'")
-    target.add_argument("--profile", help="a named MobileNetV1 profile, e.g. 0.5flops")
-    target.add_argument("--macs", type=float, help="fraction of the model's multiply-adds to keep, in (0, 1]")
-    target.add_argument("--groups", help="one width per channel group, in order (any model; --list_groups shows them)")
-    target.add_argument("--list_groups", action="store_true", help="print the model's channel groups and exit")
-    parser.add_argument("--criterion", choices=CRITERIA, default="l1", help="l1 (AMC) or bn (BatchNorm scale)")
-    parser.add_argument("--no_refit", action="store_true", help="skip the least-squares refit")
-    parser.add_argument(
-        "--config",
-        help="training config whose training images feed the refit (path[:options]; default: a workdir's config.json)",
-    )
-    parser.add_argument("--refit_images", type=int, default=256)
-    parser.add_argument("--image_size", type=int, default=None, help="for --macs (default: the config's, else 224)")
-    parser.add_argument("--weights", choices=("ema", "live"), default="ema")
-    args = parser.parse_args(argv)
+
+def _requested_channels(flags, model: nn.Module, image_size: int):
+    """The pruned architecture the command line asks for (--groups, --channels, --profile or --macs)."""
+    if flags.groups:
+        return resize(model, _parse_list(flags.groups, "--groups", "'16,32,96,...'"))
+    if flags.channels:
+        return parse_channels(flags.channels, model)
+    if flags.profile:
+        return profile_channels(model, flags.profile)
+    return channels_for_macs(model, flags.macs, image_size)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m mobilenet_jax.prune SOURCE OUT_DIR (--macs R | --channels L | --groups L | --profile NAME)``."""
+    from absl import flags
+
+    args = flags.FLAGS
+    cli.quiet_logging()
+    given = [name for name in TARGETS if args[name].present]
+    if len(given) != 1:
+        cli.exit_with("give exactly one of --macs, --channels, --groups, --profile and --list_groups.", 2)
+    if len(argv) != (2 if args.list_groups else 3):
+        cli.exit_with("usage: python -m mobilenet_jax.prune SOURCE OUT_DIR (--macs R | --channels ... | ...).", 2)
 
     def run() -> None:
         from mobilenet_jax import checkpoint, export
 
-        model, variables = checkpoint.load_any(args.source, weights=args.weights)
-        config = errors.load_config(args.config) if args.config else checkpoint.read_config(args.source)
+        source = argv[1]
+        model, variables = checkpoint.load_any(source, weights=args.weights)
+        config = cli.load_config(args.config) if args.config else checkpoint.read_config(source)
         image_size = args.image_size or (config.image_size if config is not None else 224)
         if args.list_groups:
             for i, group in enumerate(groups(model)):
                 print(f"{i}: {group.channels} channels, {describe_group(group)}; read by {', '.join(group.readers)}")
             return
-        if args.groups:
-            channels = resize(model, _parse_list(args.groups, "--groups", "'16,32,96,...'"))
-        elif args.channels:
-            channels = parse_channels(args.channels, model)
-        elif args.profile:
-            channels = profile_channels(model, args.profile)
-        else:
-            channels = channels_for_macs(model, args.macs, image_size)
+        channels = _requested_channels(args, model, image_size)
         images = None
         if not args.no_refit:
             if config is None:
@@ -464,18 +461,39 @@ def main(argv: Sequence[str] | None = None) -> None:
         pruned, pruned_variables, report = prune(
             model, variables, channels, criterion=args.criterion, refit_images=images
         )
-        checkpoint.save_model(args.out_dir, pruned, pruned_variables)
+        checkpoint.save_model(argv[2], pruned, pruned_variables)
         before, after = summarize(model, image_size), summarize(pruned, image_size)
         print(
-            f"Wrote {args.out_dir}: {_describe(pruned)}; {after.macs / 1e6:.1f}M MACs "
+            f"Wrote {argv[2]}: {_describe(pruned)}; {after.macs / 1e6:.1f}M MACs "
             f"({after.macs / before.macs:.3f} of {before.macs / 1e6:.1f}M) at {image_size} px, "
             f"{after.params / 1e6:.3f}M parameters"
         )
         for block, (old, new) in report.items():
             print(f"  refit {block}: relative reconstruction error {old:.4f} -> {new:.4f}")
 
-    errors.run(run)
+    cli.run(run)
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("channels", None, "Channel list in the model's notation, e.g. '24,48,(96,2),...' (V1).")
+    flags.DEFINE_string("profile", None, "A named MobileNetV1 profile, e.g. 0.5flops.")
+    flags.DEFINE_float("macs", None, "Fraction of the model's multiply-adds to keep, in (0, 1].")
+    flags.DEFINE_string("groups", None, "One width per channel group, in order (any model; see --list_groups).")
+    flags.DEFINE_bool("list_groups", False, "Print the model's channel groups and exit (no OUT_DIR).")
+    flags.DEFINE_enum("criterion", "l1", list(CRITERIA), "l1 (AMC) or bn (BatchNorm scale).")
+    flags.DEFINE_bool("no_refit", False, "Skip the least-squares refit.")
+    flags.DEFINE_string(
+        "config", None, "Training config whose training images feed the refit (default: a workdir's config.json)."
+    )
+    flags.DEFINE_integer("refit_images", 256, "Training images for the refit.")
+    flags.DEFINE_integer("image_size", None, "For --macs (default: the config's, else 224).")
+    flags.DEFINE_enum("weights", "ema", ["ema", "live"], "Which weights of a training checkpoint to prune.")
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app
+
+    _define_flags()
+    app.run(main, flags_parser=cli.parse_absl_flags)

@@ -94,37 +94,28 @@ def _format(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-def main(argv=None) -> None:
+def main(argv: list[str]) -> None:
     """``python -m mobilenet_jax.summary``: the papers' table, or one model's counts."""
-    import argparse
+    from absl import flags
 
-    from mobilenet_jax import errors
+    from mobilenet_jax import cli, errors
     from mobilenet_jax.models import create_model
 
-    parser = argparse.ArgumentParser(prog="python -m mobilenet_jax.summary", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="MobileNetV1 or MobileNetV2 (default: the papers' table)")
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--model_dir", help="a model directory or training workdir (its model.json)")
-    args = parser.parse_args(argv)
+    FLAGS = flags.FLAGS
+    cli.quiet_logging()
+    if len(argv) > 1:
+        cli.exit_with(f"unexpected argument(s) {argv[1:]}; every option is a --flag.", 2)
 
     def report() -> None:
-        if args.image_size < 1:
-            raise errors.UserError(f"--image_size must be positive, got {args.image_size}.")
-        if args.model_dir:
+        if FLAGS.image_size < 1:
+            raise errors.UserError(f"--image_size must be positive, got {FLAGS.image_size}.")
+        if FLAGS.model_dir:
             from mobilenet_jax import checkpoint
 
-            rows = [(args.model_dir, checkpoint.read_model_record(args.model_dir), args.image_size, None, None)]
-        elif args.model:
-            rows = [
-                (
-                    f"{args.model} {args.width:g}-{args.image_size}",
-                    create_model({"architecture": args.model, "width": args.width}),
-                    args.image_size,
-                    None,
-                    None,
-                )
-            ]
+            rows = [(FLAGS.model_dir, checkpoint.read_model_record(FLAGS.model_dir), FLAGS.image_size, None, None)]
+        elif FLAGS.model:
+            model = create_model({"architecture": FLAGS.model, "width": FLAGS.width})
+            rows = [(f"{FLAGS.model} {FLAGS.width:g}-{FLAGS.image_size}", model, FLAGS.image_size, None, None)]
         else:
             rows = PAPER_ROWS
         print(f"{'model':30s} {'params (M)':>10s} {'w/o BN':>7s} {'paper':>6s} {'MACs (M)':>9s} {'paper':>6s}")
@@ -135,8 +126,22 @@ def main(argv=None) -> None:
                 f" {_format(paper_params):>6s} {result.macs / 1e6:9.1f} {_format(paper_macs):>6s}"
             )
 
-    errors.run(report)
+    cli.run(report)
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "MobileNetV1 or MobileNetV2 (default: the papers' table).")
+    flags.DEFINE_float("width", 1.0, "Width multiplier of --model.")
+    flags.DEFINE_integer("image_size", 224, "Input size.")
+    flags.DEFINE_string("model_dir", None, "A model directory or training workdir (its model.json).")
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app
+
+    from mobilenet_jax import cli
+
+    _define_flags()
+    app.run(main, flags_parser=cli.parse_absl_flags)

@@ -401,7 +401,7 @@ def test_keras_resnet_is_one_listing_error(tmp_path):
 def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path, image_folder):
     from safetensors.torch import save_file
 
-    result = convert_cli("--list-layouts")
+    result = convert_cli("--list_layouts")
     for layout in ("torchvision", "amc_v1", "notes_v2", "timm_v1", "timm_v2", "keras_v1", "keras_v2"):
         assert layout in result.stdout
     module = timm_model("mobilenetv1_100h", num_classes=4)

@@ -205,8 +205,8 @@ def test_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
 def test_configs_load_from_another_working_directory(tmp_path):
     """config_flags loads configs/v1.py by path; it must import its sibling from any directory."""
     script = (
-        "from mobilenet_jax import errors; "
-        f"c = errors.load_config({os.path.join(REPO, 'configs', 'v2.py')!r} + ':width=0.5'); "
+        "from mobilenet_jax import cli; "
+        f"c = cli.load_config({os.path.join(REPO, 'configs', 'v2.py')!r} + ':width=0.5'); "
         "print(c.model.architecture, c.model.width)"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
@@ -227,10 +227,10 @@ def test_config_model_section_is_the_architecture():
 
 def test_bad_config_overrides_are_one_sentence():
     """The messages train.py prints for bad --config.* overrides (one command line runs in test_reliability)."""
-    from mobilenet_jax import errors
+    from mobilenet_jax import cli
 
     argv = ["train.py", "--config", "configs/v1.py"]
-    message = errors._flag_error_message(ValueError("bad"), [*argv, "--config.no_such_field=1"])
+    message = cli.flag_error_message(ValueError("bad"), [*argv, "--config.no_such_field=1"])
     assert message.startswith("unknown config field 'no_such_field' in --config.no_such_field=1")
-    message = errors._flag_error_message(ValueError("bad"), [*argv, "--config.model=MobileNetV2"])
+    message = cli.flag_error_message(ValueError("bad"), [*argv, "--config.model=MobileNetV2"])
     assert "config field 'model' is a group of fields" in message and "set one of them, e.g. --config.model." in message

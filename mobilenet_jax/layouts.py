@@ -1,0 +1,233 @@
+"""Weight layouts: how other frameworks name a MobileNet's tensors, as records in one registry.
+
+Each :class:`Layout` says which architecture it holds, how it names every layer (a rule
+applied to a walk over the model's architecture table, :mod:`mobilenet_jax.models.table`),
+how it is recognised from the names in a file, how its published weights are fed
+(:mod:`mobilenet_jax.preprocessing`) and which reference implementation the parity
+tests compare with. :mod:`mobilenet_jax.convert` (PyTorch, timm) and
+:mod:`mobilenet_jax.convert_keras` (Keras) read the registry; neither imports the other
+at module level, and they share the one mismatch error and the one width search below.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Collection
+from typing import Any, NamedTuple
+
+from flax import linen as nn
+
+from mobilenet_jax.models import table
+from mobilenet_jax.preprocessing import KERAS, TIMM, TORCHVISION, Preprocessing
+
+# One naming rule: for block i, its j-th of n convolutions -> (conv name, BatchNorm name).
+BlockRule = Callable[[int, int, int, table.Block, table.Conv, list], tuple[str, str]]
+
+
+class Layout(NamedTuple):
+    name: str
+    framework: str  # 'torch' (PyTorch and timm state dicts) or 'keras'
+    architecture: str  # 'MobileNetV1' or 'MobileNetV2'
+    description: str
+    stem: tuple[str, str]
+    block: BlockRule
+    head: Callable[[table.Network], tuple[str, str]] | None  # the 1x1 conv after the blocks, if the layout has one
+    classifier: str
+    detect: Callable[[Collection[str]], bool]  # from the tensor or layer names of a file
+    preprocessing: Preprocessing | None  # how the published weights are fed; None: nothing published
+    reference: str  # the implementation the parity tests compare with
+
+    def names(self, model: nn.Module) -> list[tuple[str, str, str]]:
+        """``(flax module path, name in this layout, kind)`` of every layer of ``model``, in model order.
+
+        ``kind`` is 'conv', 'depthwise', 'norm' or 'classifier'.
+        """
+        network = model.network()
+        stages = _stages(model)
+        entries = [("stem_conv", self.stem[0], "conv"), ("stem_bn", self.stem[1], "norm")]
+        for i, block in enumerate(network.blocks):
+            convs = block.convs(f"block_{i}")
+            for j, conv in enumerate(convs):
+                conv_name, norm_name = self.block(i, j, len(convs), block, conv, stages)
+                entries += [(conv.path, conv_name, "depthwise" if conv.kind == "depthwise" else "conv")]
+                entries += [(conv.norm, norm_name, "norm")]
+        if network.head_channels:
+            if self.head is None:
+                raise ValueError(f"The {self.name!r} layout has no 1x1 conv after the blocks; this model has one.")
+            head = network.head_conv()
+            conv_name, norm_name = self.head(network)
+            entries += [(head.path, conv_name, "conv"), (head.norm, norm_name, "norm")]
+        if model.num_classes is not None:
+            entries.append(("classifier", self.classifier, "classifier"))
+        return entries
+
+
+def _stages(model: nn.Module) -> list[str]:
+    """timm's ``S.J`` index of each block: MobileNetV1's stages start at stride 2, MobileNetV2's at each table row."""
+    if hasattr(model, "block_table"):
+        return [f"{stage}.{j}" for stage, (_, _, n, _) in enumerate(model.block_table) for j in range(n)]
+    names, stage, index = [], 0, -1
+    for i, block in enumerate(model.network().blocks):
+        stage, index = (stage + 1, 0) if block.stride == 2 and i > 0 else (stage, index + 1)
+        names.append(f"{stage}.{index}")
+    return names
+
+
+def _amc_v1(i, j, n, block, conv, stages):
+    return f"features.{i}.{3 * j}", f"features.{i}.{3 * j + 1}"
+
+
+def _torchvision(i, j, n, block, conv, stages):
+    prefix = f"features.{i + 1}.conv"  # Conv-BN-ReLU6 triples are Sequentials, the projection is flat
+    return (f"{prefix}.{j}.0", f"{prefix}.{j}.1") if j < n - 1 else (f"{prefix}.{j}", f"{prefix}.{j + 1}")
+
+
+def _notes_v2(i, j, n, block, conv, stages):
+    prefix = f"features.{i + 1}.conv"  # one flat Sequential: conv, bn, relu6 per layer
+    return f"{prefix}.{3 * j}", f"{prefix}.{3 * j + 1}"
+
+
+def _timm(i, j, n, block, conv, stages):
+    # timm's DepthwiseSeparableConv (no expansion) calls its projection conv_pw.
+    name = "conv_pw" if conv.name == "conv_pwl" and not block.expand else conv.name
+    return f"blocks.{stages[i]}.{name}", f"blocks.{stages[i]}.bn{j + 1}"
+
+
+def _keras_v1(i, j, n, block, conv, stages):
+    name = f"conv_{'dw' if j == 0 else 'pw'}_{i + 1}"
+    return name, f"{name}_bn"
+
+
+def _keras_v2(i, j, n, block, conv, stages):
+    prefix = "expanded_conv" if i == 0 else f"block_{i}"
+    part = {"conv_pw": "expand", "conv_dw": "depthwise", "conv_pwl": "project"}[conv.name]
+    return f"{prefix}_{part}", f"{prefix}_{part}_BN"
+
+
+def _named(conv: str, norm: str) -> Callable[[table.Network], tuple[str, str]]:
+    return lambda network: (conv, norm)
+
+
+def _features_head(network: table.Network) -> tuple[str, str]:
+    last = f"features.{len(network.blocks) + 1}"  # the Sequential after the blocks
+    return f"{last}.0", f"{last}.1"
+
+
+def _any(pattern: str) -> Callable[[Collection[str]], bool]:
+    return lambda names: any(re.match(pattern, name) for name in names if name is not None)
+
+
+def _timm_detect(projection: bool) -> Callable[[Collection[str]], bool]:
+    blocks = _any(r"blocks\.\d+\.\d+\.conv_dw\.weight$")
+    has_pwl = _any(r"blocks\.\d+\.\d+\.conv_pwl\.weight$")
+    return lambda names: "conv_stem.weight" in names and blocks(names) and has_pwl(names) == projection
+
+
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        Layout(
+            "torchvision", "torch", "MobileNetV2",
+            "torchvision.models.mobilenet_v2, any width_mult (features.N.conv.M.K)",
+            ("features.0.0", "features.0.1"), _torchvision, _features_head, "classifier.1",
+            _any(r"features\.\d+\.conv\.\d+\.\d+\.weight$"), TORCHVISION, "torchvision.models.mobilenet_v2",
+        ),
+        Layout(
+            "amc_v1", "torch", "MobileNetV1",
+            "the design notes' / AMC MobileNetV1 (conv1.0, features.N.0-4, classifier.0), any channel list",
+            ("conv1.0", "conv1.1"), _amc_v1, None, "classifier.0",
+            lambda names: _any(r"conv1\.")(names) and _any(r"features\.\d+\.3\.weight$")(names), None,
+            "mobilenet_jax.torch_reference.TorchMobileNetV1 (the design notes' code)",
+        ),
+        Layout(
+            "notes_v2", "torch", "MobileNetV2",
+            "the design notes' MobileNetV2 port (features.N.conv.M, int(c * width) rounding)",
+            ("features.0.0", "features.0.1"), _notes_v2, _features_head, "classifier.1",
+            _any(r"features\.\d+\.conv\.\d+\.weight$"), None,
+            "mobilenet_jax.torch_reference.TorchMobileNetV2 (the design notes' code)",
+        ),
+        Layout(
+            "timm_v1", "torch", "MobileNetV1",
+            "timm mobilenetv1_100/_100h/_125 (conv_stem, blocks.S.J.conv_dw/conv_pw, ReLU6)",
+            ("conv_stem", "bn1"), _timm, _named("conv_head", "bn2"), "classifier",
+            _timm_detect(projection=False), TIMM, "timm.create_model('mobilenetv1_100')",
+        ),
+        Layout(
+            "timm_v2", "torch", "MobileNetV2",
+            "timm mobilenetv2_035 ... _140, _110d, _120d (blocks.S.J.conv_pw/conv_dw/conv_pwl)",
+            ("conv_stem", "bn1"), _timm, _named("conv_head", "bn2"), "classifier",
+            _timm_detect(projection=True), TIMM, "timm.create_model('mobilenetv2_100')",
+        ),
+        Layout(
+            "keras_v1", "keras", "MobileNetV1",
+            "keras.applications.MobileNet, alpha 0.25-1.0 (conv1, conv_dw_N, conv_pw_N, conv_preds)",
+            ("conv1", "conv1_bn"), _keras_v1, None, "conv_preds",
+            lambda names: "conv_pw_1" in names, KERAS, "keras.applications.MobileNet",
+        ),
+        Layout(
+            "keras_v2", "keras", "MobileNetV2",
+            "keras.applications.MobileNetV2, alpha 0.35-1.4 (Conv1, block_N_expand/depthwise/project, predictions)",
+            ("Conv1", "bn_Conv1"), _keras_v2, _named("Conv_1", "Conv_1_bn"), "predictions",
+            lambda names: "block_1_expand" in names or "expanded_conv_project" in names, KERAS,
+            "keras.applications.MobileNetV2",
+        ),
+    )
+}  # fmt: skip
+
+
+def of(framework: str) -> dict[str, Layout]:
+    """The layouts of one framework ('torch' or 'keras'), in registry order."""
+    return {name: layout for name, layout in LAYOUTS.items() if layout.framework == framework}
+
+
+def get(name: str, model: nn.Module | None = None) -> Layout:
+    """The layout ``name``; with ``model``, checked to hold that model's architecture (one sentence if not)."""
+    if name not in LAYOUTS:
+        raise ValueError(f"Unknown layout {name!r}; use one of {tuple(LAYOUTS)}.")
+    layout = LAYOUTS[name]
+    if model is not None and type(model).__name__ != layout.architecture:
+        fits = [n for n, entry in LAYOUTS.items() if entry.architecture == type(model).__name__]
+        raise ValueError(f"{type(model).__name__} converts to the {' or '.join(map(repr, fits))} layout, not {name!r}.")
+    return layout
+
+
+def detect(names: Collection[str], framework: str) -> str | None:
+    """The first layout of ``framework`` whose names ``names`` (tensor keys or layer names) carry, or None."""
+    return next((name for name, layout in of(framework).items() if layout.detect(names)), None)
+
+
+# ----------------------------------------------------------------------------- shared by the converters
+
+
+class WeightsMismatchError(ValueError):
+    """Weights that do not fit the architecture; the message lists missing, unexpected and mis-shaped entries."""
+
+
+def mismatch_message(
+    subject: str, missing: list[str], unexpected: list[str], misshaped: list[str], limit: int = 12
+) -> str:
+    """``'<subject>: 2 missing: [...]; 1 unexpected: [...].'``, each list cut after ``limit`` entries."""
+
+    def listing(title: str, items: list[str]) -> str:
+        more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+        return f"{len(items)} {title}: [{', '.join(items[:limit])}{more}]"
+
+    lists = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+    return f"{subject}: " + "; ".join(listing(title, items) for title, items in lists if items) + "."
+
+
+@functools.cache
+def candidate_widths() -> tuple[float, ...]:
+    """Widths to try when recognising a converted model, round ones first (torchvision's 0.35 is recorded as 0.35)."""
+    widths = []
+    for denominator in (20, 100, 1000, 8000):
+        widths += [i / denominator for i in range(1, 4 * denominator + 1)]
+    return tuple(dict.fromkeys(widths))
+
+
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """``tree[path[0]][path[1]]... = value``, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
