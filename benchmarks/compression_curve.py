@@ -3,7 +3,7 @@
     python benchmarks/compression_curve.py --out /tmp/curve [--seeds 0,1,2] [--base WORKDIR] [--update_readme]
 
 For each MAC ratio (default 0.75, 0.5, 0.35 of the quickstart MobileNetV1 0.5 at 32 px):
-1. prune the trained quickstart model to that ratio (``mobilenet_jax.prune``: L1 ranking,
+1. prune the trained quickstart model to that ratio (``mobilenet_jax.compression.prune``: L1 ranking,
    least-squares refit on 256 training images) and evaluate it as it is;
 2. fine-tune the pruned model with the quickstart recipe shortened to
    ``--finetune_epochs`` at a lower learning rate (``--config.init_from``), once with
@@ -38,7 +38,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import v1  # noqa: E402
-from mobilenet_jax import checkpoint, evaluate, export, prune, summarize, training  # noqa: E402
+from mobilenet_jax import evaluate, summarize  # noqa: E402
+from mobilenet_jax.compression import prune  # noqa: E402
+from mobilenet_jax.deployment import export  # noqa: E402
+from mobilenet_jax.training import loop as training  # noqa: E402
+from mobilenet_jax.weights import checkpoint  # noqa: E402
 
 README_START, README_END = "<!-- compression-curve:start -->", "<!-- compression-curve:end -->"
 

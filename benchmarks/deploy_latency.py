@@ -33,7 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, export  # noqa: E402
+from mobilenet_jax import MobileNetV1, MobileNetV2  # noqa: E402
+from mobilenet_jax.deployment import export  # noqa: E402
 
 
 def candidates(arch: str, size: int, calibration: int) -> tuple[dict, dict]:
@@ -63,7 +64,7 @@ def _torch_candidate(arch: str) -> dict:
     import torch
     import torchvision
 
-    from mobilenet_jax import torch_reference
+    from mobilenet_jax.weights import torch_reference
 
     torch.set_num_threads(os.cpu_count() or 1)
     if arch == "v2":

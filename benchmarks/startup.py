@@ -32,7 +32,8 @@ def child(config_path: str, batch: int | None, cache_dir: str) -> dict:
     import jax
     import numpy as np
 
-    from mobilenet_jax import distributed, host, optim, steps
+    from mobilenet_jax import host
+    from mobilenet_jax.training import distributed, optim, steps
 
     host.keep_freed_memory()
     host.enable_compilation_cache(cache_dir or None)

@@ -96,7 +96,7 @@ class JaxCandidate(Candidate):
         import optax
 
         from configs import v1, v2
-        from mobilenet_jax import distributed, optim, steps
+        from mobilenet_jax.training import distributed, optim, steps
 
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         self.name = f"mobilenet_jax {args.arch.upper()} (depthwise {args.depthwise_impl})"
@@ -149,7 +149,7 @@ class TorchCandidate(Candidate):
             model = torchvision.models.mobilenet_v2(width_mult=args.width)
             self.name = "torchvision mobilenet_v2, eager"
         else:
-            from mobilenet_jax import torch_reference
+            from mobilenet_jax.weights import torch_reference
 
             stem, cfg = torch_reference.V1_NORMAL
             scale = lambda c: max(8, int(c * args.width))  # noqa: E731  (the design notes' width rule)
@@ -276,7 +276,7 @@ def pipeline_throughput(resolution: int, seconds: float) -> dict:
     """JPEG decode + random-resized crop + flip + normalise, images/s on 1 and on all cores."""
     import tensorflow as tf
 
-    from mobilenet_jax import input_pipeline
+    from mobilenet_jax.data import input_pipeline
 
     tf.config.experimental.set_visible_devices([], "GPU")
     rng = np.random.default_rng(0)

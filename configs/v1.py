@@ -21,7 +21,7 @@ Expected: 70.6% top-1 for 1.0-224, 63.7% for 0.5-224 (paper Table 6); the
 quickstart reaches >= 95% top-1 on the embedded shapes dataset in minutes on a CPU.
 """
 
-from mobilenet_jax import config_defaults as common
+from mobilenet_jax.training import config_defaults as common
 
 
 def get_config(arg=None):

@@ -19,7 +19,7 @@ Run:
 Expected: 72.0% top-1 for 1.0-224, 74.7% for 1.4-224 (paper Table 4).
 """
 
-from mobilenet_jax import config_defaults as common
+from mobilenet_jax.training import config_defaults as common
 
 
 def get_config(arg=None):

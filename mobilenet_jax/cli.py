@@ -147,21 +147,21 @@ def _override_problem(config: Any, path: str, value: str) -> str | None:
 
 # ----------------------------------------------------------------------------- the commands
 
-# `mobilenet-jax COMMAND ...` runs the module of COMMAND as `python -m MODULE ...` would
-# (train: train_command() below, what train.py runs).
+# `mobilenet-jax COMMAND ...` runs the run_command() of COMMAND's module, as `python -m MODULE ...`
+# does (train: train_command() below, what train.py runs).
 COMMANDS = {
     "train": None,
     "evaluate": "mobilenet_jax.evaluate",
-    "export": "mobilenet_jax.export",
-    "prune": "mobilenet_jax.prune",
-    "convert": "mobilenet_jax.convert",
+    "export": "mobilenet_jax.deployment.export",
+    "prune": "mobilenet_jax.compression.prune",
+    "convert": "mobilenet_jax.weights.convert",
     "summary": "mobilenet_jax.summary",
 }
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``mobilenet-jax <train|evaluate|export|prune|convert|summary> ...`` console script."""
-    import runpy
+    import importlib
 
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -170,8 +170,16 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.argv = [f"mobilenet-jax {command}", *argv[2:]]
     if COMMANDS[command] is None:
         train_command()
-    runpy.run_module(COMMANDS[command], run_name="__main__", alter_sys=True)
+    importlib.import_module(COMMANDS[command]).run_command()
     sys.exit(0)
+
+
+def run_absl(define_flags: Callable[[], None], main: Callable[[list[str]], Any]) -> NoReturn:
+    """Defines a command's flags (only now: importing a module defines none) and runs ``main`` under absl."""
+    from absl import app
+
+    define_flags()
+    app.run(main, flags_parser=parse_absl_flags)
 
 
 def _define_train_flags() -> None:
@@ -202,7 +210,8 @@ def _train() -> None:
     # TensorFlow only feeds data; keep it off the accelerators JAX uses.
     tf.config.experimental.set_visible_devices([], "GPU")
 
-    from mobilenet_jax import distributed, training
+    from mobilenet_jax.training import distributed
+    from mobilenet_jax.training import loop as training
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -210,7 +219,4 @@ def _train() -> None:
 
 def train_command() -> NoReturn:
     """``python train.py`` and ``mobilenet-jax train``: the flags, then the training run."""
-    from absl import app
-
-    _define_train_flags()
-    app.run(absl_main(_train), flags_parser=parse_absl_flags)
+    run_absl(_define_train_flags, absl_main(_train))

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from mobilenet_jax import cli, errors
-from mobilenet_jax.preprocessing import IMAGENET
+from mobilenet_jax.data.preprocessing import IMAGENET
 
 FLAGS = flags.FLAGS
 
@@ -53,7 +53,7 @@ def load_weights(
     """``(model, variables)`` from exactly one source, computing in the config's precision."""
     import jax.numpy as jnp
 
-    from mobilenet_jax import checkpoint, convert
+    from mobilenet_jax.weights import checkpoint, convert
 
     sources = [s for s in (workdir, model_dir, torch_weights) if s]
     if len(sources) != 1:
@@ -76,7 +76,9 @@ def run(config, **sources) -> dict:
 
     import jax
 
-    from mobilenet_jax import checkpoint, distributed, input_pipeline, steps
+    from mobilenet_jax.data import input_pipeline
+    from mobilenet_jax.training import distributed, steps
+    from mobilenet_jax.weights import checkpoint
 
     model, variables = load_weights(config, **sources)
     info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
@@ -106,7 +108,8 @@ def evaluate_tflite(config, tflite_path: str, reference=None) -> dict:
     """
     import numpy as np
 
-    from mobilenet_jax import export, input_pipeline
+    from mobilenet_jax.data import input_pipeline
+    from mobilenet_jax.deployment import export
 
     if not os.path.isfile(tflite_path):
         raise FileNotFoundError(f"No .tflite file at {tflite_path!r}.")
@@ -143,7 +146,7 @@ def evaluate_tflite(config, tflite_path: str, reference=None) -> dict:
 
 def _reference(model, variables, model_dir: str | None):
     """``pipeline images -> logits`` of the JAX model, fed as its ``preprocessing.json`` says (if any)."""
-    from mobilenet_jax import checkpoint
+    from mobilenet_jax.weights import checkpoint
 
     inputs = checkpoint.read_preprocessing(model_dir) if model_dir else None
     affine = None if inputs is None else inputs.affine_from(IMAGENET)
@@ -177,7 +180,7 @@ def main() -> None:
     if config is None:  # a training workdir remembers its config; other sources name none
         if not FLAGS.workdir:
             raise errors.UserError("Give --config naming the dataset (only a training --workdir supplies its own).")
-        from mobilenet_jax import checkpoint
+        from mobilenet_jax.weights import checkpoint
 
         config = checkpoint.config_for(FLAGS.workdir, None, "evaluation")
     if FLAGS.torch_weights and "eval_preprocessing" not in config_flags.get_override_values(FLAGS["config"]):
@@ -211,6 +214,10 @@ def main() -> None:
     )
 
 
+def run_command() -> None:
+    """``mobilenet-jax evaluate`` and ``python -m`` this module: its flags, then :func:`main`."""
+    cli.run_absl(_define_flags, cli.absl_main(main))
+
+
 if __name__ == "__main__":
-    _define_flags()
-    app.run(cli.absl_main(main), flags_parser=cli.parse_absl_flags)
+    run_command()

@@ -110,7 +110,7 @@ def main(argv: list[str]) -> None:
         if FLAGS.image_size < 1:
             raise errors.UserError(f"--image_size must be positive, got {FLAGS.image_size}.")
         if FLAGS.model_dir:
-            from mobilenet_jax import checkpoint
+            from mobilenet_jax.weights import checkpoint
 
             rows = [(FLAGS.model_dir, checkpoint.read_model_record(FLAGS.model_dir), FLAGS.image_size, None, None)]
         elif FLAGS.model:
@@ -138,10 +138,12 @@ def _define_flags() -> None:
     flags.DEFINE_string("model_dir", None, "A model directory or training workdir (its model.json).")
 
 
-if __name__ == "__main__":
-    from absl import app
-
+def run_command() -> None:
+    """``mobilenet-jax summary`` and ``python -m`` this module: its flags, then :func:`main`."""
     from mobilenet_jax import cli
 
-    _define_flags()
-    app.run(main, flags_parser=cli.parse_absl_flags)
+    cli.run_absl(_define_flags, main)
+
+
+if __name__ == "__main__":
+    run_command()

@@ -31,7 +31,7 @@ def image_folder(tmp_path_factory):
     """
     from PIL import Image
 
-    from mobilenet_jax.datasets import shapes
+    from mobilenet_jax.data.datasets import shapes
 
     root = tmp_path_factory.mktemp("folder")
     for split, count in (("train", 16), ("validation", 5)):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from mobilenet_jax import prune
+from mobilenet_jax.compression import prune
 
 ELEMENTWISE = {
     "add", "sub", "mul", "div", "max", "min", "neg", "exp", "log", "rsqrt", "sqrt", "integer_pow", "square",

@@ -12,8 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, convert  # noqa: E402
-from mobilenet_jax import torch_reference as ref  # noqa: E402
+from mobilenet_jax import MobileNetV1, MobileNetV2  # noqa: E402
+from mobilenet_jax.weights import checkpoint, convert  # noqa: E402
+from mobilenet_jax.weights import torch_reference as ref  # noqa: E402
 
 TOLERANCE = 2e-6  # measured: at most 2.4e-7 over every architecture and size here
 
@@ -184,7 +185,7 @@ def test_cli_writes_a_checkpoint_the_loader_restores(tmp_path):
     torch.save(module.state_dict(), tmp_path / "amc.pth")
     out = tmp_path / "converted"
     result = subprocess.run(
-        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "amc.pth"), str(out)],
+        [sys.executable, "-m", "mobilenet_jax.weights.convert", str(tmp_path / "amc.pth"), str(out)],
         capture_output=True,
         text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
@@ -196,7 +197,7 @@ def test_cli_writes_a_checkpoint_the_loader_restores(tmp_path):
     assert np.abs(flax_logits(model, variables, x) - torch_logits(module, x)).max() <= TOLERANCE
 
     again = subprocess.run(
-        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "missing.pth"), str(tmp_path / "other")],
+        [sys.executable, "-m", "mobilenet_jax.weights.convert", str(tmp_path / "missing.pth"), str(tmp_path / "other")],
         capture_output=True,
         text=True,
     )
@@ -236,7 +237,7 @@ def test_torchvision_style_eval_preprocessing_matches_torchvision_transforms():
     from PIL import Image
     from torchvision import transforms
 
-    from mobilenet_jax import input_pipeline as ip
+    from mobilenet_jax.data import input_pipeline as ip
 
     rng = np.random.default_rng(0)
     pixels = (rng.random((75, 110, 3)) * 255).astype(np.uint8)

@@ -17,9 +17,11 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 keras = pytest.importorskip("keras")
 
-from mobilenet_jax import MobileNetV1, checkpoint, convert, convert_keras, evaluate, export  # noqa: E402
-from mobilenet_jax import torch_reference as ref  # noqa: E402
-from mobilenet_jax.preprocessing import IMAGENET  # noqa: E402
+from mobilenet_jax import MobileNetV1, evaluate  # noqa: E402
+from mobilenet_jax.data.preprocessing import IMAGENET  # noqa: E402
+from mobilenet_jax.deployment import export  # noqa: E402
+from mobilenet_jax.weights import checkpoint, convert, convert_keras  # noqa: E402
+from mobilenet_jax.weights import torch_reference as ref  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4
@@ -30,8 +32,8 @@ def nhwc(batch, height, width, seed=0):
 
 
 def convert_cli(*args):
-    """``python -m mobilenet_jax.convert ARGS``, which must succeed."""
-    command = [sys.executable, "-m", "mobilenet_jax.convert", *map(str, args)]
+    """``python -m mobilenet_jax.weights.convert ARGS``, which must succeed."""
+    command = [sys.executable, "-m", "mobilenet_jax.weights.convert", *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
@@ -225,7 +227,7 @@ def test_keras_export_and_preprocessing_applied_end_to_end(tmp_path, image_folde
     )
     # Evaluation re-normalises the pipeline's images: same top-1 and loss as Keras on x / 127.5 - 1.
     from configs import v2
-    from mobilenet_jax import input_pipeline
+    from mobilenet_jax.data import input_pipeline
 
     config = v2.get_config()
     config.dataset, config.data_dir, config.image_size, config.batch_size = "folder", str(image_folder), 32, 8
@@ -342,7 +344,7 @@ def test_keras_transfer_model_exports_to_int8_and_evaluates(tmp_path, image_fold
     """TF padding and Keras's [-1, 1] scaling inside an int8 graph; evaluate's JAX reference gets the same inputs."""
     pytest.importorskip("ai_edge_litert")
     from configs import v2
-    from mobilenet_jax import input_pipeline
+    from mobilenet_jax.data import input_pipeline
     from tests.test_export import COMPUTE_OPS
 
     reference = keras_transfer_model("MobileNetV2", 0.35, "functional", classes=4)
@@ -416,7 +418,8 @@ def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path, image_fo
     assert max_error(model, variables, x, timm_logits(module, x)) <= TOLERANCE
     # Evaluation uses that crop and interpolation: the same figures as a manual run over such a split.
     from configs import v1
-    from mobilenet_jax import distributed, input_pipeline, steps
+    from mobilenet_jax.data import input_pipeline
+    from mobilenet_jax.training import distributed, steps
 
     config = v1.get_config()
     config.dataset, config.data_dir, config.image_size, config.batch_size = "folder", str(image_folder), 32, 8

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mobilenet_jax.datasets import shapes
+from mobilenet_jax.data.datasets import shapes
 
 
 def _images(count, seed, size=32):

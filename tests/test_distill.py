@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from configs import v1
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, distill, distributed, optim, prune, steps, training
+from mobilenet_jax import MobileNetV1, MobileNetV2
+from mobilenet_jax.compression import distill, prune
 from mobilenet_jax.errors import ConfigError
+from mobilenet_jax.training import distributed, optim, steps
+from mobilenet_jax.training import loop as training
+from mobilenet_jax.weights import checkpoint
 
 from .test_training import tiny
 
@@ -147,7 +151,8 @@ def test_init_from_another_class_count_with_a_teacher_then_from_a_workdir(tmp_pa
 
 def test_a_teacher_with_other_inputs_gets_them(tmp_path):
     """A Keras-converted teacher expects x / 127.5 - 1: the step re-normalises the student's batch for it."""
-    from mobilenet_jax import convert_keras, input_pipeline
+    from mobilenet_jax.data import input_pipeline
+    from mobilenet_jax.weights import convert_keras
 
     model = MobileNetV1(num_classes=4, width=0.25)
     checkpoint.save_model(

@@ -114,7 +114,8 @@ def test_distillation_on_two_devices_matches_one_device(one_device_run, tmp_path
     import jax
     import jax.numpy as jnp
 
-    from mobilenet_jax import MobileNetV1, checkpoint
+    from mobilenet_jax import MobileNetV1
+    from mobilenet_jax.weights import checkpoint
 
     teacher = MobileNetV1(num_classes=4, width=0.25)
     variables = teacher.init(jax.random.key(5), jnp.zeros((1, 32, 32, 3)))
@@ -145,7 +146,8 @@ def test_per_device_batchnorm_on_two_devices_is_the_mean_of_two_half_batch_gradi
     import optax
 
     from configs import v1
-    from mobilenet_jax import input_pipeline, optim, steps
+    from mobilenet_jax.data import input_pipeline
+    from mobilenet_jax.training import optim, steps
 
     folder = tmp_path / "folder"
     shutil.copytree(image_folder, folder)
@@ -234,7 +236,7 @@ def test_two_processes_match_one_process(one_device_run, tmp_path, image_folder,
 def test_non_divisible_batch_is_a_clear_error():
     from unittest import mock
 
-    from mobilenet_jax import distributed
+    from mobilenet_jax.training import distributed
 
     mesh = mock.Mock(devices=np.empty((2,)))
     with pytest.raises(ValueError, match=r"batch_size=7 must be a positive multiple of the device count \(2\); try 6"):

@@ -11,8 +11,10 @@ import pytest
 
 pytest.importorskip("ai_edge_litert")
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, export  # noqa: E402
+from mobilenet_jax import MobileNetV1, MobileNetV2
+from mobilenet_jax.deployment import export  # noqa: E402
 from mobilenet_jax.errors import UserError  # noqa: E402
+from mobilenet_jax.weights import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4
@@ -79,7 +81,7 @@ def test_float32_tflite_matches_the_jax_model(model, size):
 
 
 def test_pruned_v2_exports_with_its_logits():
-    from mobilenet_jax import prune
+    from mobilenet_jax.compression import prune
     from tests.test_prune import V2_CHANNELS, V2_TABLE
 
     source = MobileNetV2(num_classes=10, width=0.5, block_table=V2_TABLE)
@@ -94,7 +96,7 @@ def test_pruned_v2_exports_with_its_logits():
 def test_torchvision_model_exports_with_torchvisions_logits():
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
-    from mobilenet_jax import convert, torch_reference
+    from mobilenet_jax.weights import convert, torch_reference
 
     module = torch_reference.randomize(torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=10)).eval()
     model, variables = convert.from_torch(module.state_dict())
@@ -232,7 +234,7 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
 @pytest.mark.slow
 def test_export_and_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
     """A workdir remembers its config: export --quantize int8 and evaluate need no --config."""
-    from mobilenet_jax import training
+    from mobilenet_jax.training import loop as training
     from tests.test_reliability import config_for
 
     run = tmp_path / "run"
@@ -243,7 +245,7 @@ def test_export_and_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
         return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
 
     out = tmp_path / "int8.tflite"
-    result = cli("mobilenet_jax.export", str(run), str(out), "--quantize=int8")
+    result = cli("mobilenet_jax.deployment.export", str(run), str(out), "--quantize=int8")
     assert result.returncode == 0 and "Wrote" in result.stdout and "32x32" in result.stdout, result.stderr[-3000:]
     result = cli("mobilenet_jax.evaluate", "--workdir", str(run), "--tflite", str(out))
     assert result.returncode == 0, result.stderr[-3000:]

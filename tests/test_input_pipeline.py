@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mobilenet_jax import input_pipeline as ip
+from mobilenet_jax.data import input_pipeline as ip
 
 
 def encode(pixels: np.ndarray, fmt: str = "JPEG") -> tf.Tensor:

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from mobilenet_jax import preprocessing
-from mobilenet_jax.preprocessing import IMAGENET, KERAS, Preprocessing, PreprocessingError
+from mobilenet_jax.data import preprocessing
+from mobilenet_jax.data.preprocessing import IMAGENET, KERAS, Preprocessing, PreprocessingError
 
 
 def test_normalisation_and_the_affine_between_two_of_them():
@@ -55,9 +55,11 @@ def test_bad_records_are_one_sentence_naming_the_file(tmp_path, record, message)
 def test_models_converters_train_step_and_stablehlo_export_do_not_import_tensorflow():
     code = (
         "import sys\n"
-        "import mobilenet_jax, mobilenet_jax.models, mobilenet_jax.convert, mobilenet_jax.convert_keras\n"
-        "import mobilenet_jax.steps, mobilenet_jax.distill, mobilenet_jax.export, mobilenet_jax.prune\n"
-        "import mobilenet_jax.checkpoint, mobilenet_jax.evaluate, mobilenet_jax.summary\n"
+        "import mobilenet_jax, mobilenet_jax.models, mobilenet_jax.weights.convert\n"
+        "import mobilenet_jax.weights.convert_keras\n"
+        "import mobilenet_jax.training.steps, mobilenet_jax.compression.distill, mobilenet_jax.compression.prune\n"
+        "import mobilenet_jax.deployment.export, mobilenet_jax.weights.checkpoint, mobilenet_jax.evaluate\n"
+        "import mobilenet_jax.summary, mobilenet_jax.convert, mobilenet_jax.prune, mobilenet_jax.export\n"
         "from mobilenet_jax import export, MobileNetV1\n"
         "import jax, jax.numpy as jnp\n"
         "model = MobileNetV1(num_classes=3, width=0.25)\n"

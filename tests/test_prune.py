@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, prune, summarize
+from mobilenet_jax import MobileNetV1, MobileNetV2, summarize
+from mobilenet_jax.compression import prune
 from mobilenet_jax.errors import UserError
 from mobilenet_jax.models import V1_PROFILES
+from mobilenet_jax.weights import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # MobileNetV1 0.5: stem 16, blocks 32, (64,2), 64, (128,2), 128, (256,2), 256 x5, (512,2), 512.
@@ -218,7 +220,7 @@ def test_v2_bad_channel_lists_are_one_sentence(small_v2):
 
 def test_pruned_model_loads_strictly_in_the_design_notes_pytorch(small):
     torch = pytest.importorskip("torch")
-    from mobilenet_jax import convert, torch_reference
+    from mobilenet_jax.weights import convert, torch_reference
 
     model, variables, images = small
     pruned, pruned_variables, _ = prune.prune(model, variables, CHANNELS)
@@ -234,7 +236,7 @@ def test_cli_writes_a_model_directory(small, tmp_path):
     model, variables, _ = small
     checkpoint.save_model(tmp_path / "source", model, variables)
     channels = "12,24,(48,2),40,(96,2),80,(192,2),200,192,180,160,224,(400,2),384"
-    command = [sys.executable, "-m", "mobilenet_jax.prune", str(tmp_path / "source"), str(tmp_path / "out")]
+    command = [sys.executable, "-m", "mobilenet_jax.compression.prune", str(tmp_path / "source"), str(tmp_path / "out")]
     result = subprocess.run(
         command + ["--channels", channels, "--no_refit", "--image_size=32"], capture_output=True, text=True, cwd=REPO
     )

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from configs import v1
-from mobilenet_jax import checkpoint, input_pipeline, training
+from mobilenet_jax.data import input_pipeline
 from mobilenet_jax.errors import CheckpointError, DivergenceError
+from mobilenet_jax.training import loop as training
+from mobilenet_jax.weights import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -235,7 +237,9 @@ def test_cli_bad_input_is_one_sentence(tmp_path, image_folder):
     assert_one_sentence(result, "has no model.json; name a model directory", 1)
     assert os.listdir(empty) == [] and "INFO" not in result.stderr  # read-only, quiet
     assert_one_sentence(
-        cli("-m", "mobilenet_jax.convert", str(tmp_path / "none.pth"), str(tmp_path / "o")), "No PyTorch checkpoint", 1
+        cli("-m", "mobilenet_jax.convert", str(tmp_path / "none.pth"), str(tmp_path / "o")),
+        "No PyTorch checkpoint",
+        1,
     )
     assert_one_sentence(cli("-m", "mobilenet_jax.summary", "--image_size=0"), "--image_size must be positive", 1)
 

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, prune, summarize
+from mobilenet_jax import MobileNetV1, MobileNetV2, summarize
+from mobilenet_jax.compression import prune
 from mobilenet_jax.models import Block, MobileNet, Network
+from mobilenet_jax.weights import checkpoint
 from tests import jaxpr_groups
 from tests.test_prune import trained_like
 
@@ -70,7 +72,7 @@ def test_summarize_counts_the_new_architecture(new):
 
 def test_new_architecture_exports_to_litert_float_and_int8(new):
     pytest.importorskip("ai_edge_litert")
-    from mobilenet_jax import export
+    from mobilenet_jax.deployment import export
     from tests.test_export import COMPUTE_OPS, assert_int8_close, jax_logits, rgb_images
 
     model, variables = new

@@ -13,8 +13,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import v1, v2
-from mobilenet_jax import MobileNetV1, MobileNetV2, checkpoint, evaluate, optim, steps, training
+from mobilenet_jax import MobileNetV1, MobileNetV2, evaluate
 from mobilenet_jax.errors import ConfigError
+from mobilenet_jax.training import loop as training
+from mobilenet_jax.training import optim, steps
+from mobilenet_jax.weights import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

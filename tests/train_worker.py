@@ -25,7 +25,9 @@ import functools  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import v1  # noqa: E402
-from mobilenet_jax import distill, distributed, steps, training  # noqa: E402
+from mobilenet_jax.compression import distill  # noqa: E402
+from mobilenet_jax.training import distributed, steps  # noqa: E402
+from mobilenet_jax.training import loop as training  # noqa: E402
 
 if args.get("float64"):
     # Float64 end to end, so that runs which differ only in how the work is split

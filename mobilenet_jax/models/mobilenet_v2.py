@@ -132,7 +132,7 @@ class MobileNetV2(common.MobileNetBase):
       dropout_rate: dropout before the classifier (needs a 'dropout' rng when training).
       block_table: the ``(t, c, n, s)`` rows.
       block_channels: ``None``, or one ``(hidden, out)`` pair per block replacing the
-        counts of ``width`` (what :mod:`mobilenet_jax.prune` writes).
+        counts of ``width`` (what :mod:`mobilenet_jax.compression.prune` writes).
       stem_channels, last_channels: ``None``, or the stem's / last conv's channel count
         replacing the one ``width`` gives (pruning writes them).
       fix_stem_head: keep the stem at 32 and the last conv at 1280 channels at any width (timm's ``d`` variants).

@@ -3,9 +3,9 @@
 Each :class:`Layout` says which architecture it holds, how it names every layer (a rule
 applied to a walk over the model's architecture table, :mod:`mobilenet_jax.models.table`),
 how it is recognised from the names in a file, how its published weights are fed
-(:mod:`mobilenet_jax.preprocessing`) and which reference implementation the parity
-tests compare with. :mod:`mobilenet_jax.convert` (PyTorch, timm) and
-:mod:`mobilenet_jax.convert_keras` (Keras) read the registry; neither imports the other
+(:mod:`mobilenet_jax.data.preprocessing`) and which reference implementation the parity
+tests compare with. :mod:`mobilenet_jax.weights.convert` (PyTorch, timm) and
+:mod:`mobilenet_jax.weights.convert_keras` (Keras) read the registry; neither imports the other
 at module level, and they share the one mismatch error and the one width search below.
 """
 
@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 from flax import linen as nn
 
+from mobilenet_jax.data.preprocessing import KERAS, TIMM, TORCHVISION, Preprocessing
 from mobilenet_jax.models import table
-from mobilenet_jax.preprocessing import KERAS, TIMM, TORCHVISION, Preprocessing
 
 # One naming rule: for block i, its j-th of n convolutions -> (conv name, BatchNorm name).
 BlockRule = Callable[[int, int, int, table.Block, table.Conv, list], tuple[str, str]]
@@ -138,14 +138,14 @@ LAYOUTS: dict[str, Layout] = {
             "the design notes' / AMC MobileNetV1 (conv1.0, features.N.0-4, classifier.0), any channel list",
             ("conv1.0", "conv1.1"), _amc_v1, None, "classifier.0",
             lambda names: _any(r"conv1\.")(names) and _any(r"features\.\d+\.3\.weight$")(names), None,
-            "mobilenet_jax.torch_reference.TorchMobileNetV1 (the design notes' code)",
+            "mobilenet_jax.weights.torch_reference.TorchMobileNetV1 (the design notes' code)",
         ),
         Layout(
             "notes_v2", "torch", "MobileNetV2",
             "the design notes' MobileNetV2 port (features.N.conv.M, int(c * width) rounding)",
             ("features.0.0", "features.0.1"), _notes_v2, _features_head, "classifier.1",
             _any(r"features\.\d+\.conv\.\d+\.weight$"), None,
-            "mobilenet_jax.torch_reference.TorchMobileNetV2 (the design notes' code)",
+            "mobilenet_jax.weights.torch_reference.TorchMobileNetV2 (the design notes' code)",
         ),
         Layout(
             "timm_v1", "torch", "MobileNetV1",

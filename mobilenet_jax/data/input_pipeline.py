@@ -23,9 +23,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mobilenet_jax.distributed import as_numpy  # noqa: F401 (the pipeline's batches, as NumPy)
+from mobilenet_jax.data.preprocessing import EVAL_CROPS, IMAGENET, INTERPOLATIONS
 from mobilenet_jax.errors import DatasetError
-from mobilenet_jax.preprocessing import EVAL_CROPS, IMAGENET, INTERPOLATIONS
+from mobilenet_jax.training.distributed import as_numpy  # noqa: F401 (the pipeline's batches, as NumPy)
 
 # What the pipeline feeds: ImageNet statistics on the 0..255 scale, as torchvision normalises.
 MEAN_RGB = IMAGENET.mean_rgb
@@ -51,7 +51,7 @@ def get_dataset(name: str, data_dir: str | None = None, manual_dir: str | None =
     ``name`` is a TFDS name (``'imagenet2012'``, ``'mobilenet_shapes/64'``, ...) or
     ``'folder'`` for ``data_dir/SPLIT/CLASS/*.jpg``.
     """
-    from mobilenet_jax.datasets import shapes  # noqa: F401  (registers mobilenet_shapes)
+    from mobilenet_jax.data.datasets import shapes  # noqa: F401  (registers mobilenet_shapes)
 
     if name == "folder":
         if not data_dir or not os.path.isdir(data_dir):

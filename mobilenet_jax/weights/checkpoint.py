@@ -26,10 +26,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import linen as nn
 
+from mobilenet_jax.data.preprocessing import Preprocessing, PreprocessingError
+from mobilenet_jax.data.preprocessing import read as read_inputs
 from mobilenet_jax.errors import CheckpointError, sentence
 from mobilenet_jax.models.registry import model_from_dict, model_to_dict
-from mobilenet_jax.preprocessing import Preprocessing, PreprocessingError
-from mobilenet_jax.preprocessing import read as read_inputs
 
 MODEL_JSON = "model.json"
 CONFIG_JSON = "config.json"

@@ -2,7 +2,7 @@
 
 ``train_and_evaluate`` validates the config, restores the newest good checkpoint of
 the workdir (or initialises, optionally from ``config.init_from``), then runs the
-compiled step of :mod:`mobilenet_jax.steps` over the input pipeline, logging,
+compiled step of :mod:`mobilenet_jax.training.steps` over the input pipeline, logging,
 checkpointing and evaluating at the configured cadences. A non-finite step stops
 the run before anything is saved; SIGTERM saves the current step and returns.
 """
@@ -23,11 +23,14 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from mobilenet_jax import checkpoint, distill, distributed, input_pipeline, optim, steps
+from mobilenet_jax.compression import distill
+from mobilenet_jax.data import input_pipeline
+from mobilenet_jax.data.preprocessing import IMAGENET
 from mobilenet_jax.errors import ConfigError, DivergenceError
-from mobilenet_jax.metrics import MetricWriter, ProgressBar
 from mobilenet_jax.models import ARCHITECTURES, registry, reset_classifier
-from mobilenet_jax.preprocessing import IMAGENET
+from mobilenet_jax.training import distributed, optim, steps
+from mobilenet_jax.training.metrics import MetricWriter, ProgressBar
+from mobilenet_jax.weights import checkpoint
 
 _NUMBERS = (
     "batch_size image_size learning_rate lr_batch_size num_epochs num_train_steps label_smoothing ema_decay "

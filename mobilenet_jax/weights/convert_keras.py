@@ -32,9 +32,9 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from mobilenet_jax import layouts
+from mobilenet_jax.data.preprocessing import KERAS, Preprocessing
 from mobilenet_jax.models import MobileNetV1, MobileNetV2, v1_architecture, v2_architecture
-from mobilenet_jax.preprocessing import KERAS, Preprocessing
+from mobilenet_jax.weights import layouts
 
 # keras.applications.mobilenet(_v2).preprocess_input: x / 127.5 - 1 on RGB 0..255.
 # The evaluation crop is TF-slim's (central 87.5%, bilinear), the papers' own.

@@ -1,7 +1,7 @@
 """Knowledge distillation: the teacher a student learns from, and the loss.
 
 ``--config.teacher=DIR`` (a model directory or workdir with the dataset's classes)
-makes the train step of :mod:`mobilenet_jax.steps` a distillation step:
+makes the train step of :mod:`mobilenet_jax.training.steps` a distillation step:
 :func:`load_teacher` reads the teacher from disk, and :func:`distillation_loss` is
 Hinton et al.'s soft-target loss mixed with the cross-entropy on the labels.
 """
@@ -17,8 +17,8 @@ import ml_collections
 import optax
 from flax import linen as nn
 
+from mobilenet_jax.data.preprocessing import IMAGENET
 from mobilenet_jax.errors import ConfigError
-from mobilenet_jax.preprocessing import IMAGENET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int, **override
     """``(Teacher, variables)`` from ``config.teacher`` (a model directory or workdir), or None without one."""
     if not config.get("teacher"):
         return None
-    from mobilenet_jax import checkpoint  # orbax: only when a teacher is named
+    from mobilenet_jax.weights import checkpoint  # orbax: only when a teacher is named
 
     runtime = {"dtype": jnp.bfloat16 if config.half_precision else jnp.float32, "bn_axis_name": None, **overrides}
     model, variables = checkpoint.load_any(config.teacher, **runtime)

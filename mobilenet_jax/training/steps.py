@@ -1,7 +1,7 @@
 """The compiled steps: a synchronous data-parallel train step, an eval step, and evaluation over a split.
 
 The steps run under ``jax.shard_map`` over the data-parallel mesh of
-:mod:`mobilenet_jax.distributed`: each device computes gradients on its shard of the
+:mod:`mobilenet_jax.training.distributed`: each device computes gradients on its shard of the
 global batch, ``lax.pmean`` averages them over all devices of all processes, and
 every replica applies the same optax update. ``train.py``, the evaluation CLI and
 the benchmarks all build their steps here.
@@ -20,10 +20,10 @@ from flax import linen as nn
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from mobilenet_jax import distributed
-from mobilenet_jax.distill import Teacher, distillation_loss
+from mobilenet_jax.compression.distill import Teacher, distillation_loss
 from mobilenet_jax.models import registry
-from mobilenet_jax.optim import TrainState
+from mobilenet_jax.training import distributed
+from mobilenet_jax.training.optim import TrainState
 
 BATCH = distributed.BATCH_AXIS
 
@@ -180,7 +180,7 @@ def make_train_step(
     """The jitted, sharded train step of ``config``: ``(state, global_batch) -> (state, metrics)``.
 
     The state is donated: the caller keeps only the returned one. ``teacher`` (from
-    :func:`mobilenet_jax.distill.load_teacher`) makes it a distillation step; the teacher's variables are
+    :func:`mobilenet_jax.compression.distill.load_teacher`) makes it a distillation step; the teacher's variables are
     placed on every device once and passed to each call, not baked into the program.
     """
     step = functools.partial(

@@ -1,0 +1,1 @@
+"""Compression: AMC-style channel pruning by channel groups, and knowledge distillation."""

@@ -1,0 +1,1 @@
+"""Training: config defaults, optimiser and schedule, the compiled steps, the mesh, metrics and the loop."""
