@@ -133,3 +133,23 @@ def test_the_new_architecture_round_trips_through_a_model_directory(new, tmp_pat
     assert loaded == model
     images = jax.random.normal(jax.random.key(6), (4, 32, 32, 3))
     np.testing.assert_array_equal(loaded.apply(loaded_variables, images), model.apply(variables, images))
+
+
+def test_model_records_of_the_previous_release_still_load():
+    """model.json as written before the tables (no stem_channels/last_channels; keys in the old order)."""
+    from mobilenet_jax.models import model_from_dict
+
+    old_v2 = {
+        "architecture": "MobileNetV2", "num_classes": 10, "width": 0.5, "rounding": "torchvision",
+        "dropout_rate": 0.2, "block_table": [[1, 16, 1, 1], [6, 24, 2, 2]],
+        "block_channels": [[16, 8], [40, 16], [64, 16]], "fix_stem_head": False, "padding": "torch",
+        "bn_momentum": 0.9, "bn_epsilon": 1e-5,
+    }  # fmt: skip
+    model = model_from_dict(old_v2)
+    assert [(b.hidden, b.out) for b in model.network().blocks] == [(16, 8), (40, 16), (64, 16)]
+    assert model.network().stem_channels == 16 and model.network().head_channels == 1280
+    old_v1 = {
+        "architecture": "MobileNetV1", "num_classes": 10, "width": 1.0, "profile": [24, [48, [96, 2]]],
+        "activation": "relu", "head_channels": 0, "padding": "torch", "bn_momentum": 0.9, "bn_epsilon": 1e-5,
+    }  # fmt: skip
+    assert [(b.out, b.stride) for b in model_from_dict(old_v1).network().blocks] == [(48, 1), (96, 2)]

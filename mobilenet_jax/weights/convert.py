@@ -44,7 +44,6 @@ from flax import linen as nn
 from mobilenet_jax import cli, errors
 from mobilenet_jax.data.preprocessing import IMAGENET, KERAS, Preprocessing
 from mobilenet_jax.models import (
-    V1_PROFILES,
     MobileNetV1,
     MobileNetV2,
     make_divisible,
@@ -214,12 +213,7 @@ def _detect_v1(state: Mapping, strides: Sequence[int] | None) -> MobileNetV1:
         raise ValueError(
             f"The state dict has {len(channels)} MobileNetV1 blocks but {len(strides)} strides were given."
         )
-    for name, (base_stem, _) in V1_PROFILES.items():
-        for width in (1.0, stem / base_stem):
-            if v1_architecture(name, width) == (stem, tuple(zip(channels, strides, strict=True))):
-                return MobileNetV1(num_classes=num_classes, width=width, profile=name)
-    blocks = tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides, strict=True))
-    return MobileNetV1(num_classes=num_classes, profile=(int(stem), blocks))
+    return MobileNetV1(num_classes=num_classes, **layouts.v1_fields(int(stem), channels, strides))
 
 
 def _timm_blocks(state: Mapping, conv: str) -> dict[tuple[int, int], tuple]:
@@ -239,15 +233,9 @@ def _detect_timm_v1(state: Mapping) -> MobileNetV1:
     strides = [2 if stage > 0 and index == 0 else 1 for stage, index in blocks]
     channels = tuple(shape[0] for shape in blocks.values())
     head = int(state["conv_head.weight"].shape[0]) if "conv_head.weight" in state else 0
-    common = dict(num_classes=num_classes, activation="relu6", head_channels=head)
-    for width in (1.0, 0.25, 0.5, 0.75, 1.25, 1.5, 2.0, stem / 32):
-        if tuple(strides) == V1_STRIDES and v1_architecture("normal", width) == (
-            stem,
-            tuple(zip(channels, strides, strict=True)),
-        ):
-            return MobileNetV1(width=width, **common)
-    profile = (stem, tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides, strict=True)))
-    return MobileNetV1(profile=profile, **common)
+    return MobileNetV1(
+        num_classes=num_classes, activation="relu6", head_channels=head, **layouts.v1_fields(stem, channels, strides)
+    )
 
 
 def _detect_timm_v2(state: Mapping) -> MobileNetV2:
@@ -263,27 +251,19 @@ def _detect_timm_v2(state: Mapping) -> MobileNetV2:
     observed = [shape[0] for shape in dw.values()]  # hidden widths, block by block
     outputs = [shape[0] for shape in _timm_blocks(state, "conv_pwl").values()]
     head = int(state["conv_head.weight"].shape[0]) if "conv_head.weight" in state else None
-    best = None
-    for fix in (False, True):
-        for width in layouts.candidate_widths():
-            if (
-                make_divisible(32 * width) != stem
-                if not fix
-                else (stem != 32 or make_divisible(24 * width) != outputs[0])
-            ):
-                continue  # cheap pre-filters
-            try:
-                _, blocks, last = v2_architecture(width, "torchvision", table, fix_stem_head=fix)
-            except ValueError:
-                continue
-            if [b.hidden for b in blocks] == observed and [b.out for b in blocks if b.expand] == outputs:
-                if head is None or last == head:
-                    best = (width, fix)
-                    break
-        if best:
-            break
-    width, fix = best or (1.0, False)
-    return MobileNetV2(num_classes=num_classes, width=width, block_table=table, fix_stem_head=fix)
+
+    def fits(width: float, fix: bool) -> bool:
+        if make_divisible(32 * width) != stem if not fix else (stem != 32 or make_divisible(24 * width) != outputs[0]):
+            return False  # cheap pre-filters
+        _, blocks, last = v2_architecture(width, "torchvision", table, fix_stem_head=fix)
+        hidden, outs = [b.hidden for b in blocks], [b.out for b in blocks if b.expand]
+        return hidden == observed and outs == outputs and (head is None or last == head)
+
+    for fix in (False, True):  # timm's 'd' variants keep the stem and the head at any width
+        width = layouts.search_width(functools.partial(fits, fix=fix))
+        if width is not None:
+            return MobileNetV2(num_classes=num_classes, width=width, block_table=table, fix_stem_head=fix)
+    return MobileNetV2(num_classes=num_classes, block_table=table)
 
 
 def _block_convs(architecture: tuple) -> dict[int, list[tuple]]:
@@ -307,19 +287,14 @@ def _detect_v2(state: Mapping, layout: str) -> MobileNetV2:
     observed = {i: [shape for _, shape in sorted(convs)] for i, convs in found.items()}
 
     scale = make_divisible if rounding == "torchvision" else int
-    best_width, best_score = 1.0, -1
-    seen = set()
-    for width in layouts.candidate_widths():
+
+    def score(width: float) -> int:  # 1 + the blocks whose convs have the observed shapes
         if stem is not None and scale(32 * width) != stem:
-            continue  # cheap pre-filter: the stem alone rules out most widths
-        architecture = v2_architecture(width, rounding)
-        if architecture in seen:
-            continue
-        seen.add(architecture)
-        score = sum(observed.get(i) == convs for i, convs in _block_convs(architecture).items())
-        if score > best_score:
-            best_width, best_score = width, score
-    return MobileNetV2(num_classes=num_classes, width=best_width, rounding=rounding)
+            return 0  # cheap pre-filter: the stem alone rules out most widths
+        return 1 + sum(observed.get(i) == convs for i, convs in _block_convs(v2_architecture(width, rounding)).items())
+
+    width = layouts.search_width(score, perfect=1 + len(v2_architecture()[1]))
+    return MobileNetV2(num_classes=num_classes, width=width or 1.0, rounding=rounding)
 
 
 def _mismatch_message(model: nn.Module, layout: str, state: Mapping, expected: Mapping, limit: int = 12) -> str | None:

@@ -33,7 +33,7 @@ from absl import logging
 from flax import linen as nn
 
 from mobilenet_jax.data.preprocessing import KERAS, Preprocessing
-from mobilenet_jax.models import MobileNetV1, MobileNetV2, v1_architecture, v2_architecture
+from mobilenet_jax.models import MobileNetV1, MobileNetV2, v2_architecture
 from mobilenet_jax.weights import layouts
 
 # keras.applications.mobilenet(_v2).preprocess_input: x / 127.5 - 1 on RGB 0..255.
@@ -313,14 +313,10 @@ def _mismatch(layout: str, missing: list[str], unexpected: list[str], misshaped:
 def _v1_model(found: dict, epsilon: float) -> MobileNetV1:
     stem = found["stem_conv"][0].shape[-1]
     channels = tuple(found[f"block_{i}/conv_pw"][0].shape[-1] for i in range(13))
-    strides = tuple(s for _, s in v1_architecture("normal")[1])
+    strides = tuple(block.stride for block in MobileNetV1().network().blocks)
     top = found.get("classifier")
     common = dict(num_classes=None if top is None else top[0].shape[-1], activation="relu6", padding="keras_v1")
-    for width in (0.25, 0.5, 0.75, 1.0, stem / 32):
-        if v1_architecture("normal", width) == (stem, tuple(zip(channels, strides, strict=True))):
-            return MobileNetV1(width=width, bn_epsilon=epsilon, **common)
-    profile = (stem, tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides, strict=True)))
-    return MobileNetV1(profile=profile, bn_epsilon=epsilon, **common)
+    return MobileNetV1(bn_epsilon=epsilon, **common, **layouts.v1_fields(stem, channels, strides))
 
 
 def _v2_model(found: dict, epsilon: float) -> MobileNetV2:
@@ -328,12 +324,12 @@ def _v2_model(found: dict, epsilon: float) -> MobileNetV2:
     outputs = [found[f"block_{i}/conv_pwl"][0].shape[-1] for i in range(17)]
     last = found["last_conv"][0].shape[-1]
     top = found.get("classifier")
-    width = 1.0
-    for candidate in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4) + layouts.candidate_widths():
-        stem_c, blocks, last_c = v2_architecture(candidate, "keras")
-        if stem_c == stem and last_c == last and [b.out for b in blocks] == outputs:
-            width = candidate
-            break
+
+    def fits(width: float) -> bool:
+        stem_c, blocks, last_c = v2_architecture(width, "keras")
+        return stem_c == stem and last_c == last and [b.out for b in blocks] == outputs
+
+    width = layouts.search_width(fits, (*layouts.ROUND_WIDTHS, *layouts.candidate_widths())) or 1.0
     return MobileNetV2(
         num_classes=None if top is None else top[0].shape[-1],
         width=width,

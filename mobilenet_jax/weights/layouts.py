@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from flax import linen as nn
 
 from mobilenet_jax.data.preprocessing import KERAS, TIMM, TORCHVISION, Preprocessing
-from mobilenet_jax.models import table
+from mobilenet_jax.models import V1_PROFILES, table, v1_architecture
 
 # One naming rule: for block i, its j-th of n convolutions -> (conv name, BatchNorm name).
 BlockRule = Callable[[int, int, int, table.Block, table.Conv, list], tuple[str, str]]
@@ -215,6 +215,42 @@ def mismatch_message(
 
     lists = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
     return f"{subject}: " + "; ".join(listing(title, items) for title, items in lists if items) + "."
+
+
+def search_width(
+    score: Callable[[float], float], widths: Iterable[float] | None = None, perfect: float = 1.0
+) -> float | None:
+    """The width with the highest ``score(width)`` above 0, the first one on ties; None when none scores.
+
+    The converters' one width search: ``widths`` defaults to :func:`candidate_widths`
+    (round widths first); a ``score`` of ``perfect`` ends the search, and a ValueError
+    from ``score`` means the width cannot be built.
+    """
+    best, best_score = None, 0.0
+    for width in candidate_widths() if widths is None else widths:
+        try:
+            value = float(score(width))
+        except ValueError:
+            continue
+        if value > best_score:
+            best, best_score = width, value
+        if value >= perfect:
+            break
+    return best
+
+
+ROUND_WIDTHS = (1.0, 0.25, 0.35, 0.5, 0.75, 1.25, 1.3, 1.4, 1.5, 2.0)
+
+
+def v1_fields(stem: int, channels: Sequence[int], strides: Sequence[int]) -> dict[str, Any]:
+    """MobileNetV1 fields giving these channel counts: a named profile at a width, else the channel list itself."""
+    observed = (stem, tuple(zip(channels, strides, strict=True)))
+    for name, (base_stem, _) in V1_PROFILES.items():
+        widths = dict.fromkeys((1.0, stem / base_stem, *ROUND_WIDTHS))
+        width = search_width(lambda w, name=name: v1_architecture(name, w) == observed, widths)
+        if width is not None:
+            return {"width": width, "profile": name}
+    return {"profile": (stem, tuple(c if s == 1 else (c, s) for c, s in zip(channels, strides, strict=True)))}
 
 
 @functools.cache
