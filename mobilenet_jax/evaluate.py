@@ -110,6 +110,7 @@ def evaluate_tflite(config, tflite_path: str, reference=None) -> dict:
 
     from mobilenet_jax.data import input_pipeline
     from mobilenet_jax.deployment import export
+    from mobilenet_jax.training import steps
 
     if not os.path.isfile(tflite_path):
         raise FileNotFoundError(f"No .tflite file at {tflite_path!r}.")
@@ -133,8 +134,7 @@ def evaluate_tflite(config, tflite_path: str, reference=None) -> dict:
             logits["jax"] = np.asarray(reference(images))
             agree += int(np.sum(logits["jax"].argmax(-1) == logits["tflite"].argmax(-1)))
         for name, values in logits.items():
-            top5 = np.argsort(-values, axis=-1)[:, :5]
-            hits[name] += [np.sum(top5[:, 0] == labels), np.sum(np.any(top5 == labels[:, None], axis=-1))]
+            hits[name] += [int(np.sum(hit)) for hit in steps.top_k_hits(values, labels)]
         count += int(mask.sum())
     result = {"examples": count, "skipped": total - count}
     for name in logits:

@@ -269,3 +269,23 @@ def test_pruning_keeps_timm_and_keras_fields_and_slices_a_head_conv():
     np.testing.assert_allclose(pruned.apply(pruned_variables, images), zeroed, atol=1e-4, rtol=1e-5)
     _, _, report = prune.prune(model, variables, CHANNELS, refit_images=images)
     assert "head_conv" in report and report["head_conv"][1] <= report["head_conv"][0]
+
+
+def test_v2_stem_and_last_conv_prune_through_their_groups(small_v2, tmp_path):
+    """The groups MobileNetV1/V2 notations cannot name: V2's stem (read through block 0's depthwise) and last conv."""
+    from tests.test_table import zeroed
+
+    model, variables, images = small_v2
+    groups = prune.groups(model)
+    widths = list(prune.group_widths(model))
+    assert [c.path for c in groups[0].producers] == ["stem_conv"] and groups[-1].readers == ("classifier",)
+    assert [c.path for c in groups[0].passes] == ["block_0/conv_dw"]  # block 0 has no expansion
+    widths[0], widths[-1] = 8, 640  # the stem 16 -> 8, the last conv 1280 -> 640
+    keeps = prune.keep_indices(model, variables, prune.resize(model, widths))
+    pruned, pruned_variables = prune.slice_model(model, variables, keeps)
+    assert (pruned.stem_channels, pruned.last_channels, pruned.block_channels[0]) == (8, 640, (8, 8))
+    sliced = pruned.apply(pruned_variables, images)
+    np.testing.assert_allclose(sliced, model.apply(zeroed(model, variables, keeps), images), atol=1e-4, rtol=1e-5)
+    checkpoint.save_model(tmp_path / "v2", pruned, pruned_variables)
+    loaded, loaded_variables = checkpoint.load_model(tmp_path / "v2")
+    np.testing.assert_allclose(loaded.apply(loaded_variables, images), sliced, atol=1e-6)

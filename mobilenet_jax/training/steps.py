@@ -41,12 +41,18 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
+def top_k_hits(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per example, whether the label is the top-1 class and among the top 5 (JAX or NumPy logits)."""
+    top5 = lax.top_k(jnp.asarray(logits), min(5, logits.shape[-1]))[1]
+    return top5[:, 0] == labels, jnp.any(top5 == labels[:, None], axis=-1)
+
+
 def _metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, loss: jax.Array) -> dict:
-    top5 = lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    top1, top5 = top_k_hits(logits, labels)
     return {
         "loss": jnp.sum(loss * mask),
-        "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+        "top1": jnp.sum(top1 * mask),
+        "top5": jnp.sum(top5 * mask),
         "count": jnp.sum(mask),
     }
 
