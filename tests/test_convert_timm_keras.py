@@ -412,8 +412,9 @@ def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path, image_fo
     model, variables = checkpoint.load_model(tmp_path / "out")
     assert isinstance(model, MobileNetV1) and model.head_channels == 1024 and model.activation == "relu6"
     assert model.num_classes == 4
-    recorded = checkpoint.read_preprocessing(tmp_path / "out")  # timm: ImageNet mean/std, resize + crop, bicubic
+    recorded = checkpoint.read_preprocessing(tmp_path / "out")  # timm V1: Inception mean/std, resize + crop, bicubic
     assert (recorded.eval_crop, recorded.interpolation) == ("torchvision", "bicubic")
+    assert recorded.mean_rgb == recorded.stddev_rgb == (127.5,) * 3  # timm's pretrained_cfg: mean = std = 0.5
     x = nhwc(2, 33, 33)
     assert max_error(model, variables, x, timm_logits(module, x)) <= TOLERANCE
     # Evaluation uses that crop and interpolation: the same figures as a manual run over such a split.
@@ -428,6 +429,10 @@ def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path, image_fo
     info = input_pipeline.get_dataset(config.dataset, config.data_dir)
     mesh = distributed.make_mesh()
     bicubic, _ = input_pipeline.eval_dataset(config, info, "torchvision", "bicubic")
+    # (x * std_imagenet + mean_imagenet - 127.5) / 127.5: the pipeline's images as timm V1 takes them.
+    scale = np.array(input_pipeline.STDDEV_RGB) / 127.5
+    shift = (np.array(input_pipeline.MEAN_RGB) - 127.5) / 127.5
+    bicubic = bicubic.map(lambda b: {**b, "image": b["image"] * scale.astype(np.float32) + shift.astype(np.float32)})
     expected = steps.evaluate(steps.make_eval_step(mesh, model), variables, bicubic, mesh)
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6) and got["top1"] == expected["top1"]
     bilinear, _ = input_pipeline.eval_dataset(config, info, "center_crop", "bilinear")

@@ -119,6 +119,9 @@ KERAS = Preprocessing((127.5,) * 3, (127.5,) * 3, eval_crop="center_crop")
 # torchvision and timm: ImageNet mean/std, resize to 256 and crop 224.
 TORCHVISION = Preprocessing(eval_crop="torchvision")
 TIMM = Preprocessing(eval_crop="torchvision", interpolation="bicubic")
+# timm's MobileNetV1 weights (the ra4_e3600_r224_in1k tags) were trained on Inception's inputs,
+# mean = std = 0.5 on the 0..1 scale (timm's pretrained_cfg), with the same bicubic resize and crop.
+TIMM_INCEPTION = Preprocessing((127.5,) * 3, (127.5,) * 3, eval_crop="torchvision", interpolation="bicubic")
 
 
 def read(directory: str | os.PathLike) -> Preprocessing | None:

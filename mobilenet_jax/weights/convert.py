@@ -404,9 +404,10 @@ def default_layout(model: nn.Module) -> str:
     return "timm_v2" if getattr(model, "fix_stem_head", False) else "torchvision"
 
 
-# How the published weights of each PyTorch layout are evaluated (the ImageNet normalisation in every
-# case): torchvision resizes to 256 and crops 224 (bilinear); timm's MobileNets the same with bicubic
-# (crop_pct 0.875). The design notes' layouts have no published weights: nothing is recorded.
+# How the published weights of each PyTorch layout are fed and evaluated (the layout records): torchvision
+# resizes to 256 and crops 224 (bilinear, ImageNet mean/std); timm's MobileNets the same with bicubic
+# (crop_pct 0.875), MobileNetV1's weights on Inception's inputs (mean = std = 0.5). The design notes'
+# layouts have no published weights: nothing is recorded.
 PREPROCESSING = {name: layout.preprocessing for name, layout in layouts.of("torch").items() if layout.preprocessing}
 
 

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from flax import linen as nn
 
-from mobilenet_jax.data.preprocessing import KERAS, TIMM, TORCHVISION, Preprocessing
+from mobilenet_jax.data.preprocessing import KERAS, TIMM, TIMM_INCEPTION, TORCHVISION, Preprocessing
 from mobilenet_jax.models import V1_PROFILES, table, v1_architecture
 
 # One naming rule: for block i, its j-th of n convolutions -> (conv name, BatchNorm name).
@@ -151,7 +151,7 @@ LAYOUTS: dict[str, Layout] = {
             "timm_v1", "torch", "MobileNetV1",
             "timm mobilenetv1_100/_100h/_125 (conv_stem, blocks.S.J.conv_dw/conv_pw, ReLU6)",
             ("conv_stem", "bn1"), _timm, _named("conv_head", "bn2"), "classifier",
-            _timm_detect(projection=False), TIMM, "timm.create_model('mobilenetv1_100')",
+            _timm_detect(projection=False), TIMM_INCEPTION, "timm.create_model('mobilenetv1_100')",
         ),
         Layout(
             "timm_v2", "torch", "MobileNetV2",
