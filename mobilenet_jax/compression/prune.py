@@ -34,6 +34,7 @@ ratio in every group a non-linear layer produces except the head conv's.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Sequence
 
 import flax
@@ -251,16 +252,24 @@ def pointwise_io(
     depends only on the number of rows, so two models see the same pixels.
     """
     seen = {}
+    for path, (x, y) in _pointwise_arrays(model, variables, images).items():
+        x, y = np.asarray(x).reshape(-1, x.shape[-1]), np.asarray(y).reshape(-1, y.shape[-1])
+        if x.shape[0] > max_rows:
+            rows = np.sort(np.random.default_rng(x.shape[0]).choice(x.shape[0], max_rows, replace=False))
+            x, y = x[rows], y[rows]
+        seen[path] = (x, y)
+    return seen
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pointwise_arrays(model: nn.Module, variables: dict, images: jax.Array) -> dict[str, tuple]:
+    """The inputs and outputs of every pointwise conv in one compiled forward pass (a refit runs it per layer)."""
+    seen = {}
 
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if isinstance(context.module, PointwiseConv) and context.method_name == "__call__":
-            x = np.asarray(args[0]).reshape(-1, args[0].shape[-1])
-            y = np.asarray(out).reshape(-1, out.shape[-1])
-            if x.shape[0] > max_rows:
-                rows = np.sort(np.random.default_rng(x.shape[0]).choice(x.shape[0], max_rows, replace=False))
-                x, y = x[rows], y[rows]
-            seen["/".join(context.module.scope.path)] = (x, y)
+            seen["/".join(context.module.scope.path)] = (args[0], out)
         return out
 
     with nn.intercept_methods(record):

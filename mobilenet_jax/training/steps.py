@@ -204,7 +204,8 @@ def make_train_step(
         return jax.jit(sharded, donate_argnums=0)
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(BATCH), P()), out_specs=(P(), P()))
     jitted = jax.jit(sharded, donate_argnums=0)
-    teacher_variables = jax.device_put(teacher[1], distributed.replicated(mesh))
+    # Through the host: a process's local arrays cannot be moved onto other processes' devices.
+    teacher_variables = jax.device_put(jax.device_get(teacher[1]), distributed.replicated(mesh))
     return lambda state, batch: jitted(state, batch, teacher_variables)
 
 

@@ -136,16 +136,21 @@ def load_model(directory: str | os.PathLike, **runtime: Any) -> tuple[nn.Module,
     directory = os.path.abspath(os.fspath(directory))
     model = read_model_record(directory, **runtime)
     path = os.path.join(directory, VARIABLES_DIR)
+    # Each process reads the whole model onto its own first device, coordinating with no other
+    # process: in a multi-process run every process loads a teacher or init_from this way.
+    index = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=index, active_processes={index})
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
             metadata = checkpointer.metadata(path)
             tree = getattr(metadata, "item_metadata", metadata)
             in_channels = int(tree["params"]["stem_conv"]["kernel"].shape[2])
             images = jax.ShapeDtypeStruct((1, 32, 32, in_channels), np.float32)
             abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-            variables = checkpointer.restore(
-                path, {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
-            )
+            target = {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
+            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), target)
+            variables = checkpointer.restore(path, target)
     except Exception as error:  # orbax raises many kinds for missing, truncated or foreign files
         raise CheckpointError(f"Cannot read the model in {path} ({_short(error)}).") from None
     problem = nonfinite_problem(variables)
