@@ -45,7 +45,7 @@ from flax import linen as nn
 
 from mobilenet_jax import cli, errors
 from mobilenet_jax.data.preprocessing import IMAGENET
-from mobilenet_jax.models import V1_PROFILES, MobileNetV1, MobileNetV2, table, v1_architecture
+from mobilenet_jax.models import V1_PROFILES, MobileNetV1, MobileNetV2, table
 from mobilenet_jax.models.layers import PointwiseConv
 from mobilenet_jax.summary import summarize
 
@@ -92,19 +92,19 @@ def _parse_list(text: str, flag: str, example: str) -> list:
 
 def _v1_target(model: MobileNetV1, channels) -> nn.Module:
     """MobileNetV1's notation: ``(stem, (c or (c, stride), ...))`` with the model's strides."""
-    _, blocks = v1_architecture(model.profile, model.width)
+    strides = [block.stride for block in model.network().blocks]
     stem, entries = channels
-    if len(entries) != len(blocks):
-        raise errors.UserError(f"The channel list has {len(entries)} blocks; the model has {len(blocks)}.")
+    if len(entries) != len(strides):
+        raise errors.UserError(f"The channel list has {len(entries)} blocks; the model has {len(strides)}.")
     counts = [stem]
-    for i, (entry, (_, stride)) in enumerate(zip(entries, blocks, strict=True)):
+    for i, (entry, stride) in enumerate(zip(entries, strides, strict=True)):
         count, given_stride = (entry, 1) if not isinstance(entry, (tuple, list)) else tuple(entry)
         if given_stride != stride:
             raise errors.UserError(f"Block {i} has stride {stride}; the channel list says {given_stride}.")
         counts.append(count)
-    for name, count in zip(["stem"] + [f"block {i}" for i in range(len(blocks))], counts, strict=True):
+    for name, count in zip(["stem"] + [f"block {i}" for i in range(len(strides))], counts, strict=True):
         _check_count(name, count, None)
-    profile = (stem, tuple(c if s == 1 else (c, s) for c, (_, s) in zip(counts[1:], blocks, strict=True)))
+    profile = (stem, tuple(c if s == 1 else (c, s) for c, s in zip(counts[1:], strides, strict=True)))
     return model.clone(profile=profile, width=1.0)
 
 

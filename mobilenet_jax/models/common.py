@@ -44,7 +44,7 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
     """
     precision = dict(dtype=model.dtype, param_dtype=model.param_dtype)
     depthwise = functools.partial(layers.DepthwiseConv, padding=model.padding, **precision)
-    if getattr(model, "folded", False):
+    if model.folded:
         conv = functools.partial(nn.Conv, use_bias=True, **precision)
         return Layers(
             conv=conv,

@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 
 BLOCK_KINDS = ("separable", "inverted_residual")
 ACTIVATIONS = ("relu", "relu6")
-CONV_KINDS = ("full", "pointwise", "depthwise")
 
 
 class Conv(NamedTuple):
