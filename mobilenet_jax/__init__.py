@@ -2,7 +2,16 @@
 
 from mobilenet_jax.models import MobileNetV1, MobileNetV2, create_model, reset_classifier
 
-__all__ = ["MobileNetV1", "MobileNetV2", "ModelSummary", "create_model", "reset_classifier", "summarize"]
+__all__ = [
+    "MobileNetV1",
+    "MobileNetV2",
+    "ModelSummary",
+    "create_model",
+    "list_pretrained",
+    "pretrained",
+    "reset_classifier",
+    "summarize",
+]
 __version__ = "0.1.0"
 
 
@@ -13,4 +22,8 @@ def __getattr__(name: str):
         from mobilenet_jax import summary
 
         return getattr(summary, name)
+    if name in ("pretrained", "list_pretrained"):  # orbax and the Hub client only when asked for
+        from mobilenet_jax.weights import pretrained
+
+        return getattr(pretrained, name)
     raise AttributeError(f"module 'mobilenet_jax' has no attribute {name!r}")

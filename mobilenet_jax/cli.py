@@ -154,7 +154,7 @@ COMMANDS = {
     "evaluate": "mobilenet_jax.evaluate",
     "export": "mobilenet_jax.deployment.export",
     "prune": "mobilenet_jax.compression.prune",
-    "convert": "mobilenet_jax.weights.convert",
+    "convert": "mobilenet_jax.weights.convert_cli",
     "summary": "mobilenet_jax.summary",
 }
 

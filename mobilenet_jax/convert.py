@@ -4,7 +4,7 @@ The module is :mod:`mobilenet_jax.weights.convert`.
 """
 
 from mobilenet_jax.weights.convert import *  # noqa: F403
-from mobilenet_jax.weights.convert import run_command
+from mobilenet_jax.weights.convert_cli import run_command
 
 if __name__ == "__main__":
     run_command()

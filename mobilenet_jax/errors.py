@@ -24,6 +24,10 @@ class CheckpointError(UserError):
     """No usable checkpoint or model directory where one was named."""
 
 
+class UnreadableFileError(UserError):
+    """A weights file that cannot be read: truncated, corrupt, or not the format its name says."""
+
+
 class DivergenceError(UserError, FloatingPointError):
     """Training produced a non-finite loss or update."""
 

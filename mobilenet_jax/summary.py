@@ -95,7 +95,7 @@ def _format(value: float | None) -> str:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m mobilenet_jax.summary``: the papers' table, or one model's counts."""
+    """``python -m mobilenet_jax.summary``: the papers' table, one model's counts, or ``--list_pretrained``."""
     from absl import flags
 
     from mobilenet_jax import cli, errors
@@ -107,12 +107,18 @@ def main(argv: list[str]) -> None:
         cli.exit_with(f"unexpected argument(s) {argv[1:]}; every option is a --flag.", 2)
 
     def report() -> None:
+        if FLAGS.list_pretrained:
+            from mobilenet_jax.weights import pretrained
+
+            print(pretrained.list_pretrained())
+            return
         if FLAGS.image_size < 1:
             raise errors.UserError(f"--image_size must be positive, got {FLAGS.image_size}.")
         if FLAGS.model_dir:
-            from mobilenet_jax.weights import checkpoint
+            from mobilenet_jax.weights import checkpoint, pretrained
 
-            rows = [(FLAGS.model_dir, checkpoint.read_model_record(FLAGS.model_dir), FLAGS.image_size, None, None)]
+            directory = pretrained.local_source(FLAGS.model_dir)  # a published model's name works too
+            rows = [(FLAGS.model_dir, checkpoint.read_model_record(directory), FLAGS.image_size, None, None)]
         elif FLAGS.model:
             model = create_model({"architecture": FLAGS.model, "width": FLAGS.width})
             rows = [(f"{FLAGS.model} {FLAGS.width:g}-{FLAGS.image_size}", model, FLAGS.image_size, None, None)]
@@ -135,7 +141,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", None, "MobileNetV1 or MobileNetV2 (default: the papers' table).")
     flags.DEFINE_float("width", 1.0, "Width multiplier of --model.")
     flags.DEFINE_integer("image_size", 224, "Input size.")
-    flags.DEFINE_string("model_dir", None, "A model directory or training workdir (its model.json).")
+    flags.DEFINE_string("model_dir", None, "A model directory, training workdir or published model's name.")
+    flags.DEFINE_bool("list_pretrained", False, "List the published weights that load by name, with their top-1.")
 
 
 def run_command() -> None:

@@ -137,8 +137,36 @@ def test_loads_paths_checkpoint_dicts_and_dataparallel_prefixes(tmp_path):
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "pickled_module.pth"
     torch.save(ref.TorchMobileNetV2Port(10, width_mult=0.35), path)  # a whole pickled nn.Module
-    with pytest.raises(ValueError, match="weights-only"):
+    with pytest.raises(ValueError, match="is not part of a state dict"):
         convert.from_torch(str(path))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_torch_files_are_read_without_torch_as_torch_reads_them(tmp_path, zip_format):
+    """Both formats torch.save writes (torchvision's files are in both), with views, strides and other dtypes."""
+    from mobilenet_jax.weights import torch_file
+
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "weight": torch.randn(4, 3, 3, 3, generator=generator),
+        "transposed": torch.randn(5, 6, generator=generator).t(),
+        "slice": torch.arange(20)[3:17:2],
+        "half": torch.randn(7, generator=generator).half(),
+        "bfloat16": torch.randn(7, generator=generator).bfloat16(),
+        "flags": torch.tensor([True, False]),
+        "count": torch.tensor(12, dtype=torch.int64),
+    }
+    path = tmp_path / "state.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    read = torch_file.load(str(path))
+    assert list(read) == list(state)
+    for key, tensor in state.items():
+        expected = tensor.float().numpy() if key == "bfloat16" else tensor.numpy()
+        assert read[key].shape == expected.shape and str(read[key].dtype) == str(tensor.dtype).removeprefix("torch.")
+        np.testing.assert_array_equal(np.asarray(read[key], expected.dtype), expected)
+    (tmp_path / "cut.pth").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="Could not read .* as a PyTorch state dict"):
+        torch_file.load(str(tmp_path / "cut.pth"))
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -185,7 +213,7 @@ def test_cli_writes_a_checkpoint_the_loader_restores(tmp_path):
     torch.save(module.state_dict(), tmp_path / "amc.pth")
     out = tmp_path / "converted"
     result = subprocess.run(
-        [sys.executable, "-m", "mobilenet_jax.weights.convert", str(tmp_path / "amc.pth"), str(out)],
+        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "amc.pth"), str(out)],
         capture_output=True,
         text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
@@ -197,7 +225,7 @@ def test_cli_writes_a_checkpoint_the_loader_restores(tmp_path):
     assert np.abs(flax_logits(model, variables, x) - torch_logits(module, x)).max() <= TOLERANCE
 
     again = subprocess.run(
-        [sys.executable, "-m", "mobilenet_jax.weights.convert", str(tmp_path / "missing.pth"), str(tmp_path / "other")],
+        [sys.executable, "-m", "mobilenet_jax.convert", str(tmp_path / "missing.pth"), str(tmp_path / "other")],
         capture_output=True,
         text=True,
     )

@@ -32,8 +32,8 @@ def nhwc(batch, height, width, seed=0):
 
 
 def convert_cli(*args):
-    """``python -m mobilenet_jax.weights.convert ARGS``, which must succeed."""
-    command = [sys.executable, "-m", "mobilenet_jax.weights.convert", *map(str, args)]
+    """``python -m mobilenet_jax.convert ARGS``, which must succeed."""
+    command = [sys.executable, "-m", "mobilenet_jax.convert", *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     return result

@@ -40,14 +40,16 @@ class Teacher:
 
 
 def load_teacher(config: ml_collections.ConfigDict, num_classes: int, **overrides: Any) -> tuple[Teacher, dict] | None:
-    """``(Teacher, variables)`` from ``config.teacher`` (a model directory or workdir), or None without one."""
+    """``(Teacher, variables)`` from ``config.teacher`` (a model directory, workdir or published model's name),
+    or None without one."""
     if not config.get("teacher"):
         return None
-    from mobilenet_jax.weights import checkpoint  # orbax: only when a teacher is named
+    from mobilenet_jax.weights import checkpoint, pretrained  # orbax: only when a teacher is named
 
     runtime = {"dtype": jnp.bfloat16 if config.half_precision else jnp.float32, "bn_axis_name": None, **overrides}
-    model, variables = checkpoint.load_any(config.teacher, **runtime)
-    inputs = checkpoint.read_preprocessing(config.teacher)
+    directory = pretrained.local_source(config.teacher)  # a published model's name: its converted copy
+    model, variables = checkpoint.load_any(directory, **runtime)
+    inputs = checkpoint.read_preprocessing(directory)
     affine = None if inputs is None else inputs.affine_from(IMAGENET)
     if affine is not None:  # plain floats, as the frozen Teacher holds them
         affine = tuple(tuple(part.tolist()) for part in affine)

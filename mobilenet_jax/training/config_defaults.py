@@ -67,12 +67,13 @@ def _optimisation(config: ml_collections.ConfigDict) -> None:
     config.num_epochs = 300.0
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.half_precision = True  # bfloat16 compute, float32 parameters and optimizer state
-    # A model directory (convert, prune) or workdir to start from. Its model.json gives the
+    # A model directory (convert, prune), workdir or published model's name (e.g.
+    # 'timm/mobilenetv2_100.ra_in1k'; mobilenet-jax summary --list_pretrained) to start from. Its model.json gives the
     # architecture (width, profile, pruned channels); config.model.architecture must match,
     # and only the training fields (bn_momentum, dropout_rate) come from config.model.
     config.init_from = ""
     # Knowledge distillation (Hinton et al., 2015, https://arxiv.org/abs/1503.02531): a model
-    # directory or workdir whose logits the student learns from, with the loss
+    # directory, workdir or published model's name whose logits the student learns from, with the loss
     # alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * cross-entropy.
     # Defaults T = 4, alpha = 0.9 are our choice after Hinton et al. (a raised temperature,
     # most of the weight on the soft targets). The teacher runs in inference mode on the

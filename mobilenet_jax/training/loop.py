@@ -30,7 +30,7 @@ from mobilenet_jax.errors import ConfigError, DivergenceError
 from mobilenet_jax.models import ARCHITECTURES, registry, reset_classifier
 from mobilenet_jax.training import distributed, optim, steps
 from mobilenet_jax.training.metrics import MetricWriter, ProgressBar
-from mobilenet_jax.weights import checkpoint
+from mobilenet_jax.weights import checkpoint, pretrained
 
 _NUMBERS = (
     "batch_size image_size learning_rate lr_batch_size num_epochs num_train_steps label_smoothing ema_decay "
@@ -182,7 +182,7 @@ def init_from_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """
     if not config.init_from:
         return {}
-    source = checkpoint.read_model_record(os.path.abspath(config.init_from))
+    source = checkpoint.read_model_record(os.path.abspath(pretrained.local_source(config.init_from)))
     if type(source).__name__ != config.model.architecture:
         raise ConfigError(
             f"Bad config: init_from={config.init_from!r} holds a {type(source).__name__} and "
@@ -197,11 +197,13 @@ def init_from_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def initial_variables(config: ml_collections.ConfigDict, model: nn.Module, image_size: int, rng) -> dict | None:
-    """Variables from ``config.init_from`` (a model directory or workdir), with a new classifier if needed."""
+    """Variables from ``config.init_from`` (a model directory, workdir or published model's name), with a new
+    classifier if needed."""
     if not config.init_from:
         return None
-    source_model, source = checkpoint.load_any(config.init_from)
-    inputs = checkpoint.read_preprocessing(config.init_from)
+    directory = pretrained.local_source(config.init_from)  # a published model's name: its converted copy
+    source_model, source = checkpoint.load_any(directory)
+    inputs = checkpoint.read_preprocessing(directory)
     if inputs is not None and not inputs.same_normalization(IMAGENET):
         logging.warning(
             "init_from=%s expects other inputs (its preprocessing.json, e.g. Keras's [-1, 1]) than the ImageNet "

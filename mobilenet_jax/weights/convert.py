@@ -22,7 +22,12 @@ Usage::
     logits = model.apply(variables, images_nhwc)
     state_dict = convert.to_torch(model, variables)      # torchvision / AMC / timm layout
 
-Command line: ``python -m mobilenet_jax.convert IN OUT_DIR`` writes an orbax
+A published model's name (``'timm/mobilenetv2_100.ra_in1k'``, ``'torchvision/mobilenet_v2'``,
+``'keras/mobilenet_v2_1.0_224'``; :mod:`mobilenet_jax.weights.hub`) works wherever a path
+does: the file is taken from (or downloaded into) its ecosystem's cache.
+:func:`mobilenet_jax.pretrained` adds a cache of the converted copy.
+
+Command line (:mod:`mobilenet_jax.weights.convert_cli`): ``python -m mobilenet_jax.convert IN OUT_DIR`` writes an orbax
 checkpoint of the variables, the detected architecture (``model.json``) and, for
 Keras weights, the [-1, 1] input scaling they expect (``preprocessing.json``);
 ``--list_layouts`` prints what it reads.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -41,8 +47,8 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from mobilenet_jax import cli, errors
-from mobilenet_jax.data.preprocessing import IMAGENET, KERAS, Preprocessing
+from mobilenet_jax import errors
+from mobilenet_jax.data.preprocessing import TIMM, Preprocessing
 from mobilenet_jax.models import (
     MobileNetV1,
     MobileNetV2,
@@ -52,7 +58,7 @@ from mobilenet_jax.models import (
     v1_architecture,
     v2_architecture,
 )
-from mobilenet_jax.weights import layouts
+from mobilenet_jax.weights import hub, layouts, torch_file
 
 LAYOUTS = tuple(layouts.of("torch"))
 # One line per layout, for --list_layouts and the docs.
@@ -147,24 +153,18 @@ def _import_torch():
 def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     """Reads a state dict from a path, a checkpoint dict or a state dict, as numpy arrays.
 
-    A ``.safetensors`` file is read with safetensors (no torch needed); any other file
-    with ``torch.load(weights_only=True)``: loading a checkpoint never runs code from
-    it. ``{'state_dict': ...}`` wrappers and DataParallel's ``module.`` prefixes are removed.
+    A ``.safetensors`` file is read with safetensors, a ``.pth`` file (zip or legacy
+    format) with :mod:`mobilenet_jax.weights.torch_file`: neither needs torch, and
+    reading a checkpoint never runs code from it. Files that reader does not understand
+    go to ``torch.load(weights_only=True)`` when torch is installed.
+    ``{'state_dict': ...}`` wrappers and DataParallel's ``module.`` prefixes are removed.
     """
-    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".safetensors"):
-        source = _load_safetensors(os.fspath(source))
-    elif isinstance(source, (str, os.PathLike)):
-        torch = _import_torch()
-
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"No PyTorch checkpoint at {os.fspath(source)!r}.")
-        try:
-            source = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many kinds; all mean "not a safe weights file"
-            raise ValueError(
-                f"Could not read {os.fspath(source)!r} as a weights-only PyTorch checkpoint ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''})."
-            ) from None
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            kind = "safetensors file" if path.endswith(".safetensors") else "PyTorch checkpoint"
+            raise FileNotFoundError(f"No {kind} at {path!r}.")
+        source = _load_safetensors(path) if path.endswith(".safetensors") else _load_torch_file(path)
     if not isinstance(source, Mapping):
         raise TypeError(f"Expected a state dict, a checkpoint dict or a path, got {type(source).__name__}.")
     if "state_dict" in source and isinstance(source["state_dict"], Mapping):
@@ -179,16 +179,31 @@ def load_state_dict(source: Any) -> dict[str, np.ndarray]:
     return state
 
 
+def _load_torch_file(path: str) -> Any:
+    """A ``.pth`` file's contents, read without torch; with torch.load where that reader cannot."""
+    try:
+        return torch_file.load(path)
+    except errors.UnreadableFileError as error:
+        try:
+            import torch
+        except ImportError:
+            raise error from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # torch raises many kinds; our reader's sentence says what is wrong
+            raise error from None
+
+
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     """A ``.safetensors`` file (timm's and Hugging Face's format) as numpy arrays; needs no torch."""
     from safetensors.numpy import load_file
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No safetensors file at {path!r}.")
     try:
         return load_file(path)
     except Exception as error:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"Could not read {path!r} as a safetensors file ({str(error).splitlines()[0]}).") from None
+        raise errors.UnreadableFileError(
+            f"Could not read {path!r} as a safetensors file ({str(error).splitlines()[0]})."
+        ) from None
 
 
 def detect_layout(state: Mapping[str, Any]) -> str | None:
@@ -311,11 +326,11 @@ def _mismatch_message(model: nn.Module, layout: str, state: Mapping, expected: M
     hint = ""
     if any(".se." in k for k in state):
         hint = " It has squeeze-excitation layers (MobileNetV3, EfficientNet), which these MobileNets do not have."
-    subject = f"The state dict does not fit {_describe(model)} in the {layout!r} layout"
+    subject = f"The state dict does not fit {describe(model)} in the {layout!r} layout"
     return layouts.mismatch_message(subject, missing, unexpected, misshaped, limit) + hint
 
 
-def _describe(model: nn.Module) -> str:
+def describe(model: nn.Module) -> str:
     """``MobileNetV2(width=0.35, num_classes=1000, ...)`` with the fields that differ from the defaults."""
     defaults = type(model)()
     fields = {"width": model.width, "num_classes": model.num_classes}
@@ -422,8 +437,15 @@ class Converted(NamedTuple):
 
 
 def load_with_info(source: Any, *, strides: Sequence[int] | None = None) -> Converted:
-    """Any supported MobileNet weights: PyTorch (``.pth``, ``.safetensors``, a state dict) or Keras
-    (a ``keras.Model``, ``.h5``, ``.weights.h5``); the layout is detected from the content."""
+    """Any supported MobileNet weights: PyTorch (``.pth``, ``.safetensors``, a state dict), Keras
+    (a ``keras.Model``, ``.h5``, ``.weights.h5``), or a published model's name
+    (:mod:`mobilenet_jax.weights.hub`, fetched into its cache); the layout is detected from the content."""
+    if hub.is_name(source):
+        return _load_published(source)
+    return _load_path(source, strides=strides)
+
+
+def _load_path(source: Any, *, strides: Sequence[int] | None = None) -> Converted:
     from mobilenet_jax.weights import convert_keras
 
     if convert_keras.is_keras_source(source):
@@ -432,6 +454,44 @@ def load_with_info(source: Any, *, strides: Sequence[int] | None = None) -> Conv
     model, variables = from_torch(state, strides=strides)
     layout = detect_layout(state)
     return Converted(model, variables, layout, PREPROCESSING.get(layout))
+
+
+def _load_published(name: str) -> Converted:
+    """Converts ``name``'s source file (fetched into its cache) with the catalogue's preprocessing record.
+
+    A cached file that cannot be read is moved aside and fetched again, once.
+    """
+    item = hub.entry(name)
+    path = hub.fetch(item)
+    try:
+        converted = _load_path(path)
+    except errors.UnreadableFileError as error:
+        moved = hub.move_aside(path)
+        if hub.offline():
+            raise hub.PretrainedError(
+                f"The cached file of {name} cannot be read ({error}); it was moved to {moved} and downloads are off: "
+                f"put a good copy from {item.url} at {item.cache_path()}."
+            ) from None
+        converted = _load_path(hub.fetch(item))
+    inputs = item.preprocessing if name in hub.CATALOGUE else _hub_preprocessing(path, converted.preprocessing)
+    return converted._replace(preprocessing=inputs)
+
+
+def _hub_preprocessing(path: str, detected: Preprocessing | None) -> Preprocessing:
+    """An ``hf-hub:`` repository's inputs: timm's ``config.json`` beside the weights, else the layout's record."""
+    fallback = detected or TIMM
+    try:
+        with open(os.path.join(os.path.dirname(path), "config.json")) as f:
+            config = json.load(f).get("pretrained_cfg", {})
+        return Preprocessing(
+            mean_rgb=tuple(255 * m for m in config["mean"]),
+            stddev_rgb=tuple(255 * s for s in config["std"]),
+            eval_crop="torchvision",
+            interpolation=config.get("interpolation", fallback.interpolation),
+            crop_fraction=float(config.get("crop_pct", fallback.crop_fraction)),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return fallback
 
 
 def load(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn.Module, dict]:
@@ -465,61 +525,3 @@ def to_torch(
 
 def list_layouts() -> str:
     return "\n".join(f"{name:12s} {layout.description}" for name, layout in layouts.LAYOUTS.items())
-
-
-def main(argv: list[str]) -> None:
-    """``python -m mobilenet_jax.convert IN OUT_DIR``: orbax checkpoint, model.json, preprocessing.json if needed."""
-    from absl import flags
-
-    from mobilenet_jax.weights import checkpoint
-
-    FLAGS = flags.FLAGS
-    cli.quiet_logging()
-    if FLAGS.list_layouts:
-        print(list_layouts())
-        return
-    if len(argv) != 3:
-        cli.exit_with("usage: python -m mobilenet_jax.convert IN OUT_DIR [--strides 1,2,...] (or --list_layouts).", 2)
-    source, out_dir = argv[1:]
-    strides = None if FLAGS.strides is None else [int(s) for s in FLAGS.strides]
-
-    def convert_and_save() -> None:
-        converted = load_with_info(source, strides=strides)
-        checkpoint.save_model(out_dir, converted.model, converted.variables, converted.preprocessing)
-        inputs = ""
-        if converted.preprocessing is not None:
-            inputs = converted.preprocessing
-            scale = (
-                "ImageNet mean/std"
-                if inputs.same_normalization(IMAGENET)
-                else f"mean {inputs.mean_rgb} std {inputs.stddev_rgb}"
-            )
-            scale = "[-1, 1]" if inputs.same_normalization(KERAS) else scale
-            inputs = (
-                f"; inputs {scale}, evaluated with a {inputs.eval_crop} crop "
-                f"({inputs.interpolation}), recorded in preprocessing.json"
-            )
-        print(
-            f"Wrote {_describe(converted.model)} from the {converted.layout!r} layout to "
-            f"{os.path.abspath(out_dir)}{inputs}"
-        )
-        if converted.note:
-            print(converted.note)
-
-    cli.run(convert_and_save)
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_bool("list_layouts", False, "Print the layouts this converter reads.")
-    flags.DEFINE_list("strides", None, "MobileNetV1 per-block strides, comma-separated, for non-standard depths.")
-
-
-def run_command() -> None:
-    """``mobilenet-jax convert`` and ``python -m`` this module: its flags, then :func:`main`."""
-    cli.run_absl(_define_flags, main)
-
-
-if __name__ == "__main__":
-    run_command()

@@ -33,6 +33,7 @@ from absl import logging
 from flax import linen as nn
 
 from mobilenet_jax.data.preprocessing import KERAS, Preprocessing
+from mobilenet_jax.errors import UnreadableFileError
 from mobilenet_jax.models import MobileNetV1, MobileNetV2, v2_architecture
 from mobilenet_jax.weights import layouts
 
@@ -154,7 +155,7 @@ def read_source(source: Any) -> tuple[list[Layer], list[tuple[str, dict]] | None
             if "layers" in f:
                 return _from_keras3_h5(f), outer
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Could not read {path!r} as an HDF5 file ({str(error).splitlines()[0]}).") from None
+        raise UnreadableFileError(f"Could not read {path!r} as an HDF5 file ({str(error).splitlines()[0]}).") from None
     raise ValueError(f"{path!r} is an HDF5 file but not Keras weights (no layer_names and no layers/ group).")
 
 
