@@ -83,7 +83,10 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
-def assert_same_training(a, b, rtol=1e-6, atol=1e-9):
+def assert_same_training(a, b, rtol=1e-6, atol=1e-8):
+    """Same losses and final parameters. In float64, runs that only split the work differently differ by
+    reduction order; the sharp teacher's large soft-term gradients amplify that over 8 steps to ~1e-8 of
+    the parameters' scale (measured 1.0e-8 absolute at most), where a wrongly split step differs by far more."""
     la, lb = losses(a), losses(b)
     assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([la[s] for s in sorted(la)], [lb[s] for s in sorted(lb)], rtol=rtol)
