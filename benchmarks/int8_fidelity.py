@@ -1,0 +1,170 @@
+"""How faithful is the int8 LiteRT file to the float model, on natural images?
+
+    python benchmarks/int8_fidelity.py                                   # torchvision's ImageNet MobileNetV2
+    python benchmarks/int8_fidelity.py --model timm/mobilenetv2_100.ra_in1k --images ~/photos --json out.json
+    python benchmarks/int8_fidelity.py --model /tmp/quickstart           # a model directory or workdir
+
+The model is a published name (``mobilenet_jax.pretrained``; its file must be in its cache),
+a model directory or a training workdir. The images are every ``.png``/``.jpg`` under
+``--images`` (default: scikit-image's colour photos and, where Debian's
+``tuxpaint-stamps-default`` is installed, its ~800 pictures of animals and objects, composited
+on white). Each image is cut as the model's preprocessing says (resize, central crop); a
+fixed hash of the file name puts it in the calibration set or the evaluation set, so the two
+never share an image.
+
+For each method, the int8 file (per-channel weights, int8 activations, float32 input and
+output) is compared with the float JAX model on the evaluation images: top-1 agreement and
+the mean over images of the correlation between the two logit vectors. Methods:
+
+* ``ptq``: the LiteRT converter's post-training quantization, calibrated on the calibration
+  images (what ``export --quantize int8`` does with a dataset).
+
+Issue 20's methods (synthetic calibration, cross-layer equalization, bias correction, QAT)
+join this table as they land. Its anchors: the TFLite figures for MobileNetV2, PTQ 63.7 and
+QAT 70.9 top-1 against 71.9 float; torchvision's QAT MobileNetV2 71.658 against 71.878.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from mobilenet_jax import host  # noqa: E402
+
+host.import_torch_before_tensorflow()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mobilenet_jax.data.preprocessing import IMAGENET  # noqa: E402
+from mobilenet_jax.deployment import export  # noqa: E402
+from mobilenet_jax.weights import checkpoint, pretrained  # noqa: E402
+
+TUXPAINT = "/usr/share/tuxpaint/stamps"
+
+
+def natural_images(folder: str | None) -> list[tuple[str, Image.Image]]:
+    """``(name, RGB image)`` for every picture found, RGBA composited on white."""
+    found = []
+    roots = [folder] if folder else [TUXPAINT] if os.path.isdir(TUXPAINT) else []
+    for root in roots:
+        for directory, _, files in sorted(os.walk(root)):
+            for name in sorted(files):
+                if name.lower().endswith((".png", ".jpg", ".jpeg")):
+                    found.append(os.path.join(directory, name))
+    images = []
+    for path in found:
+        try:
+            image = Image.open(path)
+            image.load()
+        except OSError:
+            continue
+        if image.mode in ("RGBA", "LA", "P"):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        images.append((path, image.convert("RGB")))
+    if folder is None:
+        import skimage.data
+
+        for name in (
+            "astronaut",
+            "chelsea",
+            "coffee",
+            "rocket",
+            "cat",
+            "retina",
+            "hubble_deep_field",
+            "immunohistochemistry",
+        ):
+            images.append((f"skimage:{name}", Image.fromarray(getattr(skimage.data, name)())))
+    return images
+
+
+def center_crop(image: Image.Image, size: int, crop_fraction: float, interpolation: str) -> np.ndarray:
+    """The evaluation cut: shorter side to ``size / crop_fraction``, then the central ``size`` square."""
+    resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
+    width, height = image.size
+    scale = (size / crop_fraction) / min(width, height)
+    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), resample)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), np.float32)
+
+
+def split(images, size, inputs, calibration_share):
+    calibration, evaluation = [], []
+    for name, image in images:
+        crop = center_crop(image, size, inputs.crop_fraction, inputs.interpolation)
+        bucket = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (calibration if bucket < calibration_share else evaluation).append(crop)
+    return np.stack(calibration), np.stack(evaluation)
+
+
+def compare(float_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
+    agreement = float(np.mean(float_logits.argmax(-1) == int8_logits.argmax(-1)))
+    correlation = float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(float_logits, int8_logits, strict=True)]))
+    return {"top1_agreement": agreement, "logit_correlation": correlation}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", default="torchvision/mobilenet_v2", help="published name, model directory or workdir"
+    )
+    parser.add_argument("--images", default=None, help="folder of .png/.jpg pictures (default: tuxpaint + skimage)")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--calibration_share", type=float, default=0.2, help="share of images used to calibrate")
+    parser.add_argument("--max_images", type=int, default=0, help="use at most this many pictures (0: all)")
+    parser.add_argument("--json", default=None, help="write the figures here too")
+    args = parser.parse_args()
+
+    directory = pretrained.local_source(args.model)
+    model, variables = checkpoint.load_any(directory)
+    inputs = checkpoint.read_preprocessing(directory) or IMAGENET
+    images = natural_images(args.images)
+    if args.max_images:
+        images = images[: args.max_images]
+    calibration, evaluation = split(images, args.size, inputs, args.calibration_share)
+    print(f"{args.model}: {len(calibration)} calibration and {len(evaluation)} evaluation images at {args.size}")
+
+    forward = jax.jit(export.inference_function(model, variables, inputs))
+    float_logits = np.concatenate([np.asarray(forward(evaluation[i : i + 32])) for i in range(0, len(evaluation), 32)])
+    methods = {"ptq": lambda: [image[None] for image in calibration]}
+    results = {}
+    for method, calibration_set in methods.items():
+        start = time.time()
+        data = export.to_tflite(
+            model, variables, args.size, "int8", calibration=calibration_set(), preprocessing=inputs
+        )
+        int8_logits = export.TFLiteModel(data)(evaluation)
+        results[method] = {**compare(float_logits, int8_logits), "seconds": round(time.time() - start, 1)}
+        print(
+            f"{method:12s} top-1 agreement {results[method]['top1_agreement']:.2%}, "
+            f"mean logit correlation {results[method]['logit_correlation']:.4f} ({results[method]['seconds']} s)"
+        )
+    if args.json:
+        record = {
+            "model": args.model,
+            "images": {
+                "calibration": len(calibration),
+                "evaluation": len(evaluation),
+                "source": args.images or "tuxpaint+skimage",
+            },
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__},
+            "results": results,
+        }
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
