@@ -14,7 +14,8 @@ never share an image.
 
 For each method, the int8 file (per-channel weights, int8 activations, float32 input and
 output) is compared with the float JAX model on the evaluation images: top-1 agreement and
-the mean over images of the correlation between the two logit vectors. Methods:
+the mean over images of the correlation between the two logit vectors, and how often the
+int8 output's two largest logits are equal (a tie its output scale cannot resolve). Methods:
 
 * ``ptq``: the LiteRT converter's post-training quantization, calibrated on the calibration
   images (what ``export --quantize int8`` does with a dataset).
@@ -112,7 +113,38 @@ def split(images, size, inputs, calibration_share):
 def compare(float_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
     agreement = float(np.mean(float_logits.argmax(-1) == int8_logits.argmax(-1)))
     correlation = float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(float_logits, int8_logits, strict=True)]))
-    return {"top1_agreement": agreement, "logit_correlation": correlation}
+    top2 = np.sort(int8_logits, axis=-1)[:, -2:]
+    ties = float(np.mean(top2[:, 0] == top2[:, 1]))  # the int8 output cannot tell its two best classes apart
+    return {"top1_agreement": agreement, "logit_correlation": correlation, "top1_ties": ties}
+
+
+def per_layer_errors(model, variables, inputs, size, calibration, evaluation) -> list[dict]:
+    """TensorFlow's QuantizationDebugger on the ``ptq`` file: each quantized op's output against the float op's on
+    the same inputs, as root-mean-square error in units of the op's quantization step (rounding alone: 0.29)."""
+    import csv
+    import io
+    import tempfile
+
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as scratch:
+        converter = export.tflite_converter(
+            model, variables, size, os.path.join(scratch, "saved_model"), "int8", "float32",
+            [image[None] for image in calibration], inputs,
+        )  # fmt: skip
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: ([image[None]] for image in evaluation[:64])
+        )
+        debugger.run()
+        table = io.StringIO()
+        debugger.layer_statistics_dump(table)
+    table.seek(0)
+    rows = []
+    for row in csv.DictReader(table):
+        step = float(row["scale"])
+        rows.append({"op": row["op_name"], "tensor": row["tensor_name"], "step": step,
+                     "rmse_in_steps": float(row["mean_squared_error"]) ** 0.5 / step})  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -125,6 +157,7 @@ def main() -> None:
     parser.add_argument("--calibration_share", type=float, default=0.2, help="share of images used to calibrate")
     parser.add_argument("--max_images", type=int, default=0, help="use at most this many pictures (0: all)")
     parser.add_argument("--json", default=None, help="write the figures here too")
+    parser.add_argument("--per_layer", action="store_true", help="also each int8 op's error (QuantizationDebugger)")
     args = parser.parse_args()
 
     directory = pretrained.local_source(args.model)
@@ -149,8 +182,17 @@ def main() -> None:
         results[method] = {**compare(float_logits, int8_logits), "seconds": round(time.time() - start, 1)}
         print(
             f"{method:12s} top-1 agreement {results[method]['top1_agreement']:.2%}, "
-            f"mean logit correlation {results[method]['logit_correlation']:.4f} ({results[method]['seconds']} s)"
+            f"mean logit correlation {results[method]['logit_correlation']:.4f}, "
+            f"top-2 int8 logits tied on {results[method]['top1_ties']:.1%} ({results[method]['seconds']} s)"
         )
+    layers = []
+    if args.per_layer:
+        layers = per_layer_errors(model, variables, inputs, args.size, calibration, evaluation)
+        for row in layers:
+            print(
+                f"{row['op']:18s} {row['tensor'][-56:]:56s} step {row['step']:.4f}"
+                f"  rmse {row['rmse_in_steps']:.2f} steps"
+            )
     if args.json:
         record = {
             "model": args.model,
@@ -161,6 +203,7 @@ def main() -> None:
             },
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__},
             "results": results,
+            "per_layer_ptq": layers,
         }
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)

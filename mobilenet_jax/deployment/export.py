@@ -97,6 +97,32 @@ def to_tflite(
 
     ``calibration`` yields RGB 0..255 images of shape ``(1, H, W, 3)`` for ``quantize='int8'``.
     """
+    with tempfile.TemporaryDirectory() as scratch:
+        converter = tflite_converter(
+            model,
+            variables,
+            image_size,
+            saved_model_dir or os.path.join(scratch, "saved_model"),
+            quantize,
+            io_dtype,
+            calibration,
+            preprocessing,
+        )
+        return converter.convert()
+
+
+def tflite_converter(
+    model: nn.Module,
+    variables: dict,
+    image_size: int,
+    saved_model_dir: str,
+    quantize: str = "none",
+    io_dtype: str = "float32",
+    calibration: Iterable[np.ndarray] | None = None,
+    preprocessing: Preprocessing | None = None,
+):
+    """The configured ``tf.lite.TFLiteConverter`` behind :func:`to_tflite`, reading a SavedModel it writes to
+    ``saved_model_dir`` (which must outlive it): for tools such as TensorFlow's ``QuantizationDebugger``."""
     if quantize not in QUANTIZE:
         raise errors.UserError(f"--quantize must be one of {QUANTIZE}, got {quantize!r}.")
     if io_dtype not in ("float32", "int8"):
@@ -115,25 +141,23 @@ def to_tflite(
         autograph=False,
         input_signature=[tf.TensorSpec((1, image_size, image_size, 3), tf.float32, name="images")],
     )
-    with tempfile.TemporaryDirectory() as scratch:
-        saved_model_dir = saved_model_dir or os.path.join(scratch, "saved_model")
-        tf.saved_model.save(module, saved_model_dir, signatures={"serving_default": module.serve})
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
-        if quantize != "none":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "int8":
-            images = list(calibration)
+    tf.saved_model.save(module, saved_model_dir, signatures={"serving_default": module.serve})
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "int8":
+        images = list(calibration)
 
-            def representative_dataset():
-                for image in images:
-                    yield [np.asarray(image, np.float32).reshape(1, image_size, image_size, 3)]
+        def representative_dataset():
+            for image in images:
+                yield [np.asarray(image, np.float32).reshape(1, image_size, image_size, 3)]
 
-            converter.representative_dataset = representative_dataset
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            if io_dtype == "int8":
-                converter.inference_input_type = tf.int8
-                converter.inference_output_type = tf.int8
-        return converter.convert()
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io_dtype == "int8":
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+    return converter
 
 
 class TFLiteModel:
