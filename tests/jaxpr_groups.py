@@ -170,6 +170,9 @@ def table_groups(model) -> set[frozenset]:
         slots = set()
         for conv in group.producers + group.passes:
             slots.add((f"{conv.path}/kernel", 3))
+            if not conv.norm:  # a squeeze-excitation conv: its own bias
+                slots.add((f"{conv.path}/bias", 0))
+                continue
             for field in ("scale", "bias"):
                 slots.add((f"{conv.norm}/{field}", 0))
             for field in ("mean", "var"):

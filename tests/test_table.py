@@ -18,13 +18,15 @@ from tests.test_prune import trained_like
 
 IR = "inverted_residual"
 # Three inverted-residual blocks: a 5x5 depthwise one without expansion (stride 2), a
-# residual one with ReLU, and an expanding stride-2 one; then a 64-channel 1x1 head conv.
+# residual one with ReLU and a squeeze-excitation to 24 channels (MobileNetV3's hard-sigmoid gate),
+# and an expanding stride-2 one with a sigmoid-gated squeeze-excitation to 16; then a 64-channel
+# 1x1 head conv.
 NEW = Network(
     stem_channels=16,
     blocks=(
         Block(IR, 16, 16, 24, stride=2, kernel=5),
-        Block(IR, 24, 72, 24, stride=1, kernel=3, expand=True, residual=True, activation="relu"),
-        Block(IR, 24, 96, 40, stride=2, kernel=3, expand=True),
+        Block(IR, 24, 72, 24, stride=1, kernel=3, expand=True, residual=True, activation="relu", se_channels=24),
+        Block(IR, 24, 96, 40, stride=2, kernel=3, expand=True, se_channels=16, se_gate="sigmoid"),
     ),
     head_channels=64,
 )
@@ -60,12 +62,13 @@ def test_summarize_counts_the_new_architecture(new):
     macs = (
         16 * 16 * 16 * 27  # stem 3x3, 3 -> 16
         + 64 * 16 * 25 + 64 * 16 * 24  # block 0: 5x5 depthwise (stride 2), projection 16 -> 24
-        + 64 * 24 * 72 + 64 * 72 * 9 + 64 * 72 * 24  # block 1: expansion, depthwise, projection
-        + 64 * 24 * 96 + 16 * 96 * 9 + 16 * 96 * 40  # block 2: expansion at 8x8, depthwise stride 2, projection
+        + 64 * 24 * 72 + 64 * 72 * 9 + 72 * 24 + 24 * 72 + 64 * 72 * 24  # block 1: expansion, depthwise, SE, projection
+        + 64 * 24 * 96 + 16 * 96 * 9 + 96 * 16 + 16 * 96 + 16 * 96 * 40  # block 2: ..., SE on the pooled 1x1
         + 16 * 40 * 64  # head conv
         + 64 * 10  # classifier
     )  # fmt: skip
     weights = 27 * 16 + 25 * 16 + 16 * 24 + 24 * 72 + 9 * 72 + 72 * 24 + 24 * 96 + 9 * 96 + 96 * 40 + 40 * 64 + 650
+    weights += (72 * 24 + 24 + 24 * 72 + 72) + (96 * 16 + 16 + 16 * 96 + 96)  # the SE convs and their biases
     batchnorm = 2 * (16 + 16 + 24 + 72 + 72 + 24 + 96 + 96 + 40 + 64)
     assert summary == (weights + batchnorm, weights, macs)
 
@@ -84,7 +87,9 @@ def test_new_architecture_exports_to_litert_float_and_int8(new):
     int8 = export.TFLiteModel(export.to_tflite(model, variables, 32, quantize="int8", calibration=calibration))
     ops = int8.ops()
     names = [op["op_name"] for op in ops]
-    assert names.count("DEPTHWISE_CONV_2D") == 3 and names.count("CONV_2D") == 1 + 2 + 3 + 1  # stem, pw, pwl, head
+    # stem, expansions, projections, head, and the two squeeze-excitations' reduce and expand convs
+    assert names.count("DEPTHWISE_CONV_2D") == 3 and names.count("CONV_2D") == 1 + 2 + 3 + 1 + 2 * 2
+    assert names.count("LOGISTIC") == 1  # block 2's sigmoid gate (block 1's hard sigmoid is fused: conv, ReLU6, mul)
     for op in ops:
         if op["op_name"] in COMPUTE_OPS:
             assert int8.tensor(op["inputs"][0])["dtype"] == np.int8, op
@@ -114,9 +119,12 @@ def test_pruning_the_new_architectures_residual_group_slices_it_consistently(new
     assert [c.path for c in groups[residual].producers] == ["block_0/conv_pwl", "block_1/conv_pwl"]
     assert groups[residual].readers == ("block_1/conv_pw", "block_2/conv_pw")
     widths[residual] = 16  # of 24, shared by the two blocks the shortcut joins
-    widths[residual + 1] = 40  # block 1's expansion, 72 -> 40
+    widths[residual + 1] = 40  # block 1's expansion, 72 -> 40, with its squeeze-excitation's expand conv
+    assert [c.path for c in groups[residual + 1].producers] == ["block_1/conv_pw", "block_1/se/conv_expand"]
+    assert groups[residual + 2].producers[0].path == "block_1/se/conv_reduce"
+    widths[residual + 2] = 8  # block 1's squeeze-excitation, 24 -> 8
     target = prune.resize(model, widths)
-    assert target.network().blocks[1][1:4] == (16, 40, 16)
+    assert target.network().blocks[1][1:4] == (16, 40, 16) and target.network().blocks[1].se_channels == 8
     keeps = prune.keep_indices(model, variables, target)
     pruned, pruned_variables = prune.slice_model(model, variables, keeps)
     images = jax.random.normal(jax.random.key(5), (8, 32, 32, 3))
@@ -126,6 +134,45 @@ def test_pruning_the_new_architectures_residual_group_slices_it_consistently(new
     assert summarize(pruned, 32).macs < summarize(model, 32).macs
 
 
+def test_squeeze_excitation_block_equals_torchvisions(new):
+    """Block 1 (expansion, depthwise, squeeze-excitation with a hard-sigmoid gate, projection, shortcut) against
+    the same block written with torch.nn and torchvision's SqueezeExcitation, on the block's own input."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    model, variables = new
+    images = jax.random.normal(jax.random.key(7), (2, 32, 32, 3))
+    _, state = model.apply(variables, images, capture_intermediates=True, mutable=["intermediates"])
+    block_in = np.asarray(state["intermediates"]["block_0"]["__call__"][0])
+    block_out = np.asarray(state["intermediates"]["block_1"]["__call__"][0])
+    params, stats = variables["params"]["block_1"], variables["batch_stats"]["block_1"]
+
+    def conv_bn(conv, bn, groups=1):
+        kernel = np.asarray(params[conv]["kernel"])
+        size, outputs = kernel.shape[0], kernel.shape[3]
+        layer = torch.nn.Conv2d(kernel.shape[2] * groups, outputs, size, padding=size // 2, groups=groups, bias=False)
+        layer.weight.data = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+        norm = torch.nn.BatchNorm2d(kernel.shape[3], eps=model.bn_epsilon)
+        norm.weight.data, norm.bias.data = (torch.from_numpy(np.asarray(params[bn][k])) for k in ("scale", "bias"))
+        norm.running_mean.data, norm.running_var.data = (
+            torch.from_numpy(np.asarray(stats[bn][k])) for k in ("mean", "var")
+        )
+        return [layer, norm]
+
+    se = torchvision.ops.SqueezeExcitation(72, 24, scale_activation=torch.nn.Hardsigmoid)
+    for name, layer in (("conv_reduce", se.fc1), ("conv_expand", se.fc2)):
+        layer.weight.data = torch.from_numpy(np.asarray(params["se"][name]["kernel"]).transpose(3, 2, 0, 1).copy())
+        layer.bias.data = torch.from_numpy(np.asarray(params["se"][name]["bias"]))
+    body = torch.nn.Sequential(
+        *conv_bn("conv_pw", "bn_pw"), torch.nn.ReLU(), *conv_bn("conv_dw", "bn_dw", groups=72), torch.nn.ReLU(),
+        se, *conv_bn("conv_pwl", "bn_pwl"),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        x = torch.from_numpy(block_in.transpose(0, 3, 1, 2).copy())
+        expected = (x + body(x)).numpy().transpose(0, 2, 3, 1)
+    assert expected.std() > 0.1
+    np.testing.assert_allclose(block_out, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_the_new_architecture_round_trips_through_a_model_directory(new, tmp_path):
     model, variables = new
     checkpoint.save_model(tmp_path / "new", model, variables)
@@ -133,6 +180,11 @@ def test_the_new_architecture_round_trips_through_a_model_directory(new, tmp_pat
     assert loaded == model
     images = jax.random.normal(jax.random.key(6), (4, 32, 32, 3))
     np.testing.assert_array_equal(loaded.apply(loaded_variables, images), model.apply(variables, images))
+    pytest.importorskip("torch")
+    from mobilenet_jax.weights import convert
+
+    with pytest.raises(ValueError, match="No weight layout holds a MobileNet .* keep its weights as a model directory"):
+        convert.to_torch(model, variables)
 
 
 def test_model_records_of_the_previous_release_still_load():

@@ -194,7 +194,7 @@ def _importance(params: dict, group: table.Group, criterion: str) -> np.ndarray:
     BatchNorm scales of the layers that produce them instead.
     """
     if criterion == "bn" or not group.readers:
-        return sum(np.abs(np.asarray(table.at(params, conv.norm)["scale"])) for conv in group.producers)
+        return sum(np.abs(np.asarray(table.at(params, c.norm)["scale"])) for c in group.producers if c.norm)
     return sum(_l1_of_inputs(table.at(params, reader)["kernel"]) for reader in group.readers)
 
 
@@ -216,7 +216,7 @@ def keep_indices(model: nn.Module, variables: dict, channels, criterion: str = "
 def slice_model(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray]) -> tuple[nn.Module, dict]:
     """The pruned model and its variables: every tensor of each channel group sliced to its kept channels.
 
-    Producers lose output channels (kernel's last axis, BatchNorm), depthwise layers
+    Producers lose output channels (kernel's last axis, BatchNorm or a squeeze-excitation's bias), depthwise layers
     the same channels (kernel's last axis, BatchNorm), readers input channels (a
     conv kernel's third axis, the classifier's rows).
     """
@@ -226,6 +226,9 @@ def slice_model(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray]) 
         for conv in group.producers + group.passes:
             layer = table.at(params, conv.path)
             layer["kernel"] = layer["kernel"][..., keep]
+            if not conv.norm:  # a squeeze-excitation conv: its bias
+                layer["bias"] = layer["bias"][keep]
+                continue
             for tree in (params, stats):
                 norm = table.at(tree, conv.norm)
                 norm.update({k: v[keep] for k, v in norm.items()})

@@ -33,6 +33,7 @@ class Layers(NamedTuple):
     pointwise: Callable[..., nn.Module]  # 1x1 convolution
     depthwise: Callable[..., nn.Module]  # per-channel k x k convolution
     padding: str
+    squeeze_excite: Callable[..., nn.Module]  # the same in both forms: its convolutions have biases, no BatchNorm
 
 
 def layer_factories(model: nn.Module, train: bool) -> Layers:
@@ -44,6 +45,7 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
     """
     precision = dict(dtype=model.dtype, param_dtype=model.param_dtype)
     depthwise = functools.partial(layers.DepthwiseConv, padding=model.padding, **precision)
+    squeeze_excite = functools.partial(SqueezeExcite, **precision)
     if model.folded:
         conv = functools.partial(nn.Conv, use_bias=True, **precision)
         return Layers(
@@ -52,6 +54,7 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
             pointwise=lambda features, name: conv(features, (1, 1), padding="VALID", name=name),
             depthwise=functools.partial(depthwise, implementation="xla", use_bias=True),
             padding=model.padding,
+            squeeze_excite=squeeze_excite,
         )
     return Layers(
         conv=functools.partial(nn.Conv, use_bias=False, kernel_init=layers.conv_kernel_init, **precision),
@@ -66,6 +69,7 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
         pointwise=functools.partial(layers.PointwiseConv, **precision),
         depthwise=functools.partial(depthwise, implementation=model.depthwise_impl),
         padding=model.padding,
+        squeeze_excite=squeeze_excite,
     )
 
 
@@ -78,7 +82,12 @@ def check_images(x: jax.Array, architecture: str) -> None:
         raise ValueError(f"{architecture} expects NHWC images of rank 4, got shape {x.shape}.")
 
 
-ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "relu6": nn.relu6}
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": nn.relu,
+    "relu6": nn.relu6,
+    "hard_sigmoid": nn.hard_sigmoid,  # relu6(x + 3) / 6, as torch's Hardsigmoid
+    "sigmoid": nn.sigmoid,
+}
 
 
 def activation(name: str | None) -> Callable:
@@ -101,8 +110,25 @@ def conv_bn(make: Layers, conv: table.Conv, x: jax.Array) -> jax.Array:
     return activation(conv.activation)(make.norm(name=conv.norm_name)(x))
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-excitation of a table block (``block.se_channels`` > 0): pool, reduce, expand, gate, scale."""
+
+    block: table.Block
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = jnp.mean(x, axis=(1, 2), keepdims=True)
+        for conv in self.block.se_convs(""):
+            layer = nn.Conv(conv.out_channels, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype, name=conv.name)
+            scale = activation(conv.activation)(layer(scale))
+        return x * scale
+
+
 class TableBlock(nn.Module):
-    """One :class:`~mobilenet_jax.models.table.Block` row: its convolutions in order, plus the shortcut."""
+    """One :class:`~mobilenet_jax.models.table.Block` row: its convolutions in order, the squeeze-excitation
+    after the depthwise one, and the shortcut."""
 
     block: table.Block
     make: Layers
@@ -112,6 +138,8 @@ class TableBlock(nn.Module):
         shortcut = x
         for conv in self.block.convs(""):
             x = conv_bn(self.make, conv, x)
+            if conv.kind == "depthwise" and self.block.se_channels:
+                x = self.make.squeeze_excite(self.block, name="se")(x)
         return x + shortcut if self.block.residual else x
 
 

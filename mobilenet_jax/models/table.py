@@ -12,6 +12,12 @@ sequence as records, as torchvision's ``InvertedResidualConfig`` lists and timm'
   activation, linear projection ``conv_pwl`` + ``bn_pwl``, and the input added to the
   output when ``residual``.
 
+Either kind may squeeze and excite the depthwise layer's output (``se_channels`` > 0;
+MobileNetV3, EfficientNet): global average pool, ``se/conv_reduce`` (1x1 with bias) to
+``se_channels`` + ReLU, ``se/conv_expand`` (1x1 with bias) back + the ``se_gate``
+(hard sigmoid in MobileNetV3, sigmoid in EfficientNet), and the depthwise output scaled
+per channel by the result (Hu et al. 2018; torchvision's ``SqueezeExcitation``).
+
 The Flax modules are built from the table (:func:`mobilenet_jax.models.common.forward`),
 and every other part walks it: :meth:`Network.convs` lists each convolution with its
 parameter path, kind, channels, kernel, stride and activation (BatchNorm folding for
@@ -26,13 +32,14 @@ from typing import Any, NamedTuple
 
 BLOCK_KINDS = ("separable", "inverted_residual")
 ACTIVATIONS = ("relu", "relu6")
+SE_GATES = ("hard_sigmoid", "sigmoid")
 
 
 class Conv(NamedTuple):
     """One convolution and its BatchNorm (and activation), as a walk over a table gives it."""
 
     path: str  # parameter path of the convolution, e.g. 'block_3/conv_dw'
-    norm: str  # parameter path of its BatchNorm, e.g. 'block_3/bn_dw'
+    norm: str  # parameter path of its BatchNorm, e.g. 'block_3/bn_dw'; '' for a conv with a bias instead (SE)
     kind: str  # 'full' (k x k over all inputs), 'pointwise' (1x1) or 'depthwise' (k x k per channel)
     in_channels: int
     out_channels: int
@@ -62,6 +69,8 @@ class Block(NamedTuple):
     expand: bool = False  # inverted residual: a 1x1 expansion conv (expansion factor != 1)
     residual: bool = False  # inverted residual: the input is added to the output
     activation: str = "relu6"
+    se_channels: int = 0  # squeeze-excitation of the depthwise output to this width; 0: none
+    se_gate: str = "hard_sigmoid"  # the excitation's gate: 'hard_sigmoid' or 'sigmoid'
 
     def convs(self, prefix: str) -> tuple[Conv, ...]:
         """The block's convolutions in order, their paths under ``prefix`` (``'block_3'``)."""
@@ -80,6 +89,14 @@ class Block(NamedTuple):
         )
         return pw, dw, pwl
 
+    def se_convs(self, prefix: str) -> tuple[Conv, ...]:
+        """The squeeze-excitation's two 1x1 convolutions (with biases, no BatchNorm), or none."""
+        if not self.se_channels:
+            return ()
+        reduce = Conv(f"{prefix}/se/conv_reduce", "", "pointwise", self.hidden, self.se_channels, 1, 1, "relu")
+        expand = Conv(f"{prefix}/se/conv_expand", "", "pointwise", self.se_channels, self.hidden, 1, 1, self.se_gate)
+        return reduce, expand
+
     def check(self, index: int) -> None:
         """Raises ValueError with one sentence when the row cannot be built."""
         where = f"Block {index} ({self.kind})"
@@ -91,6 +108,11 @@ class Block(NamedTuple):
             raise ValueError(f"{where} needs stride 1 or 2 and an odd kernel, got {self.stride} and {self.kernel}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"{where}'s activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
+        if self.se_channels < 0 or self.se_gate not in SE_GATES:
+            raise ValueError(
+                f"{where}'s squeeze-excitation needs se_channels >= 0 and se_gate in {SE_GATES}, "
+                f"got {self.se_channels} and {self.se_gate!r}."
+            )
         if (self.kind == "separable" or not self.expand) and self.hidden != self.in_channels:
             raise ValueError(
                 f"{where} has no expansion conv, so its depthwise layer has its {self.in_channels} input "
@@ -210,7 +232,10 @@ def channel_groups(network: Network, classifier: bool = True) -> tuple[Group, ..
     Derived from the table alone: a convolution that is not depthwise starts a group
     (its outputs), a depthwise one passes its input's group through, every
     non-depthwise convolution reads the group before it, and a residual block's
-    projection joins the group of the block's input.
+    projection joins the group of the block's input. A squeeze-excitation reads the
+    depthwise layer's group, its reduced channels are a group of their own, and its
+    expand conv's outputs (which scale the depthwise outputs channel by channel) join the
+    depthwise layer's group as a producer.
     """
     groups: list[dict[str, list]] = []
 
@@ -224,6 +249,11 @@ def channel_groups(network: Network, classifier: bool = True) -> tuple[Group, ..
         for conv in block.convs(f"block_{i}"):
             if conv.kind == "depthwise":
                 groups[current]["passes"].append(conv)
+                if block.se_channels:
+                    reduce, expand = block.se_convs(f"block_{i}")
+                    groups[current]["readers"].append(reduce.path)
+                    groups[current]["producers"].append(expand)
+                    groups[start(reduce)]["readers"].append(expand.path)
                 continue
             groups[current]["readers"].append(conv.path)
             if block.residual and conv.name == "conv_pwl":
@@ -249,7 +279,8 @@ def resize(network: Network, widths) -> Network:
     blocks, channels = [], width_of["stem_conv"]
     for i, block in enumerate(network.blocks):
         hidden, out = width_of[f"block_{i}/conv_dw"], width_of[block.convs(f"block_{i}")[-1].path]
-        blocks.append(block._replace(in_channels=channels, hidden=hidden, out=out))
+        se = width_of[f"block_{i}/se/conv_reduce"] if block.se_channels else 0
+        blocks.append(block._replace(in_channels=channels, hidden=hidden, out=out, se_channels=se))
         channels = out
     head = width_of[network.head_conv().path] if network.head_channels else 0
     return network._replace(stem_channels=width_of["stem_conv"], blocks=tuple(blocks), head_channels=head).check()

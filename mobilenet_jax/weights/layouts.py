@@ -44,6 +44,8 @@ class Layout(NamedTuple):
         ``kind`` is 'conv', 'depthwise', 'norm' or 'classifier'.
         """
         network = model.network()
+        if any(block.se_channels for block in network.blocks):
+            raise ValueError(f"The {self.name!r} layout has no squeeze-excitation layers; this model has them.")
         stages = _stages(model)
         entries = [("stem_conv", self.stem[0], "conv"), ("stem_bn", self.stem[1], "norm")]
         for i, block in enumerate(network.blocks):
@@ -188,6 +190,11 @@ def get(name: str, model: nn.Module | None = None) -> Layout:
     layout = LAYOUTS[name]
     if model is not None and type(model).__name__ != layout.architecture:
         fits = [n for n, entry in LAYOUTS.items() if entry.architecture == type(model).__name__]
+        if not fits:
+            raise ValueError(
+                f"No weight layout holds a {type(model).__name__} (the layouts hold MobileNetV1 and MobileNetV2); "
+                "keep its weights as a model directory (checkpoint.save_model)."
+            )
         raise ValueError(f"{type(model).__name__} converts to the {' or '.join(map(repr, fits))} layout, not {name!r}.")
     return layout
 
