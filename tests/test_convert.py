@@ -169,6 +169,14 @@ def test_torch_files_are_read_without_torch_as_torch_reads_them(tmp_path, zip_fo
         torch_file.load(str(tmp_path / "cut.pth"))
 
 
+def test_a_torch_file_only_torch_reads_says_so_in_one_sentence_without_torch(tmp_path, monkeypatch):
+    path = tmp_path / "complex.pth"
+    torch.save({"weight": torch.zeros(3, dtype=torch.complex64)}, path)  # a storage type the reader lacks
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ValueError, match=r"lacks \(unsupported storage type .*\); torch reads it: pip install"):
+        convert.load_state_dict(str(path))
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No PyTorch checkpoint"):
         convert.from_torch(str(tmp_path / "nope.pth"))

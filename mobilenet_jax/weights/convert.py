@@ -187,6 +187,10 @@ def _load_torch_file(path: str) -> Any:
         try:
             import torch
         except ImportError:
+            if isinstance(error, torch_file.UnsupportedFormatError):
+                raise errors.UnreadableFileError(
+                    f"{str(error).removesuffix('.')}; torch reads it: pip install -e '.[torch]'."
+                ) from None
             raise error from None
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -43,6 +43,14 @@ _STORAGE_DTYPES = {
 }
 
 
+class UnsupportedFormatError(UnreadableFileError):
+    """A well-formed file using a feature this reader does not implement (torch.load reads it)."""
+
+
+class _Unsupported(pickle.UnpicklingError):
+    pass
+
+
 class _Storage:
     """A storage's dtype and key; its bytes are attached once read (legacy files list them after the pickle)."""
 
@@ -81,7 +89,7 @@ def _storage_dtype(name: str) -> Any:
 
         return ml_dtypes.bfloat16
     if name not in _STORAGE_DTYPES:
-        raise pickle.UnpicklingError(f"unsupported storage type torch.{name}")
+        raise _Unsupported(f"unsupported storage type torch.{name}")
     return _STORAGE_DTYPES[name]
 
 
@@ -114,7 +122,7 @@ class _Unpickler(pickle.Unpickler):
         storage = self.storages[key]
         view = saved_id[5] if len(saved_id) > 5 else None
         if view is not None:  # legacy storage views: (view key, element offset, size)
-            raise pickle.UnpicklingError("storage views are not supported")
+            raise _Unsupported("storage views are not supported")
         return storage
 
 
@@ -136,7 +144,7 @@ def _read_zip(path: str) -> Any:
             raise pickle.UnpicklingError("no <archive>/data.pkl entry")
         prefix = pickles[0][: -len("data.pkl")]
         if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() != b"little":
-            raise pickle.UnpicklingError("big-endian files are not supported")
+            raise _Unsupported("big-endian files are not supported")
         storages: dict[str, _Storage] = {}
         result = _Unpickler(io.BytesIO(archive.read(pickles[0])), storages).load()
         for key, storage in storages.items():
@@ -153,7 +161,7 @@ def _read_legacy(path: str) -> Any:
         if magic != LEGACY_MAGIC:
             raise pickle.UnpicklingError("neither a complete zip archive nor a legacy PyTorch file; truncated?")
         if _Unpickler(f, {}).load() != LEGACY_PROTOCOL:
-            raise pickle.UnpicklingError("unsupported legacy protocol version")
+            raise _Unsupported("unsupported legacy protocol version")
         _Unpickler(f, {}).load()  # the system info: a dict of plain values
         storages: dict[str, _Storage] = {}
         result = _Unpickler(f, storages).load()
@@ -177,6 +185,8 @@ def load(path: str) -> Any:
     try:
         result = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
         return _materialize(result)
+    except _Unsupported as error:
+        raise UnsupportedFormatError(f"{path!r} uses a PyTorch format feature this reader lacks ({error}).") from None
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, zipfile.BadZipFile, struct.error) as error:
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UnreadableFileError(f"Could not read {path!r} as a PyTorch state dict ({detail}).") from None
