@@ -288,14 +288,14 @@ def test_second_call_reuses_the_converted_copy_until_the_source_changes(caches, 
         raise AssertionError("converted again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(convert, "load_with_info", no_conversion)
+        patch.setattr(convert, "load_published", no_conversion)
         second = mobilenet_jax.pretrained(TIMM_V2)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), first.variables, second.variables))
     assert second.directory == first.directory and os.path.isfile(os.path.join(first.directory, "model.json"))
     blob = os.path.realpath(files[TIMM_V2])
     os.utime(blob, ns=(os.stat(blob).st_atime_ns, os.stat(blob).st_mtime_ns + 10**9))  # a newer source file
     with monkeypatch.context() as patch:
-        patch.setattr(convert, "load_with_info", no_conversion)
+        patch.setattr(convert, "load_published", no_conversion)
         with pytest.raises(AssertionError, match="converted again"):
             mobilenet_jax.pretrained(TIMM_V2)
 

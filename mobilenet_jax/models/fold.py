@@ -38,9 +38,9 @@ def fold_batchnorm(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
         )
         bias = np.asarray(norm["bias"], np.float32) - np.asarray(running["mean"], np.float32) * scale
         _set(folded, conv.path, {"kernel": kernel * scale, "bias": bias})
-    for i, block in enumerate(model.network().blocks):  # squeeze-excitations have biases already
-        for conv in block.se_convs(f"block_{i}"):
-            _set(folded, conv.path, {k: np.asarray(v, np.float32) for k, v in table.at(params, conv.path).items()})
-    if "classifier" in params:
-        folded["classifier"] = {k: np.asarray(v, np.float32) for k, v in params["classifier"].items()}
+    # Layers with a bias and no BatchNorm are copied: squeeze-excitations and the classifier.
+    blocks = enumerate(model.network().blocks)
+    unnormalized = [conv.path for i, block in blocks for conv in block.se_convs(f"block_{i}")]
+    for path in unnormalized + (["classifier"] if "classifier" in params else []):
+        _set(folded, path, {k: np.asarray(v, np.float32) for k, v in table.at(params, path).items()})
     return model.clone(folded=True), {"params": folded}

@@ -445,7 +445,8 @@ def load_with_info(source: Any, *, strides: Sequence[int] | None = None) -> Conv
     (a ``keras.Model``, ``.h5``, ``.weights.h5``), or a published model's name
     (:mod:`mobilenet_jax.weights.hub`, fetched into its cache); the layout is detected from the content."""
     if hub.is_name(source):
-        return _load_published(source)
+        item = hub.entry(source)
+        return load_published(item, hub.fetch(item))[0]
     return _load_path(source, strides=strides)
 
 
@@ -460,25 +461,26 @@ def _load_path(source: Any, *, strides: Sequence[int] | None = None) -> Converte
     return Converted(model, variables, layout, PREPROCESSING.get(layout))
 
 
-def _load_published(name: str) -> Converted:
-    """Converts ``name``'s source file (fetched into its cache) with the catalogue's preprocessing record.
+def load_published(item: hub.Entry, path: str) -> tuple[Converted, str]:
+    """Converts a published file already fetched to ``path``, with the catalogue's preprocessing record.
 
-    A cached file that cannot be read is moved aside and fetched again, once.
+    A cached file that cannot be read is moved aside and fetched again, once. Returns the
+    conversion and the path of the file it read.
     """
-    item = hub.entry(name)
-    path = hub.fetch(item)
     try:
         converted = _load_path(path)
     except errors.UnreadableFileError as error:
         moved = hub.move_aside(path)
         if hub.offline():
             raise hub.PretrainedError(
-                f"The cached file of {name} cannot be read ({error}); it was moved to {moved} and downloads are off: "
-                f"put a good copy from {item.url} at {item.cache_path()}."
+                f"The cached file of {item.name} cannot be read ({error}); it was moved to {moved} and downloads "
+                f"are off: put a good copy from {item.url} at {item.cache_path()}."
             ) from None
-        converted = _load_path(hub.fetch(item))
-    inputs = item.preprocessing if name in hub.CATALOGUE else _hub_preprocessing(path, converted.preprocessing)
-    return converted._replace(preprocessing=inputs)
+        path = hub.fetch(item)
+        converted = _load_path(path)
+    known = item.name in hub.CATALOGUE
+    inputs = item.preprocessing if known else _hub_preprocessing(path, converted.preprocessing)
+    return converted._replace(preprocessing=inputs), path
 
 
 def _hub_preprocessing(path: str, detected: Preprocessing | None) -> Preprocessing:

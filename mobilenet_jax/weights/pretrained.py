@@ -52,10 +52,9 @@ class Pretrained(tuple):
 
 def pretrained(name: str) -> Pretrained:
     """The published model ``name`` as ``(model, variables)``; see :func:`list_pretrained` for the names."""
-    item = hub.entry(name)
     directory = model_dir(name)
     model, variables = checkpoint.load_model(directory)
-    return Pretrained(model, variables, checkpoint.read_preprocessing(directory) or item.preprocessing, item, directory)
+    return Pretrained(model, variables, checkpoint.read_preprocessing(directory), hub.entry(name), directory)
 
 
 def model_dir(name: str) -> str:
@@ -63,11 +62,10 @@ def model_dir(name: str) -> str:
     item = hub.entry(name)
     path = hub.fetch(item)
     directory = os.path.join(hub.converted_cache(), name.replace(":", "_").replace("/", "__"))
-    record = _source_record(path)
-    if _read_record(directory) == record:
+    if _read_record(directory) == _source_record(path):
         return directory
-    converted = convert.load_with_info(name)
-    record = _source_record(hub.fetch(item))  # the file may have been fetched again
+    converted, path = convert.load_published(item, path)  # the file may have been fetched again
+    record = _source_record(path)
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     staging = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".converting-")
     try:
