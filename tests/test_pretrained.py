@@ -361,6 +361,8 @@ def test_missing_file_offline_names_the_file_the_cache_path_and_the_url(caches):
         hub.PretrainedError, match="downloads are off .* from https://huggingface.co/timm/mobilenetv2_140"
     ):
         mobilenet_jax.pretrained("timm/mobilenetv2_140.ra_in1k")
+    with pytest.raises(hub.PretrainedError, match=r"\(hf download timm/mobilenetv2_140.ra_in1k model.safetensors\)"):
+        mobilenet_jax.pretrained("timm/mobilenetv2_140.ra_in1k")
 
 
 def test_truncated_cached_file_is_moved_aside_and_fetched_again_when_possible(caches, tmp_path, monkeypatch):

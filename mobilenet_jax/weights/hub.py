@@ -243,6 +243,12 @@ def converted_cache() -> str:
 
 
 def _missing(item: Entry, why: str) -> PretrainedError:
+    if item.source == "timm":  # the Hub cache is blobs, snapshots and refs: its own client fills it
+        return PretrainedError(
+            f"{item.name} is not in its cache and {why}: download {HF_FILENAME} from {item.url} into the Hub cache "
+            f"{hf_hub_cache()} where the Hub can be reached (hf download {item.repo_id} {HF_FILENAME}), then copy "
+            "that cache here."
+        )
     return PretrainedError(
         f"{item.name} is not in its cache and {why}: put {item.filename} from {item.url} at {item.cache_path()}."
     )
