@@ -17,12 +17,20 @@ output) is compared with the float JAX model on the evaluation images: top-1 agr
 the mean over images of the correlation between the two logit vectors, and how often the
 int8 output's two largest logits are equal (a tie its output scale cannot resolve). Methods:
 
-* ``ptq``: the LiteRT converter's post-training quantization, calibrated on the calibration
-  images (what ``export --quantize int8`` does with a dataset).
+* ``ptq``: the LiteRT converter's own post-training quantization (min/max ranges), calibrated
+  on the calibration images;
+* ``ptq+bc``, ``ptq+bc+percentile``: the same images with bias correction, then with
+  99.99th-percentile ranges written into the file (:mod:`mobilenet_jax.deployment.int8`);
+* ``synthetic``: min/max ranges from images synthesized from the model's BatchNorm statistics
+  (no real data at all), then ``synthetic+bc+percentile`` (what ``export --quantize int8``
+  does for a model directory without a dataset) and ``synthetic+cle+bc+percentile`` (with
+  cross-layer equalization, whose ReLU6 -> ReLU change alone moves the float model);
+* ``float, +-1 pixel noise``: not int8 at all, the float model on the evaluation images with
+  uniform noise of at most one grey level added: how stable the float model's own top-1 is on
+  these images, the scale against which int8's disagreement reads.
 
-Issue 20's methods (synthetic calibration, cross-layer equalization, bias correction, QAT)
-join this table as they land. Its anchors: the TFLite figures for MobileNetV2, PTQ 63.7 and
-QAT 70.9 top-1 against 71.9 float; torchvision's QAT MobileNetV2 71.658 against 71.878.
+Anchors: the TFLite figures for MobileNetV2, PTQ 63.7 and QAT 70.9 top-1 against 71.9 float;
+torchvision's QAT MobileNetV2 71.658 against 71.878.
 """
 
 from __future__ import annotations
@@ -46,8 +54,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mobilenet_jax.compression import quantization  # noqa: E402
 from mobilenet_jax.data.preprocessing import IMAGENET  # noqa: E402
-from mobilenet_jax.deployment import export  # noqa: E402
+from mobilenet_jax.deployment import export, int8  # noqa: E402
 from mobilenet_jax.weights import checkpoint, pretrained  # noqa: E402
 
 TUXPAINT = "/usr/share/tuxpaint/stamps"
@@ -118,6 +127,14 @@ def compare(float_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
     return {"top1_agreement": agreement, "logit_correlation": correlation, "top1_ties": ties}
 
 
+def report(method: str, figures: dict) -> None:
+    print(
+        f"{method:28s} top-1 agreement {figures['top1_agreement']:.2%}, "
+        f"mean logit correlation {figures['logit_correlation']:.4f}, "
+        f"top-2 logits tied on {figures['top1_ties']:.1%} ({figures['seconds']} s)"
+    )
+
+
 def per_layer_errors(model, variables, inputs, size, calibration, evaluation) -> list[dict]:
     """TensorFlow's QuantizationDebugger on the ``ptq`` file: each quantized op's output against the float op's on
     the same inputs, as root-mean-square error in units of the op's quantization step (rounding alone: 0.29)."""
@@ -158,6 +175,7 @@ def main() -> None:
     parser.add_argument("--max_images", type=int, default=0, help="use at most this many pictures (0: all)")
     parser.add_argument("--json", default=None, help="write the figures here too")
     parser.add_argument("--per_layer", action="store_true", help="also each int8 op's error (QuantizationDebugger)")
+    parser.add_argument("--synthetic_images", type=int, default=32, help="how many synthetic calibration images")
     args = parser.parse_args()
 
     directory = pretrained.local_source(args.model)
@@ -171,20 +189,30 @@ def main() -> None:
 
     forward = jax.jit(export.inference_function(model, variables, inputs))
     float_logits = np.concatenate([np.asarray(forward(evaluation[i : i + 32])) for i in range(0, len(evaluation), 32)])
-    methods = {"ptq": lambda: [image[None] for image in calibration]}
+    start = time.time()
+    synthetic = quantization.synthetic_images(model, variables, inputs, args.synthetic_images, args.size)
+    print(f"{len(synthetic)} synthetic calibration images in {time.time() - start:.0f} s")
+    plain = int8.Recipe(ranges="minmax", bias_correction=False)
+    methods = {
+        "ptq": (calibration, plain),
+        "ptq+bc": (calibration, plain._replace(bias_correction=True)),
+        "ptq+bc+percentile": (calibration, int8.Recipe()),
+        "synthetic": (synthetic, plain),
+        "synthetic+bc+percentile": (synthetic, int8.Recipe()),
+        "synthetic+cle+bc+percentile": (synthetic, int8.Recipe(equalize=True)),
+    }
     results = {}
-    for method, calibration_set in methods.items():
+    for method, (images, recipe) in methods.items():
         start = time.time()
-        data = export.to_tflite(
-            model, variables, args.size, "int8", calibration=calibration_set(), preprocessing=inputs
-        )
-        int8_logits = export.TFLiteModel(data)(evaluation)
-        results[method] = {**compare(float_logits, int8_logits), "seconds": round(time.time() - start, 1)}
-        print(
-            f"{method:12s} top-1 agreement {results[method]['top1_agreement']:.2%}, "
-            f"mean logit correlation {results[method]['logit_correlation']:.4f}, "
-            f"top-2 int8 logits tied on {results[method]['top1_ties']:.1%} ({results[method]['seconds']} s)"
-        )
+        data = export.to_int8_tflite(model, variables, args.size, "float32", images, inputs, recipe)
+        results[method] = {**compare(float_logits, export.TFLiteModel(data)(evaluation)), "seconds": 0.0}
+        results[method]["seconds"] = round(time.time() - start, 1)
+        report(method, results[method])
+    noise = np.random.default_rng(0).uniform(-1, 1, evaluation.shape).astype(np.float32)
+    noisy = np.clip(evaluation + noise, 0, 255)
+    noisy_logits = np.concatenate([np.asarray(forward(noisy[i : i + 32])) for i in range(0, len(noisy), 32)])
+    results["float, +-1 pixel noise"] = {**compare(float_logits, noisy_logits), "seconds": 0.0}
+    report("float, +-1 pixel noise", results["float, +-1 pixel noise"])
     layers = []
     if args.per_layer:
         layers = per_layer_errors(model, variables, inputs, args.size, calibration, evaluation)

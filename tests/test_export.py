@@ -221,8 +221,23 @@ def test_float_and_dynamic_graphs_and_bad_requests(tmp_path):
     with pytest.raises(UserError, match="has no model.json"):
         export.export(str(empty), str(tmp_path / "m.tflite"))
     checkpoint.save_model(tmp_path / "model", model, variables)
-    with pytest.raises(UserError, match="--quantize int8 needs calibration images: pass --config"):
-        export.export(str(tmp_path / "model"), str(tmp_path / "m.tflite"), quantize="int8", image_size=16)
+    dataset = export.int8.Recipe(calibration="dataset")
+    with pytest.raises(UserError, match="--calibration dataset needs --config naming the training dataset"):
+        export.export(str(tmp_path / "model"), str(tmp_path / "m.tflite"), quantize="int8", recipe=dataset)
+    with pytest.raises(UserError, match="--ranges must be one of"):
+        export.export(str(tmp_path / "model"), "m", quantize="int8", recipe=dataset._replace(ranges="kl"))
+
+
+def test_int8_export_without_data_calibrates_on_synthetic_images(tmp_path):
+    """A model directory has no dataset: int8 export synthesizes calibration images from its BatchNorm statistics
+    (bias correction and percentile ranges on them) and stays close to the float model."""
+    model = MobileNetV1(num_classes=4, width=0.25)
+    variables = random_variables(model, 16)
+    checkpoint.save_model(tmp_path / "model", model, variables)
+    report = export.export(str(tmp_path / "model"), str(tmp_path / "m.tflite"), quantize="int8", image_size=16)
+    assert "32 synthetic calibration images" in report and "bias_correction True" in report, report
+    rgb = rgb_images(32, 16, seed=100)
+    assert_int8_close(export.TFLiteModel(str(tmp_path / "m.tflite"))(rgb), jax_logits(model, variables, rgb))
 
 
 def test_missing_extra_names_the_pip_command(monkeypatch):

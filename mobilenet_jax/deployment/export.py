@@ -39,6 +39,7 @@ from flax import linen as nn
 
 from mobilenet_jax import cli, errors
 from mobilenet_jax.data.preprocessing import IMAGENET, Preprocessing
+from mobilenet_jax.deployment import int8, tflite_ranges
 from mobilenet_jax.models.fold import fold_batchnorm
 
 QUANTIZE = ("none", "int8", "dynamic")
@@ -54,7 +55,8 @@ STDDEV_RGB = np.array(IMAGENET.stddev_rgb, np.float32)
 def inference_function(
     model: nn.Module, variables: dict, preprocessing: Preprocessing | None = None
 ) -> Callable[[jax.Array], jax.Array]:
-    """``images (N, H, W, 3) RGB 0..255 -> logits``: normalisation, then the model's BatchNorm-folded form.
+    """``images (N, H, W, 3) RGB 0..255 -> logits``: normalisation, then the model's BatchNorm-folded form
+    (``model`` itself when it is folded already).
 
     ``preprocessing`` (a model directory's ``preprocessing.json``, e.g. Keras weights'
     [-1, 1] scaling) replaces the ImageNet normalisation of the training pipeline.
@@ -62,7 +64,10 @@ def inference_function(
     preprocessing = preprocessing or IMAGENET
     if model.num_classes is None:
         raise errors.UserError("Export needs a model with a classifier (num_classes is None).")
-    folded, folded_variables = fold_batchnorm(model.clone(dtype=jnp.float32, param_dtype=jnp.float32), variables)
+    if getattr(model, "folded", False):  # already the inference form (deployment.int8.prepare)
+        folded, folded_variables = model, variables
+    else:
+        folded, folded_variables = fold_batchnorm(model.clone(dtype=jnp.float32, param_dtype=jnp.float32), variables)
     folded_variables = jax.tree.map(jnp.asarray, folded_variables)
 
     def forward(images):
@@ -206,6 +211,29 @@ class TFLiteModel:
         return np.stack(outputs)
 
 
+def to_int8_tflite(
+    model: nn.Module,
+    variables: dict,
+    image_size: int,
+    io_dtype: str,
+    images: np.ndarray,
+    preprocessing: Preprocessing | None = None,
+    recipe: int8.Recipe | None = None,
+) -> bytes:
+    """The full-integer ``.tflite`` of the model calibrated on ``images`` (RGB 0..255, (N, H, W, 3)) as
+    ``recipe`` says: equalization and bias correction before conversion, chosen ranges written after."""
+    recipe = (recipe or int8.Recipe()).check()
+    preprocessing = preprocessing or IMAGENET
+    prepared = int8.prepare(model, variables, preprocessing, np.asarray(images, np.float32), recipe)
+    calibration = [image[None] for image in prepared.calibration]
+    data = to_tflite(
+        prepared.model, prepared.variables, image_size, "int8", io_dtype, calibration, preprocessing=preprocessing
+    )
+    if prepared.ranges is not None:
+        data = tflite_ranges.write_ranges(data, prepared.model.network(), prepared.ranges)
+    return data
+
+
 # ----------------------------------------------------------------------------- StableHLO
 
 
@@ -281,8 +309,12 @@ def export(
     weights: str = "ema",
     step: int | None = None,
     calibration_count: int = 300,
+    recipe: int8.Recipe | None = None,
 ) -> str:
-    """Writes SOURCE's model to ``out`` (a ``.tflite`` file, or a StableHLO file) and returns a one-line report."""
+    """Writes SOURCE's model to ``out`` (a ``.tflite`` file, or a StableHLO file) and returns a one-line report.
+
+    ``recipe`` says how int8 is calibrated (:mod:`mobilenet_jax.deployment.int8`).
+    """
     from mobilenet_jax.weights import checkpoint
 
     if fmt not in FORMATS:
@@ -301,19 +333,29 @@ def export(
             raise errors.UserError(f"--format {fmt} exports float32 only; drop --quantize and --io_dtype.")
         data = (to_stablehlo if fmt == "stablehlo" else to_onnx)(model, variables, image_size, preprocessing)
     else:
-        calibration = None
+        how = ""
         if quantize == "int8":
-            if config is None:
+            recipe = (recipe or int8.Recipe()).check()
+            from_dataset = recipe.calibration == "dataset" or (recipe.calibration == "auto" and config is not None)
+            if from_dataset and config is None:
                 raise errors.UserError(
-                    "--quantize int8 needs calibration images: pass --config naming the training dataset "
-                    "(a training workdir supplies its own)."
+                    "--calibration dataset needs --config naming the training dataset (a training workdir supplies "
+                    "its own); --calibration synthetic needs no data."
                 )
-            calibration = calibration_images(config, calibration_count)
-        data = to_tflite(model, variables, image_size, quantize, io_dtype, calibration, preprocessing=preprocessing)
+            if from_dataset:
+                images = np.concatenate(calibration_images(config, calibration_count))
+            else:
+                images = int8.synthetic_calibration(model, variables, preprocessing or IMAGENET, image_size, recipe)
+            data = to_int8_tflite(model, variables, image_size, io_dtype, images, preprocessing, recipe)
+            how = f", {len(images)} {'dataset' if from_dataset else 'synthetic'} calibration images, " + ", ".join(
+                f"{k} {v}" for k, v in recipe._asdict().items() if k not in ("calibration",)
+            )
+        else:
+            data = to_tflite(model, variables, image_size, quantize, io_dtype, preprocessing=preprocessing)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "wb") as f:
         f.write(data)
-    return f"Wrote {out} ({fmt}, quantize {quantize}, {image_size}x{image_size}, {len(data) / 1e6:.2f} MB)"
+    return f"Wrote {out} ({fmt}, quantize {quantize}, {image_size}x{image_size}, {len(data) / 1e6:.2f} MB{how})"
 
 
 def main(argv: list[str]) -> None:
@@ -341,6 +383,14 @@ def main(argv: list[str]) -> None:
                 weights=FLAGS.weights,
                 step=FLAGS.step,
                 calibration_count=FLAGS.calibration_images,
+                recipe=int8.Recipe(
+                    calibration=FLAGS.calibration,
+                    ranges=FLAGS.ranges,
+                    bias_correction=FLAGS.bias_correction,
+                    equalize=FLAGS.equalize,
+                    synthetic_images=FLAGS.synthetic_images,
+                    synthetic_steps=FLAGS.synthetic_steps,
+                ),
             )
         )
 
@@ -361,6 +411,17 @@ def _define_flags() -> None:
     flags.DEFINE_enum("weights", "ema", ["ema", "live"], "Which weights of a training checkpoint to export.")
     flags.DEFINE_integer("step", None, "Export this checkpoint step of a workdir (default: the newest good one).")
     flags.DEFINE_integer("calibration_images", 300, "Training images used to calibrate int8 quantization.")
+    defaults = int8.Recipe()
+    flags.DEFINE_enum(
+        "calibration", defaults.calibration, list(int8.CALIBRATIONS),
+        "int8 calibration images: the config's dataset, images synthesized from the model's BatchNorm statistics, "
+        "or auto (the dataset when a config names one).",
+    )  # fmt: skip
+    flags.DEFINE_enum("ranges", defaults.ranges, ["minmax", "percentile", "mse"], "int8 activation ranges.")
+    flags.DEFINE_boolean("bias_correction", defaults.bias_correction, "Correct biases for int8 weights' mean shift.")
+    flags.DEFINE_boolean("equalize", defaults.equalize, "Cross-layer equalization (ReLU6 becomes ReLU).")
+    flags.DEFINE_integer("synthetic_images", defaults.synthetic_images, "How many synthetic calibration images.")
+    flags.DEFINE_integer("synthetic_steps", defaults.synthetic_steps, "Optimization steps per synthetic batch.")
 
 
 def run_command() -> None:
