@@ -13,7 +13,8 @@ A converted ImageNet model comes without ImageNet, so calibration need not use r
   shift its int8 weights cause on the calibration images;
 * ``ranges``: ``'minmax'`` keeps the converter's calibration, ``'percentile'`` and ``'mse'``
   write clipped ranges into the file (:mod:`mobilenet_jax.deployment.tflite_ranges`); the
-  logits keep their full range, since clipping the largest logit ties classes.
+  logits keep their full range, since clipping the largest logit ties classes. Networks with
+  squeeze-excitation keep the converter's ranges (their gates' ops are not mapped yet).
 
 :func:`prepare` applies the recipe to a model and returns the folded model, its
 variables, the calibration images and the ranges to write.
@@ -95,7 +96,8 @@ def prepare(
     if recipe.bias_correction:
         params = quantization.bias_correction(network, params, batches, preprocessing, model.padding)
     ranges = None
-    if recipe.ranges != "minmax":
+    # Squeeze-excitation gates add ops that tflite_ranges does not map yet: those networks keep the converter's.
+    if recipe.ranges != "minmax" and not any(block.se_channels for block in network.blocks):
         stats = quantization.observe(network, params, batches, preprocessing, model.padding)
         ranges = {point: quantization.choose_range(stat, recipe.ranges) for point, stat in stats.items()}
         ranges["logits"] = quantization.choose_range(stats["logits"], "minmax")
