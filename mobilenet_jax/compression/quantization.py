@@ -190,13 +190,9 @@ def observe(
     preprocessing: Preprocessing,
     padding: str = "torch",
     samples_per_batch: int = 4096,
-    ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, dict]:
-    """Per point: ``min``, ``max`` and a fixed random sample of its values over ``batches`` of RGB 0..255 images.
-
-    With ``ranges`` the network runs fake-quantized at the points already given (so that
-    later points are calibrated on what the int8 model feeds them).
-    """
+    """Per point: ``min``, ``max`` and a fixed random sample of its values over ``batches`` of RGB 0..255 images
+    (the float network's, as the converter calibrates)."""
 
     @jax.jit
     def run(images, key):
@@ -206,10 +202,9 @@ def observe(
             flat = x.reshape(-1)
             pick = jax.random.randint(jax.random.fold_in(key, len(seen)), (samples_per_batch,), 0, flat.shape[0])
             seen[point] = (jnp.min(x), jnp.max(x), flat[pick])
-            return fake_quant(x, *ranges[point]) if ranges and point in ranges else x
+            return x
 
-        weights = (lambda path, kernel: fake_quant_weights(kernel)) if ranges else None
-        graph(network, params, images, preprocessing, padding, hook, weights)
+        graph(network, params, images, preprocessing, padding, hook)
         return seen
 
     stats: dict[str, dict] = {}
