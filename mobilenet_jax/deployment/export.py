@@ -347,8 +347,9 @@ def export(
             else:
                 images = int8.synthetic_calibration(model, variables, preprocessing or IMAGENET, image_size, recipe)
             data = to_int8_tflite(model, variables, image_size, io_dtype, images, preprocessing, recipe)
+            shown = ("ranges", "bias_correction", "equalize") + (() if from_dataset else ("synthetic_steps",))
             how = f", {len(images)} {'dataset' if from_dataset else 'synthetic'} calibration images, " + ", ".join(
-                f"{k} {v}" for k, v in recipe._asdict().items() if k not in ("calibration",)
+                f"{k} {v}" for k, v in recipe._asdict().items() if k in shown
             )
         else:
             data = to_tflite(model, variables, image_size, quantize, io_dtype, preprocessing=preprocessing)
