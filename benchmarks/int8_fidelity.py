@@ -15,7 +15,9 @@ never share an image.
 For each method, the int8 file (per-channel weights, int8 activations, float32 input and
 output) is compared with the float JAX model on the evaluation images: top-1 agreement and
 the mean over images of the correlation between the two logit vectors, and how often the
-int8 output's two largest logits are equal (a tie its output scale cannot resolve). Methods:
+int8 output's two largest logits are equal (a tie its output scale cannot resolve), and the
+agreement on the confident subset: images where the float model gives its top-1 a softmax
+probability of at least 0.5. Methods:
 
 * ``ptq``: the LiteRT converter's own post-training quantization (min/max ranges), calibrated
   on the calibration images;
@@ -60,6 +62,7 @@ from mobilenet_jax.deployment import export, int8  # noqa: E402
 from mobilenet_jax.weights import checkpoint, pretrained  # noqa: E402
 
 TUXPAINT = "/usr/share/tuxpaint/stamps"
+CONFIDENT = 0.5  # images whose float top-1 has at least this softmax probability form the confident subset
 
 
 def natural_images(folder: str | None) -> list[tuple[str, Image.Image]]:
@@ -120,16 +123,25 @@ def split(images, size, inputs, calibration_share):
 
 
 def compare(float_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
-    agreement = float(np.mean(float_logits.argmax(-1) == int8_logits.argmax(-1)))
+    same = float_logits.argmax(-1) == int8_logits.argmax(-1)
+    agreement = float(np.mean(same))
+    confident = np.asarray(jax.nn.softmax(float_logits, axis=-1)).max(-1) >= CONFIDENT
     correlation = float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(float_logits, int8_logits, strict=True)]))
     top2 = np.sort(int8_logits, axis=-1)[:, -2:]
     ties = float(np.mean(top2[:, 0] == top2[:, 1]))  # the int8 output cannot tell its two best classes apart
-    return {"top1_agreement": agreement, "logit_correlation": correlation, "top1_ties": ties}
+    return {
+        "top1_agreement": agreement,
+        "logit_correlation": correlation,
+        "top1_ties": ties,
+        "confident_images": int(confident.sum()),
+        "top1_agreement_confident": float(np.mean(same[confident])) if confident.any() else float("nan"),
+    }
 
 
 def report(method: str, figures: dict) -> None:
     print(
         f"{method:28s} top-1 agreement {figures['top1_agreement']:.2%}, "
+        f"on the {figures['confident_images']} confident images {figures['top1_agreement_confident']:.2%}, "
         f"mean logit correlation {figures['logit_correlation']:.4f}, "
         f"top-2 logits tied on {figures['top1_ties']:.1%} ({figures['seconds']} s)"
     )
