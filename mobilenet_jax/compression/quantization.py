@@ -389,13 +389,13 @@ def equalization_pairs(network: table.Network) -> list[tuple[table.Conv, table.C
     """Consecutive convolutions ``(first, second)`` where ``second`` alone reads ``first``'s channels: in each
     channel group with one producer, no squeeze-excitation and one convolution reading it, the producer, the
     depthwise layers it passes through, and the reader, pair by pair."""
+    by_path = {conv.path: conv for conv in network.convs()}  # squeeze-excitation convs are not in it
     pairs = []
     for group in table.channel_groups(network):
-        readers = [path for path in group.readers if path != "classifier"]
-        if len(group.producers) != 1 or len(group.readers) != 1 or len(readers) != 1:
+        (producer, *others), readers = group.producers, group.readers
+        if others or len(readers) != 1 or readers[0] not in by_path or producer.path not in by_path:
             continue
-        by_path = {conv.path: conv for conv in network.convs()}
-        chain = [group.producers[0], *group.passes, by_path[readers[0]]]
+        chain = [producer, *group.passes, by_path[readers[0]]]
         pairs += list(zip(chain[:-1], chain[1:], strict=True))
     return pairs
 

@@ -76,9 +76,9 @@ def _requantize_bias(model, op, old_scale: float, new_scale: float) -> None:
     bias = graph.tensors[op.inputs[2]]
     buffer = model.buffers[bias.buffer]
     values = np.frombuffer(bytes(bytearray(buffer.data)), np.int32).astype(np.float64)
-    scales = np.asarray(bias.quantization.scale, np.float64)
-    requantized = np.round(values * scales / (scales * new_scale / old_scale))
-    bias.quantization.scale = (scales * new_scale / old_scale).astype(np.float32)
+    ratio = new_scale / old_scale  # bias scale = input scale * weight scale, per channel
+    requantized = np.round(values / ratio)
+    bias.quantization.scale = (np.asarray(bias.quantization.scale, np.float64) * ratio).astype(np.float32)
     limits = np.iinfo(np.int32)
     buffer.data = np.clip(requantized, limits.min, limits.max).astype("<i4").view(np.uint8)
 
