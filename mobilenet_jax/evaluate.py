@@ -1,7 +1,8 @@
 """Top-1/top-5 over a whole split: ``python -m mobilenet_jax.evaluate --config ... --workdir DIR``.
 
 Weights come from one of:
-* ``--workdir DIR``: the newest good checkpoint of a training run (EMA weights unless ``--weights=live``);
+* ``--workdir DIR``: the newest good checkpoint of a training run (EMA weights unless ``--weights=live``;
+  a quantization-aware run is evaluated as its simulated int8);
 * ``--model_dir DIR``: a directory written by ``python -m mobilenet_jax.convert``;
 * ``--torch_weights FILE.pth``: a PyTorch state dict, converted on the fly;
 * ``--tflite FILE.tflite``: an exported file, run in the LiteRT interpreter (with one of
@@ -50,9 +51,11 @@ def load_weights(
     torch_weights: str | None = None,
     weights: str = "ema",
 ):
-    """``(model, variables)`` from exactly one source, computing in the config's precision."""
+    """``(model, variables)`` from exactly one source, computing in the config's precision; a workdir trained with
+    quantization-aware training gives its simulated int8 form (``compression.qat.QuantizationAware``)."""
     import jax.numpy as jnp
 
+    from mobilenet_jax.compression import qat
     from mobilenet_jax.weights import checkpoint, convert
 
     sources = [s for s in (workdir, model_dir, torch_weights) if s]
@@ -62,7 +65,10 @@ def load_weights(
     if torch_weights:
         model, variables = convert.from_torch(torch_weights)
         return model.clone(dtype=dtype), variables
-    return checkpoint.load_any(sources[0], weights=weights, dtype=dtype)
+    model, variables = checkpoint.load_any(sources[0], weights=weights, dtype=dtype)
+    if qat.learned_ranges(variables) is not None:  # trained quantization-aware: evaluate it as int8 runs it
+        model = qat.QuantizationAware(model)
+    return model, variables
 
 
 def run(config, **sources) -> dict:

@@ -177,3 +177,56 @@ def test_ranges_written_into_the_file_are_the_ones_the_int8_model_uses():
     clipped_step = (clipped["logits"][1] - clipped["logits"][0]) / 255
     assert np.abs(written - simulated(clipped)).max() <= 2.01 * clipped_step
     assert np.abs(written - converted).max() > 5 * step
+
+
+@pytest.mark.slow
+def test_quantization_aware_training_freezes_on_schedule_and_its_tflite_reproduces_it(tmp_path, image_folder):
+    """train.py's path with --config.quantization_aware from a float model: BatchNorm statistics move for 2 steps
+    and the ranges for 3, then freeze; the int8 export writes the learned ranges, and the LiteRT file computes
+    what the QAT model (as evaluate loads it) computes."""
+    pytest.importorskip("ai_edge_litert")
+    from configs import v1
+    from mobilenet_jax import evaluate
+    from mobilenet_jax.compression import qat
+    from mobilenet_jax.deployment import export
+    from mobilenet_jax.training import loop
+    from mobilenet_jax.weights import checkpoint
+    from tests.test_training import tiny
+
+    source = MobileNetV1(num_classes=4, width=0.25)
+    checkpoint.save_model(tmp_path / "float", source, random_variables(source, 32))
+    workdir = str(tmp_path / "qat")
+    config = tiny(
+        v1.get_config(), dataset="folder", data_dir=str(image_folder), init_from=str(tmp_path / "float"),
+        quantization_aware=True, num_train_steps=4, checkpoint_every_steps=1, keep_checkpoints=4,
+        qat_freeze_bn_epochs=0.25, qat_freeze_ranges_epochs=0.375,  # 8 steps per epoch: steps 2 and 3
+    )  # fmt: skip
+    _, results = loop.train_and_evaluate(config, workdir)
+    manager = checkpoint.TrainCheckpoints(workdir, read_only=True)
+    states = {step: manager.restore_weights(step)["batch_stats"] for step in (1, 2, 3, 4)}
+    manager.close()
+
+    def bn(step):
+        return np.asarray(states[step]["block_3"]["bn_pw"]["mean"])
+
+    def ranges(step):
+        return np.stack([np.asarray(v) for v in states[step][qat.KEY]["ranges"].values()])
+
+    assert [float(states[s][qat.KEY]["steps"]) for s in (1, 2, 3, 4)] == [1, 2, 3, 4]
+    assert not np.allclose(bn(1), bn(2)) and np.array_equal(bn(2), bn(3)) and np.array_equal(bn(3), bn(4))
+    assert not np.allclose(ranges(2), ranges(3)) and np.array_equal(ranges(3), ranges(4))
+    assert set(qat.learned_ranges({"batch_stats": states[4]})) == set(Q.points(source.network()))
+
+    report = export.export(workdir, str(tmp_path / "qat.tflite"), quantize="int8")
+    assert "ranges learned by quantization-aware training" in report, report
+    model, variables = evaluate.load_weights(config, workdir=workdir)
+    assert isinstance(model, qat.QuantizationAware)
+    rgb = rgb_images(32, 32, seed=21)
+    simulated = np.asarray(model.apply(variables, IMAGENET.normalize(jnp.asarray(rgb)), train=False))
+    low, high = qat.learned_ranges(variables)["logits"]
+    step = (high - low) / 255  # one int8 step of the logits
+    tflite = export.TFLiteModel(str(tmp_path / "qat.tflite"))(rgb)
+    print(f"QAT: tflite vs simulated int8 max {np.abs(tflite - simulated).max() / step:.2f} logit steps")
+    assert np.abs(tflite - simulated).max() <= 2.01 * step
+    assert np.mean(tflite.argmax(-1) == simulated.argmax(-1)) >= 0.95
+    assert results["validation"]["examples"] == 20

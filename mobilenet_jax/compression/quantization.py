@@ -52,20 +52,15 @@ def _keep(point: str, x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- the folded network, point by point
 
 
-def apply_conv(conv: table.Conv, params: Mapping, x: jax.Array, padding: str) -> jax.Array:
-    """One folded convolution (kernel and bias, as ``fold_batchnorm`` writes them) and its activation."""
-    kernel, bias = params["kernel"], params["bias"]
+def convolution(conv: table.Conv, kernel: jax.Array, x: jax.Array, padding: str) -> jax.Array:
+    """``conv``'s convolution of ``x`` with ``kernel`` alone: no bias, no activation."""
     if conv.kind == "depthwise":
         x, pad = layers.pad_input(x, conv.kernel, conv.stride, padding, depthwise=True)
-        y = layers.depthwise_conv(x, kernel, conv.stride, pad, "xla")
-    elif conv.kind == "pointwise":
-        y = layers.pointwise_conv(x, kernel)
-    else:
-        pads = tuple(layers.pad_amounts(n, conv.kernel, conv.stride, padding) for n in x.shape[1:3])
-        y = lax.conv_general_dilated(
-            x, kernel, (conv.stride,) * 2, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )  # fmt: skip
-    return common.activation(conv.activation)(y + bias)
+        return layers.depthwise_conv(x, kernel, conv.stride, pad, "xla")
+    if conv.kind == "pointwise":
+        return layers.pointwise_conv(x, kernel)
+    pads = tuple(layers.pad_amounts(n, conv.kernel, conv.stride, padding) for n in x.shape[1:3])
+    return lax.conv_general_dilated(x, kernel, (conv.stride,) * 2, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def graph(
@@ -77,18 +72,24 @@ def graph(
     hook: Hook = _keep,
     weights: Callable[[str, jax.Array], jax.Array] | None = None,
     conv_inputs: Callable[[table.Conv, jax.Array], None] | None = None,
+    convolve: Callable[[table.Conv, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Logits of the folded network on RGB 0..255 ``images``, ``hook(point, x)`` applied at every quantization
     point (see the module docstring) and ``weights(path, kernel)`` to every kernel (the classifier's too);
-    ``conv_inputs(conv, x)`` sees each convolution's input."""
+    ``conv_inputs(conv, x)`` sees each convolution's input. ``convolve(conv, x)``, if given, computes each
+    convolution that has a BatchNorm up to its activation from ``params`` of the unfolded network (what
+    quantization-aware training folds as it goes); the other layers read ``params`` as folded."""
 
     def layer(conv: table.Conv, x: jax.Array) -> jax.Array:
-        entry = table.at(params, conv.path)
         if conv_inputs is not None:
             conv_inputs(conv, x)
-        if weights is not None:
-            entry = {**entry, "kernel": weights(conv.path, entry["kernel"])}
-        return hook(conv.path, apply_conv(conv, entry, x, padding))
+        if convolve is not None and conv.norm:
+            y = convolve(conv, x)
+        else:
+            entry = table.at(params, conv.path)
+            kernel = entry["kernel"] if weights is None else weights(conv.path, entry["kernel"])
+            y = convolution(conv, kernel, x, padding) + entry["bias"]
+        return hook(conv.path, common.activation(conv.activation)(y))
 
     x = hook("input", images.astype(jnp.float32))
     x = hook("normalized", preprocessing.normalize(x))
@@ -261,9 +262,8 @@ def bias_correction(
 
         def see(conv, x):
             entry = table.at(params, conv.path)
-            error = {"kernel": fake_quant_weights(entry["kernel"]) - entry["kernel"], "bias": 0.0}
-            plain = conv._replace(activation=None)
-            found[conv.path] = jnp.mean(apply_conv(plain, error, x, padding), axis=tuple(range(x.ndim - 1)))
+            error = fake_quant_weights(entry["kernel"]) - entry["kernel"]
+            found[conv.path] = jnp.mean(convolution(conv, error, x, padding), axis=tuple(range(x.ndim - 1)))
 
         graph(network, params, images, preprocessing, padding, conv_inputs=see)
         return found

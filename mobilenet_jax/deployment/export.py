@@ -38,6 +38,7 @@ import numpy as np
 from flax import linen as nn
 
 from mobilenet_jax import cli, errors
+from mobilenet_jax.compression import qat
 from mobilenet_jax.data.preprocessing import IMAGENET, Preprocessing
 from mobilenet_jax.deployment import int8, tflite_ranges
 from mobilenet_jax.models.fold import fold_batchnorm
@@ -297,6 +298,28 @@ def calibration_images(config, count: int = 300) -> list[np.ndarray]:
     return images
 
 
+def _int8_file(model, variables, config, image_size, io_dtype, preprocessing, recipe, calibration_count):
+    """``(data, how)``: the full-integer file of :func:`export` and the report's words on its calibration."""
+    recipe = (recipe or int8.Recipe()).check()
+    from_dataset = recipe.calibration == "dataset" or (recipe.calibration == "auto" and config is not None)
+    if from_dataset and config is None:
+        raise errors.UserError(
+            "--calibration dataset needs --config naming the training dataset (a training workdir supplies "
+            "its own); --calibration synthetic needs no data."
+        )
+    if from_dataset:
+        images = np.concatenate(calibration_images(config, calibration_count))
+    else:
+        images = int8.synthetic_calibration(model, variables, preprocessing or IMAGENET, image_size, recipe)
+    data = to_int8_tflite(model, variables, image_size, io_dtype, images, preprocessing, recipe)
+    if qat.learned_ranges(variables) is not None:
+        return data, ", the ranges learned by quantization-aware training"
+    shown = ("ranges", "bias_correction", "equalize") + (() if from_dataset else ("synthetic_steps",))
+    return data, f", {len(images)} {'dataset' if from_dataset else 'synthetic'} calibration images, " + ", ".join(
+        f"{k} {v}" for k, v in recipe._asdict().items() if k in shown
+    )
+
+
 def export(
     source: str,
     out: str,
@@ -335,21 +358,8 @@ def export(
     else:
         how = ""
         if quantize == "int8":
-            recipe = (recipe or int8.Recipe()).check()
-            from_dataset = recipe.calibration == "dataset" or (recipe.calibration == "auto" and config is not None)
-            if from_dataset and config is None:
-                raise errors.UserError(
-                    "--calibration dataset needs --config naming the training dataset (a training workdir supplies "
-                    "its own); --calibration synthetic needs no data."
-                )
-            if from_dataset:
-                images = np.concatenate(calibration_images(config, calibration_count))
-            else:
-                images = int8.synthetic_calibration(model, variables, preprocessing or IMAGENET, image_size, recipe)
-            data = to_int8_tflite(model, variables, image_size, io_dtype, images, preprocessing, recipe)
-            shown = ("ranges", "bias_correction", "equalize") + (() if from_dataset else ("synthetic_steps",))
-            how = f", {len(images)} {'dataset' if from_dataset else 'synthetic'} calibration images, " + ", ".join(
-                f"{k} {v}" for k, v in recipe._asdict().items() if k in shown
+            data, how = _int8_file(
+                model, variables, config, image_size, io_dtype, preprocessing, recipe, calibration_count
             )
         else:
             data = to_tflite(model, variables, image_size, quantize, io_dtype, preprocessing=preprocessing)

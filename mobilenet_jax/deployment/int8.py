@@ -17,7 +17,9 @@ A converted ImageNet model comes without ImageNet, so calibration need not use r
   squeeze-excitation keep the converter's ranges (their gates' ops are not mapped yet).
 
 :func:`prepare` applies the recipe to a model and returns the folded model, its
-variables, the calibration images and the ranges to write.
+variables, the calibration images and the ranges to write. A model trained with
+quantization-aware training (:mod:`mobilenet_jax.compression.qat`) is converted as it
+was trained: its learned ranges are written, and nothing else changes its weights.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 from flax import linen as nn
 
 from mobilenet_jax import errors
-from mobilenet_jax.compression import quantization
+from mobilenet_jax.compression import qat, quantization
 from mobilenet_jax.data.preprocessing import Preprocessing
 from mobilenet_jax.models.fold import fold_batchnorm
 from mobilenet_jax.models.mobilenet import MobileNet
@@ -85,8 +87,12 @@ def prepare(
     model: nn.Module, variables: dict, preprocessing: Preprocessing, images: np.ndarray, recipe: Recipe
 ) -> Prepared:
     """The folded model and variables to convert, after equalization and bias correction on ``images``, and the
-    ranges to write (see the module docstring)."""
+    ranges to write (see the module docstring). A model trained with quantization-aware training keeps its
+    weights and brings its own ranges: the recipe does not apply."""
     folded, folded_variables = fold_batchnorm(model.clone(dtype=jnp.float32, param_dtype=jnp.float32), variables)
+    learned = qat.learned_ranges(variables)
+    if learned is not None:
+        return Prepared(folded, folded_variables, images, learned)
     network, params = model.network(), jax.tree.map(jnp.asarray, folded_variables["params"])
     if recipe.equalize:
         network, params = quantization.equalize(network, params)
@@ -100,6 +106,7 @@ def prepare(
     if recipe.ranges != "minmax" and not any(block.se_channels for block in network.blocks):
         stats = quantization.observe(network, params, batches, preprocessing, model.padding)
         ranges = {point: quantization.choose_range(stat, recipe.ranges) for point, stat in stats.items()}
-        ranges["logits"] = quantization.choose_range(stats["logits"], "minmax")
+        for point in ("normalized", "logits"):  # the input's full range; see the module docstring for logits
+            ranges[point] = quantization.choose_range(stats[point], "minmax")
     params = jax.tree.map(np.asarray, params)
     return Prepared(folded, {"params": params}, images, ranges)

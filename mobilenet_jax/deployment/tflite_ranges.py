@@ -8,7 +8,8 @@ learned) in the converted flatbuffer:
 
 * each point's tensor is found by position: the k-th ``CONV_2D``/``DEPTHWISE_CONV_2D``
   op's output is the table's k-th convolution, the k-th ``ADD`` the k-th residual sum,
-  ``QUANTIZE`` the input, ``SUM``/``MEAN`` the pooling, ``FULLY_CONNECTED`` the logits;
+  ``QUANTIZE`` the input, the first convolution's input (before its ``PAD``) the
+  normalized input, ``SUM``/``MEAN`` the pooling, ``FULLY_CONNECTED`` the logits;
   the op counts must match the table;
 * its scale and zero point become the range's (nudged to an integer zero point, as
   ``fake_quant`` rounds), and ops that must keep their input's (``PAD``) follow;
@@ -63,9 +64,21 @@ def _point_tensors(model, network: table.Network) -> dict[str, tuple[int, float]
         factor = float(shape[1] * shape[2])
     tensors["pool"] = (pool.outputs[0], factor)
     tensors["input"] = (by_kind["QUANTIZE"][0].outputs[0], 1.0)
+    normalized = _first_conv_input(graph, names, by_kind["CONV"][0])
+    if normalized != tensors["input"][0]:  # the normalization's output, unless it is folded away
+        tensors["normalized"] = (normalized, 1.0)
     if "FULLY_CONNECTED" in by_kind:
         tensors["logits"] = (by_kind["FULLY_CONNECTED"][-1].outputs[0], 1.0)
     return tensors
+
+
+def _first_conv_input(graph, names: list[str], conv) -> int:
+    """The tensor the first convolution reads, before its ``PAD``."""
+    index = int(conv.inputs[0])
+    for name, op in zip(names, graph.operators, strict=True):
+        if name in SAME_SCALE and int(op.outputs[0]) == index:
+            return int(op.inputs[0])
+    return index
 
 
 def _requantize_bias(model, op, old_scale: float, new_scale: float) -> None:

@@ -81,6 +81,15 @@ def _optimisation(config: ml_collections.ConfigDict) -> None:
     config.teacher = ""
     config.distill_temperature = 4.0
     config.distill_alpha = 0.9
+    # Quantization-aware training (Jacob et al. 2018, https://arxiv.org/abs/1712.05877;
+    # mobilenet_jax.compression.qat): fine-tune, usually init_from a float model, through the int8
+    # arithmetic LiteRT runs (per-channel weights, BatchNorm folded, activations at the
+    # converter's points); export --quantize int8 then writes the learned ranges. BatchNorm
+    # follows the batches and the ranges the batches' min/max for the first epochs given here,
+    # then both freeze (the defaults of torchvision's references/classification/train_quantization.py).
+    config.quantization_aware = False
+    config.qat_freeze_bn_epochs = 3.0
+    config.qat_freeze_ranges_epochs = 4.0
     # > 0: skip updates whose gradients are not finite (optax.apply_if_finite), stopping after
     # this many in a row; 0: a non-finite step stops the run before anything is saved.
     config.max_consecutive_nonfinite_skips = 0

@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from mobilenet_jax.compression import distill
+from mobilenet_jax.compression import distill, qat
 from mobilenet_jax.data import input_pipeline
 from mobilenet_jax.data.preprocessing import IMAGENET
 from mobilenet_jax.errors import ConfigError, DivergenceError
@@ -35,7 +35,8 @@ from mobilenet_jax.weights import checkpoint, pretrained
 _NUMBERS = (
     "batch_size image_size learning_rate lr_batch_size num_epochs num_train_steps label_smoothing ema_decay "
     "weight_decay lr_decay_factor lr_decay_epochs warmup_epochs log_every_steps checkpoint_every_steps "
-    "keep_checkpoints max_consecutive_nonfinite_skips eval_every_steps seed distill_temperature distill_alpha"
+    "keep_checkpoints max_consecutive_nonfinite_skips eval_every_steps seed distill_temperature distill_alpha "
+    "qat_freeze_bn_epochs qat_freeze_ranges_epochs"
 ).split()
 
 
@@ -47,6 +48,8 @@ def _check_types(config: ml_collections.ConfigDict) -> None:
     area = config.crop_area_range
     if not (isinstance(area, (tuple, list)) and len(area) == 2 and all(isinstance(v, (int, float)) for v in area)):
         raise ConfigError(f"Bad config: crop_area_range must be two numbers (min, max), got {area!r}.")
+    if not isinstance(config.quantization_aware, bool):
+        raise ConfigError(f"Bad config: quantization_aware must be True or False, got {config.quantization_aware!r}.")
     width = config.model.get("width")
     if isinstance(width, bool) or not isinstance(width, (int, float)):
         raise ConfigError(f"Bad config: model.width must be a number, got {width!r}.")
@@ -88,6 +91,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"distill_temperature must be positive, got {config.distill_temperature}",
         ),
         (0 <= config.distill_alpha <= 1, f"distill_alpha must be in [0, 1], got {config.distill_alpha}"),
+        (
+            config.qat_freeze_bn_epochs >= 0 and config.qat_freeze_ranges_epochs >= 0,
+            "qat_freeze_bn_epochs and qat_freeze_ranges_epochs must be non-negative, got "
+            f"{config.qat_freeze_bn_epochs} and {config.qat_freeze_ranges_epochs}",
+        ),
         (
             config.max_consecutive_nonfinite_skips >= 0,
             f"max_consecutive_nonfinite_skips must be non-negative, got {config.max_consecutive_nonfinite_skips}",
@@ -147,6 +155,12 @@ class Run:
     steps_per_epoch: int
     num_steps: int
     teacher: tuple[distill.Teacher, dict] | None = None
+    quantization: qat.QuantizationAware | None = None  # config.quantization_aware: the model through int8
+
+    @property
+    def trained(self) -> nn.Module | qat.QuantizationAware:
+        """What the steps train and evaluate: the model, or its quantization-aware form."""
+        return self.model if self.quantization is None else self.quantization
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -166,7 +180,19 @@ class Run:
         model = steps.create_model(config, info.num_classes, **init_from_fields(config))
         tx = optim.create_optimizer(config, learning_rate_fn)
         teacher = distill.load_teacher(config, info.num_classes)
-        return cls(config, workdir, mesh, info, model, tx, learning_rate_fn, steps_per_epoch, num_steps, teacher)
+        quantization = None
+        if config.quantization_aware:
+            try:
+                quantization = qat.QuantizationAware(
+                    model,
+                    freeze_bn_step=round(config.qat_freeze_bn_epochs * steps_per_epoch),
+                    freeze_ranges_step=round(config.qat_freeze_ranges_epochs * steps_per_epoch),
+                )
+            except ValueError as error:
+                raise ConfigError(f"Bad config: {error}") from None
+        return cls(
+            config, workdir, mesh, info, model, tx, learning_rate_fn, steps_per_epoch, num_steps, teacher, quantization
+        )
 
     @property
     def eval_every(self) -> int:
@@ -203,6 +229,7 @@ def initial_variables(config: ml_collections.ConfigDict, model: nn.Module, image
         return None
     directory = pretrained.local_source(config.init_from)  # a published model's name: its converted copy
     source_model, source = checkpoint.load_any(directory)
+    source = qat.strip(source)  # a quantization-aware workdir's ranges: restart them (or train float)
     inputs = checkpoint.read_preprocessing(directory)
     if inputs is not None and not inputs.same_normalization(IMAGENET):
         logging.warning(
@@ -225,12 +252,14 @@ def initial_variables(config: ml_collections.ConfigDict, model: nn.Module, image
 def restore_or_init(run: Run, manager: checkpoint.TrainCheckpoints) -> optim.TrainState:
     """The newest good checkpoint of the workdir, or a fresh state (written to ``model.json`` too)."""
     config, rng = run.config, jax.random.PRNGKey(run.config.seed)
-    abstract = optim.abstract_train_state(run.model, run.tx, config.image_size)
+    abstract = optim.abstract_train_state(run.trained, run.tx, config.image_size)
     state = manager.restore_latest(abstract, distributed.replicated(run.mesh))
     if state is not None:
         return state
     variables = initial_variables(config, run.model, config.image_size, rng)
-    state = optim.create_train_state(rng, run.model, run.tx, config.image_size, variables)
+    if variables is not None and run.quantization is not None:
+        variables = run.quantization.with_ranges(variables)
+    state = optim.create_train_state(rng, run.trained, run.tx, config.image_size, variables)
     if jax.process_index() == 0:
         checkpoint.write_model_record(run.workdir, run.model)
     # Through host memory: every process holds the same values (same seed), and each
@@ -273,8 +302,8 @@ def train_loop(run: Run, state, manager, writer: MetricWriter) -> tuple[Any, dic
     """Steps from the state's step to ``run.num_steps``; returns the state and the last evaluation."""
     config, mesh = run.config, run.mesh
     start_step = int(distributed.to_host(state.step))
-    train_fn = steps.make_train_step(config, run.model, mesh, run.tx, run.learning_rate_fn, run.teacher)
-    eval_fn = steps.make_eval_step(mesh, run.model)
+    train_fn = steps.make_train_step(config, run.trained, mesh, run.tx, run.learning_rate_fn, run.teacher)
+    eval_fn = steps.make_eval_step(mesh, run.trained)
     train_iter = iter(_train_dataset(run, start_step))
     eval_data = input_pipeline.eval_dataset(config, run.info)
     progress = ProgressBar(run.num_steps, start_step, enabled=jax.process_index() == 0 and config.progress_bar)
@@ -360,7 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> tuple
         if jax.process_index() == 0:
             print(
                 f"Training {describe(run.model)} on {config.dataset} at {config.image_size} px"
-                f"{', distilling from ' + config.teacher if run.teacher else ''}, {jax.device_count()} devices, "
+                f"{', distilling from ' + config.teacher if run.teacher else ''}"
+                f"{', quantization-aware (simulated int8)' if run.quantization else ''}, {jax.device_count()} devices, "
                 f"steps {int(distributed.to_host(state.step))} -> {run.num_steps}, workdir {run.workdir}",
                 flush=True,
             )
