@@ -191,9 +191,10 @@ def test_quantization_aware_training_freezes_on_schedule_and_its_tflite_reproduc
     from mobilenet_jax.deployment import export
     from mobilenet_jax.training import loop
     from mobilenet_jax.weights import checkpoint
+    from tests.test_distributed import PROFILE
     from tests.test_training import tiny
 
-    source = MobileNetV1(num_classes=4, width=0.25)
+    source = MobileNetV1(num_classes=4, width=0.25, profile=PROFILE)  # the run takes its architecture
     checkpoint.save_model(tmp_path / "float", source, random_variables(source, 32))
     workdir = str(tmp_path / "qat")
     config = tiny(
@@ -222,10 +223,18 @@ def test_quantization_aware_training_freezes_on_schedule_and_its_tflite_reproduc
     model, variables = evaluate.load_weights(config, workdir=workdir)
     assert isinstance(model, qat.QuantizationAware)
     rgb = rgb_images(32, 32, seed=21)
-    simulated = np.asarray(model.apply(variables, IMAGENET.normalize(jnp.asarray(rgb)), train=False))
+    simulated = np.asarray(jax.jit(model.apply)(variables, IMAGENET.normalize(jnp.asarray(rgb))))
     low, high = qat.learned_ranges(variables)["logits"]
     step = (high - low) / 255  # one int8 step of the logits
-    tflite = export.TFLiteModel(str(tmp_path / "qat.tflite"))(rgb)
+    learned = qat.learned_ranges(variables)
+    file = export.TFLiteModel(str(tmp_path / "qat.tflite"), delegates=False)
+    convs = [op for op in file.ops() if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    conv_points = [p for p in Q.points(source.network()) if p not in ("input", "normalized", "pool", "logits")]
+    assert len(convs) == len(conv_points)  # V1: no residual adds
+    for point, op in zip(conv_points, convs, strict=True):  # the file holds the learned ranges, not calibrated ones
+        scale = file.tensor(op["outputs"][0])["quantization_parameters"]["scales"][0]
+        assert scale == pytest.approx(float(Q.nudged_range(*learned[point])[0]), rel=1e-6), point
+    tflite = file(rgb)
     print(f"QAT: tflite vs simulated int8 max {np.abs(tflite - simulated).max() / step:.2f} logit steps")
     assert np.abs(tflite - simulated).max() <= 2.01 * step
     assert np.mean(tflite.argmax(-1) == simulated.argmax(-1)) >= 0.95
