@@ -147,33 +147,14 @@ def report(method: str, figures: dict) -> None:
     )
 
 
-def per_layer_errors(model, variables, inputs, size, calibration, evaluation) -> list[dict]:
-    """TensorFlow's QuantizationDebugger on the ``ptq`` file: each quantized op's output against the float op's on
-    the same inputs, as root-mean-square error in units of the op's quantization step (rounding alone: 0.29)."""
-    import csv
-    import io
-    import tempfile
-
-    import tensorflow as tf
-
-    with tempfile.TemporaryDirectory() as scratch:
-        converter = export.tflite_converter(
-            model, variables, size, os.path.join(scratch, "saved_model"), "int8", "float32",
-            [image[None] for image in calibration], inputs,
-        )  # fmt: skip
-        debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=converter, debug_dataset=lambda: ([image[None]] for image in evaluation[:64])
-        )
-        debugger.run()
-        table = io.StringIO()
-        debugger.layer_statistics_dump(table)
-    table.seek(0)
-    rows = []
-    for row in csv.DictReader(table):
-        step = float(row["scale"])
-        rows.append({"op": row["op_name"], "tensor": row["tensor_name"], "step": step,
-                     "rmse_in_steps": float(row["mean_squared_error"]) ** 0.5 / step})  # fmt: skip
-    return rows
+def per_layer_errors(model, variables, inputs, images, recipe, evaluation) -> dict:
+    """Per quantization point, the SQNR (dB) of the simulated int8 network of ``recipe`` (calibrated on ``images``)
+    against the float network, accumulated and from the point's own range (``quantization.point_errors``), over
+    the first 128 evaluation pictures."""
+    prepared = int8.prepare(model, variables, inputs, images, recipe)
+    params = jax.tree.map(jax.numpy.asarray, prepared.variables["params"])
+    batches = [evaluation[i : i + 16] for i in range(0, min(len(evaluation), 128), 16)]
+    return quantization.point_errors(model.network(), params, batches, inputs, prepared.ranges, model.padding)
 
 
 def main() -> None:
@@ -186,7 +167,7 @@ def main() -> None:
     parser.add_argument("--calibration_share", type=float, default=0.2, help="share of images used to calibrate")
     parser.add_argument("--max_images", type=int, default=0, help="use at most this many pictures (0: all)")
     parser.add_argument("--json", default=None, help="write the figures here too")
-    parser.add_argument("--per_layer", action="store_true", help="also each int8 op's error (QuantizationDebugger)")
+    parser.add_argument("--per_layer", action="store_true", help="also each int8 point's SQNR (simulated)")
     parser.add_argument("--synthetic_images", type=int, default=32, help="how many synthetic calibration images")
     args = parser.parse_args()
 
@@ -225,13 +206,15 @@ def main() -> None:
     noisy_logits = np.concatenate([np.asarray(forward(noisy[i : i + 32])) for i in range(0, len(noisy), 32)])
     results["float, +-1 pixel noise"] = {**compare(float_logits, noisy_logits), "seconds": 0.0}
     report("float, +-1 pixel noise", results["float, +-1 pixel noise"])
-    layers = []
+    layers = {}
     if args.per_layer:
-        layers = per_layer_errors(model, variables, inputs, args.size, calibration, evaluation)
-        for row in layers:
+        for method in ("ptq+bc+percentile", "synthetic+bc+percentile"):
+            layers[method] = per_layer_errors(model, variables, inputs, *methods[method], evaluation)
+        print("SQNR in dB, accumulated / the point's own range:", ", ".join(layers))
+        for point in layers[method]:
             print(
-                f"{row['op']:18s} {row['tensor'][-56:]:56s} step {row['step']:.4f}"
-                f"  rmse {row['rmse_in_steps']:.2f} steps"
+                f"{point:20s}",
+                "  ".join(f"{e[point]['accumulated']:5.1f} / {e[point]['own']:5.1f}" for e in layers.values()),
             )
     if args.json:
         record = {
@@ -243,7 +226,7 @@ def main() -> None:
             },
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__},
             "results": results,
-            "per_layer_ptq": layers,
+            "per_layer_sqnr_db": layers,
         }
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)

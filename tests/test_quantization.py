@@ -178,6 +178,21 @@ def test_ranges_written_into_the_file_are_the_ones_the_int8_model_uses():
     assert np.abs(written - simulated(clipped)).max() <= 2.01 * clipped_step
     assert np.abs(written - converted).max() > 5 * step
 
+    # Per-point errors: at the logits, the simulation against the float network, and the float logits rounded to
+    # their own range, written out here with NumPy.
+    errors = Q.point_errors(network, params, [rgb], IMAGENET, minmax, SMALL_V2.padding)
+    assert list(errors) == Q.points(network)
+    exact = np.asarray(Q.graph(network, params, jnp.asarray(rgb), IMAGENET, SMALL_V2.padding))
+    scale, zero_point = int8_grid(*minmax["logits"])
+    rounded = (np.clip(np.round(exact / scale) + zero_point, -128, 127) - zero_point) * scale
+
+    def decibels(noisy):
+        return 10 * np.log10(np.sum(exact**2) / np.sum((noisy - exact) ** 2))
+
+    assert errors["logits"]["own"] == pytest.approx(decibels(rounded), abs=0.01)
+    assert errors["logits"]["accumulated"] == pytest.approx(decibels(simulated(minmax)), abs=0.01)
+    assert errors["logits"]["accumulated"] < errors["logits"]["own"] - 3  # the error builds up through the network
+
 
 @pytest.mark.slow
 def test_quantization_aware_training_freezes_on_schedule_and_its_tflite_reproduces_it(tmp_path, image_folder):

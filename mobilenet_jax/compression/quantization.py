@@ -181,6 +181,51 @@ def simulate(
     return graph(network, params, images, preprocessing, padding, hook, weights)
 
 
+def point_errors(
+    network: table.Network,
+    params: Mapping,
+    batches: Iterable[np.ndarray],
+    preprocessing: Preprocessing,
+    ranges: Mapping[str, tuple[float, float]],
+    padding: str = "torch",
+) -> dict[str, dict[str, float]]:
+    """Per point, in the order of :func:`points`, two signal-to-quantization-noise ratios in dB over ``batches`` of
+    RGB 0..255 images: ``'accumulated'``, the int8 simulation's tensor against the float network's there (every
+    error up to that point), and ``'own'``, the float tensor against itself rounded to the point's int8 range
+    (that range's rounding and clipping alone; about 48 dB for a signal spread evenly over the range)."""
+
+    @jax.jit
+    def run(images):
+        floats, quantized = {}, {}
+
+        def keep_float(point, x):
+            floats[point] = x
+            return x
+
+        def keep_quantized(point, x):
+            quantized[point] = fake_quant(x, *ranges[point]) if point in ranges else x
+            return quantized[point]
+
+        graph(network, params, images, preprocessing, padding, keep_float)
+        graph(network, params, images, preprocessing, padding, keep_quantized, lambda p, k: fake_quant_weights(k))
+        sums = {}
+        for p, x in floats.items():
+            own = fake_quant(x, *ranges[p]) if p in ranges else x
+            sums[p] = jnp.stack([jnp.sum(x**2), jnp.sum((quantized[p] - x) ** 2), jnp.sum((own - x) ** 2)])
+        return sums
+
+    totals: dict[str, np.ndarray] = {}
+    for images in batches:
+        for point, sums in run(jnp.asarray(images, jnp.float32)).items():
+            totals[point] = totals.get(point, 0.0) + np.asarray(sums, np.float64)
+
+    def decibels(signal, noise):
+        return float(10 * np.log10(max(signal, 1e-30) / max(noise, 1e-30)))
+
+    ordered = [p for p in points(network) if p in totals]
+    return {p: {"accumulated": decibels(*totals[p][:2]), "own": decibels(totals[p][0], totals[p][2])} for p in ordered}
+
+
 # ----------------------------------------------------------------------------- calibration
 
 
