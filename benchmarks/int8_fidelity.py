@@ -2,10 +2,14 @@
 
     python benchmarks/int8_fidelity.py                                   # torchvision's ImageNet MobileNetV2
     python benchmarks/int8_fidelity.py --model timm/mobilenetv2_100.ra_in1k --images ~/photos --json out.json
-    python benchmarks/int8_fidelity.py --model /tmp/quickstart           # a model directory or workdir
+    python benchmarks/int8_fidelity.py --model /tmp/quickstart --qat /tmp/quickstart_qat   # trained here
 
 The model is a published name (``mobilenet_jax.pretrained``; its file must be in its cache),
-a model directory or a training workdir. The images are every ``.png``/``.jpg`` under
+a model directory or a training workdir. A training workdir (and no ``--images``) is measured on
+its own dataset: 300 training images calibrate, the validation split evaluates, and its labels
+add each file's top-1; ``--qat DIR`` adds the int8 file of a workdir fine-tuned from it with
+``--config.quantization_aware=True`` (its learned ranges), against the float model and against
+its own simulated int8. Otherwise the images are every ``.png``/``.jpg`` under
 ``--images`` (default: scikit-image's colour photos and, where Debian's
 ``tuxpaint-stamps-default`` is installed, its ~800 pictures of animals and objects, composited
 on white). Each image is cut as the model's preprocessing says (resize, central crop); a
@@ -122,14 +126,16 @@ def split(images, size, inputs, calibration_share):
     return np.stack(calibration), np.stack(evaluation)
 
 
-def compare(float_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
+def compare(float_logits: np.ndarray, int8_logits: np.ndarray, labels: np.ndarray | None = None) -> dict:
     same = float_logits.argmax(-1) == int8_logits.argmax(-1)
     agreement = float(np.mean(same))
     confident = np.asarray(jax.nn.softmax(float_logits, axis=-1)).max(-1) >= CONFIDENT
     correlation = float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(float_logits, int8_logits, strict=True)]))
     top2 = np.sort(int8_logits, axis=-1)[:, -2:]
     ties = float(np.mean(top2[:, 0] == top2[:, 1]))  # the int8 output cannot tell its two best classes apart
+    labelled = {} if labels is None else {"top1": float(np.mean(int8_logits.argmax(-1) == labels))}
     return {
+        **labelled,
         "top1_agreement": agreement,
         "logit_correlation": correlation,
         "top1_ties": ties,
@@ -140,11 +146,55 @@ def compare(float_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
 
 def report(method: str, figures: dict) -> None:
     print(
-        f"{method:28s} top-1 agreement {figures['top1_agreement']:.2%}, "
+        f"{method:28s} " + (f"top-1 {figures['top1']:.2%}, " if "top1" in figures else "") + "top-1 agreement "
+        f"{figures['top1_agreement']:.2%}, "
         f"on the {figures['confident_images']} confident images {figures['top1_agreement_confident']:.2%}, "
         f"mean logit correlation {figures['logit_correlation']:.4f}, "
         f"top-2 logits tied on {figures['top1_ties']:.1%} ({figures['seconds']} s)"
     )
+
+
+def dataset_images(directory: str, count: int):
+    """``(calibration, evaluation, labels, size)`` from a training workdir's own dataset (its config.json): ``count``
+    training images to calibrate and the validation split with its labels, as RGB 0..255."""
+    from mobilenet_jax.data import input_pipeline
+
+    config = checkpoint.read_config(directory)
+    info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
+    dataset, _ = input_pipeline.eval_dataset(config, info)
+    images, labels = [], []
+    for batch in dataset.as_numpy_iterator():
+        keep = batch["mask"] > 0
+        images.append(IMAGENET.denormalize(batch["image"][keep]))
+        labels.append(batch["label"][keep])
+    calibration = np.concatenate(export.calibration_images(config, count))
+    return calibration, np.concatenate(images), np.concatenate(labels), config.image_size
+
+
+def qat_row(directory: str, calibration, evaluation, float_logits, labels, inputs) -> dict:
+    """A quantization-aware workdir's int8 file against the float model, and against its own simulated int8."""
+    from mobilenet_jax.compression import qat
+
+    model, variables = checkpoint.load_any(directory)
+    if qat.learned_ranges(variables) is None:
+        raise SystemExit(f"{directory} was not trained with --config.quantization_aware=True.")
+    start = time.time()
+    size = evaluation.shape[1]
+    data = export.to_int8_tflite(model, variables, size, "float32", calibration, inputs)
+    int8_logits = export.TFLiteModel(data)(evaluation)
+    simulate = jax.jit(qat.QuantizationAware(model).apply)
+    simulated = np.concatenate(
+        [
+            np.asarray(simulate(variables, IMAGENET.normalize(evaluation[i : i + 64])))
+            for i in range(0, len(evaluation), 64)
+        ]
+    )
+    row = compare(float_logits, int8_logits, labels)
+    row["top1_agreement_with_qat_model"] = float(np.mean(simulated.argmax(-1) == int8_logits.argmax(-1)))
+    if labels is not None:
+        row["qat_model_top1"] = float(np.mean(simulated.argmax(-1) == labels))
+    row["seconds"] = round(time.time() - start, 1)
+    return row
 
 
 def per_layer_errors(model, variables, inputs, images, recipe, evaluation) -> dict:
@@ -169,19 +219,30 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the figures here too")
     parser.add_argument("--per_layer", action="store_true", help="also each int8 point's SQNR (simulated)")
     parser.add_argument("--synthetic_images", type=int, default=32, help="how many synthetic calibration images")
+    parser.add_argument(
+        "--qat", default=None, help="a workdir trained quantization-aware from --model (a workdir): adds its row"
+    )
     args = parser.parse_args()
 
     directory = pretrained.local_source(args.model)
     model, variables = checkpoint.load_any(directory)
     inputs = checkpoint.read_preprocessing(directory) or IMAGENET
-    images = natural_images(args.images)
-    if args.max_images:
-        images = images[: args.max_images]
-    calibration, evaluation = split(images, args.size, inputs, args.calibration_share)
+    labels = None
+    if checkpoint.read_config(directory) is not None and args.images is None:  # trained here: its own dataset
+        calibration, evaluation, labels, args.size = dataset_images(directory, 300)
+        source = f"{checkpoint.read_config(directory).dataset} validation split"
+    else:
+        images = natural_images(args.images)
+        if args.max_images:
+            images = images[: args.max_images]
+        calibration, evaluation = split(images, args.size, inputs, args.calibration_share)
+        source = args.images or "tuxpaint+skimage"
     print(f"{args.model}: {len(calibration)} calibration and {len(evaluation)} evaluation images at {args.size}")
 
     forward = jax.jit(export.inference_function(model, variables, inputs))
     float_logits = np.concatenate([np.asarray(forward(evaluation[i : i + 32])) for i in range(0, len(evaluation), 32)])
+    if labels is not None:
+        print(f"float model: top-1 {np.mean(float_logits.argmax(-1) == labels):.2%}")
     start = time.time()
     synthetic = quantization.synthetic_images(model, variables, inputs, args.synthetic_images, args.size)
     print(f"{len(synthetic)} synthetic calibration images in {time.time() - start:.0f} s")
@@ -198,14 +259,22 @@ def main() -> None:
     for method, (images, recipe) in methods.items():
         start = time.time()
         data = export.to_int8_tflite(model, variables, args.size, "float32", images, inputs, recipe)
-        results[method] = {**compare(float_logits, export.TFLiteModel(data)(evaluation)), "seconds": 0.0}
+        results[method] = {**compare(float_logits, export.TFLiteModel(data)(evaluation), labels), "seconds": 0.0}
         results[method]["seconds"] = round(time.time() - start, 1)
         report(method, results[method])
     noise = np.random.default_rng(0).uniform(-1, 1, evaluation.shape).astype(np.float32)
     noisy = np.clip(evaluation + noise, 0, 255)
     noisy_logits = np.concatenate([np.asarray(forward(noisy[i : i + 32])) for i in range(0, len(noisy), 32)])
-    results["float, +-1 pixel noise"] = {**compare(float_logits, noisy_logits), "seconds": 0.0}
+    results["float, +-1 pixel noise"] = {**compare(float_logits, noisy_logits, labels), "seconds": 0.0}
     report("float, +-1 pixel noise", results["float, +-1 pixel noise"])
+    if labels is not None:
+        results["float"] = {**compare(float_logits, float_logits, labels), "seconds": 0.0}
+    if args.qat:
+        results["qat"] = qat_row(args.qat, calibration, evaluation, float_logits, labels, inputs)
+        report("qat", results["qat"])
+        print(
+            f"qat: top-1 agreement with the simulated QAT model {results['qat']['top1_agreement_with_qat_model']:.2%}"
+        )
     layers = {}
     if args.per_layer:
         for method in ("ptq+bc+percentile", "synthetic+bc+percentile"):
@@ -222,7 +291,7 @@ def main() -> None:
             "images": {
                 "calibration": len(calibration),
                 "evaluation": len(evaluation),
-                "source": args.images or "tuxpaint+skimage",
+                "source": source,
             },
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__},
             "results": results,
