@@ -121,22 +121,16 @@ class QuantizationAware:
         updates: dict[str, Any] = {}
         hook = self._observe_and_quantize(state, train, updates)
         convolve = self._fold(variables["params"], stats, state["steps"], train, updates)
-        inputs = self.preprocessing
-        rgb = images.astype(jnp.float32) * jnp.asarray(inputs.stddev_rgb) + jnp.asarray(inputs.mean_rgb)
+        rgb = self.preprocessing.denormalize(images.astype(jnp.float32))
         logits = quantization.graph(
             self.network(), variables["params"], rgb, self.preprocessing, self.model.padding,
             hook, lambda path, kernel: quantization.fake_quant_weights(kernel), convolve=convolve,
         )  # fmt: skip
         if not mutable:
             return logits
-        new_stats = jax.tree.map(lambda x: x, {k: v for k, v in stats.items() if k != KEY})
+        new_stats = {k: v for k, v in stats.items() if k != KEY}
         for path, running in updates.pop("norms", {}).items():
-            *parents, last = path.split("/")
-            tree = new_stats
-            for key in parents:
-                tree[key] = dict(tree[key])
-                tree = tree[key]
-            tree[last] = running
+            new_stats = table.replace_at(new_stats, path, running)
         steps = state["steps"] + (1.0 if train else 0.0)
         new_stats[KEY] = {"steps": steps, "ranges": {**state["ranges"], **updates.get("ranges", {})}}
         return logits, {"batch_stats": new_stats}

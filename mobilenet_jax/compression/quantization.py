@@ -320,14 +320,10 @@ def bias_correction(
         count += 1
     if total is None:
         raise ValueError("Bias correction needs at least one batch of images.")
-    corrected = jax.tree.map(lambda x: x, dict(params))
+    corrected = dict(params)
     for path, shift in total.items():
-        *parents, last = path.split("/")
-        tree = corrected
-        for key in parents:
-            tree[key] = dict(tree[key])
-            tree = tree[key]
-        tree[last] = {**tree[last], "bias": tree[last]["bias"] - shift / count}
+        entry = table.at(corrected, path)
+        corrected = table.replace_at(corrected, path, {**entry, "bias": entry["bias"] - shift / count})
     return corrected
 
 

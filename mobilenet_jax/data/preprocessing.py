@@ -60,10 +60,8 @@ class Preprocessing:
         return (rgb - np.asarray(self.mean_rgb, np.float32)) / np.asarray(self.stddev_rgb, np.float32)
 
     def denormalize(self, x) -> np.ndarray:
-        """The model's input back to RGB on 0..255."""
-        return np.asarray(x, np.float32) * np.asarray(self.stddev_rgb, np.float32) + np.asarray(
-            self.mean_rgb, np.float32
-        )
+        """The model's input (NumPy or JAX, any leading shape) back to RGB on 0..255."""
+        return x * np.asarray(self.stddev_rgb, np.float32) + np.asarray(self.mean_rgb, np.float32)
 
     def same_normalization(self, other: Preprocessing) -> bool:
         return bool(np.allclose(self.mean_rgb, other.mean_rgb) and np.allclose(self.stddev_rgb, other.stddev_rgb))

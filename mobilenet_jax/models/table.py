@@ -205,6 +205,13 @@ def at(tree: Mapping, path: str) -> Any:
     return tree
 
 
+def replace_at(tree: Mapping, path: str, value: Any) -> dict:
+    """A copy of ``tree`` with the entry at a table path replaced by ``value`` (the dicts along the path copied,
+    everything else shared)."""
+    key, _, rest = path.partition("/")
+    return {**tree, key: replace_at(tree[key], rest, value) if rest else value}
+
+
 # ----------------------------------------------------------------------------- channel groups
 
 
