@@ -239,6 +239,13 @@ def test_quantization_aware_training_freezes_on_schedule_and_its_tflite_reproduc
     assert isinstance(model, qat.QuantizationAware)
     rgb = rgb_images(32, 32, seed=21)
     simulated = np.asarray(jax.jit(model.apply)(variables, IMAGENET.normalize(jnp.asarray(rgb))))
+    # The QAT model in inference is the LiteRT simulator (tested against integer arithmetic and the converter's
+    # file above) run on the BatchNorm-folded weights with the learned ranges.
+    _, folded = fold_batchnorm(source, qat.strip(variables))
+    reference = Q.simulate(
+        source.network(), folded["params"], jnp.asarray(rgb), IMAGENET, qat.learned_ranges(variables), source.padding
+    )
+    np.testing.assert_allclose(simulated, np.asarray(reference), atol=1e-4)
     low, high = qat.learned_ranges(variables)["logits"]
     step = (high - low) / 255  # one int8 step of the logits
     learned = qat.learned_ranges(variables)
