@@ -16,6 +16,7 @@ Run:
   python train.py --config configs/v1.py:width=0.5,resolution=160 --workdir /tmp/v1_050_160
   python train.py --config configs/v1.py:profile=0.5flops --workdir /tmp/v1_amc
   python train.py --config configs/v1.py:quickstart --workdir /tmp/quickstart
+  python train.py --config configs/v1.py:hard --workdir /tmp/hard   # 20-class shapes: tells compression methods apart
 
 Expected: 70.6% top-1 for 1.0-224, 63.7% for 0.5-224 (paper Table 6); the
 quickstart reaches >= 95% top-1 on the embedded shapes dataset in minutes on a CPU.
@@ -25,7 +26,7 @@ from mobilenet_jax.training import config_defaults as common
 
 
 def get_config(arg=None):
-    options = common.parse_options(arg, quickstart=False, width=None, resolution=None, profile="normal")
+    options = common.parse_options(arg, quickstart=False, hard=False, width=None, resolution=None, profile="normal")
     config = common.base_config()
     config.model.architecture = "MobileNetV1"
     config.model.profile = options["profile"]

@@ -23,7 +23,9 @@ from mobilenet_jax.training import config_defaults as common
 
 
 def get_config(arg=None):
-    options = common.parse_options(arg, quickstart=False, width=None, resolution=None, rounding="torchvision")
+    options = common.parse_options(
+        arg, quickstart=False, hard=False, width=None, resolution=None, rounding="torchvision"
+    )
     config = common.base_config()
     config.model.architecture = "MobileNetV2"
     config.model.dropout_rate = 0.2

@@ -153,7 +153,7 @@ COMMANDS = {
     "train": None,
     "evaluate": "mobilenet_jax.evaluate",
     "export": "mobilenet_jax.deployment.export",
-    "prune": "mobilenet_jax.compression.prune",
+    "prune": "mobilenet_jax.compression.prune_cli",
     "convert": "mobilenet_jax.weights.convert_cli",
     "summary": "mobilenet_jax.summary",
 }

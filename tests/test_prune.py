@@ -236,7 +236,8 @@ def test_cli_writes_a_model_directory(small, tmp_path):
     model, variables, _ = small
     checkpoint.save_model(tmp_path / "source", model, variables)
     channels = "12,24,(48,2),40,(96,2),80,(192,2),200,192,180,160,224,(400,2),384"
-    command = [sys.executable, "-m", "mobilenet_jax.compression.prune", str(tmp_path / "source"), str(tmp_path / "out")]
+    module = "mobilenet_jax.compression.prune_cli"
+    command = [sys.executable, "-m", module, str(tmp_path / "source"), str(tmp_path / "out")]
     result = subprocess.run(
         command + ["--channels", channels, "--no_refit", "--image_size=32"], capture_output=True, text=True, cwd=REPO
     )

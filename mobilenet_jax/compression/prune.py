@@ -36,6 +36,7 @@ from __future__ import annotations
 import ast
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax
 import jax
@@ -43,8 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mobilenet_jax import cli, errors
-from mobilenet_jax.data.preprocessing import IMAGENET
+from mobilenet_jax import errors
 from mobilenet_jax.models import V1_PROFILES, MobileNetV1, MobileNetV2, table
 from mobilenet_jax.models.layers import PointwiseConv
 from mobilenet_jax.summary import summarize
@@ -75,7 +75,7 @@ def parse_channels(text: str, model: nn.Module | None = None) -> tuple:
     ``(24, (48, (96, 2), 80))``. MobileNetV2: one entry per block, ``hidden`` or
     ``(hidden, out)``: ``'16,96,(144,24),...'`` -> ``(16, 96, (144, 24), ...)``.
     """
-    values = _parse_list(text, "--channels", "'24,48,(96,2)'")
+    values = parse_list(text, "--channels", "'24,48,(96,2)'")
     if len(values) < 2:
         raise errors.UserError("--channels needs one entry per layer, e.g. '24,48,(96,2),...'.")
     if isinstance(model, MobileNetV2):
@@ -83,7 +83,8 @@ def parse_channels(text: str, model: nn.Module | None = None) -> tuple:
     return values[0], tuple(values[1:])
 
 
-def _parse_list(text: str, flag: str, example: str) -> list:
+def parse_list(text: str, flag: str, example: str) -> list:
+    """``text`` as a Python list literal's items, or one sentence naming ``flag`` and an ``example``."""
     try:
         return ast.literal_eval(f"[{text}]")
     except (ValueError, SyntaxError):
@@ -246,16 +247,17 @@ def _refit_outputs(model: nn.Module, keeps: Sequence) -> dict[str, np.ndarray]:
 
 
 def pointwise_io(
-    model: nn.Module, variables: dict, images: jax.Array, max_rows: int = 50_000
+    model: nn.Module, variables: dict, images: jax.Array, max_rows: int = 50_000, layers: Sequence[str] | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{'block_i/conv_pw': (inputs, outputs)}`` of every pointwise conv, as (pixels, channels) rows.
+    """``{'block_i/conv_pw': (inputs, outputs)}`` of every pointwise conv (or ``layers``), as (pixels, channels) rows.
 
     Layers with more than ``max_rows`` pixels over all images keep a fixed random
     sample of them (AMC samples points of each feature map likewise); the sample
     depends only on the number of rows, so two models see the same pixels.
     """
     seen = {}
-    for path, (x, y) in _pointwise_arrays(model, variables, images).items():
+    arrays = _pointwise_arrays(model, variables, images)
+    for path, (x, y) in arrays.items() if layers is None else ((layer, arrays[layer]) for layer in layers):
         x, y = np.asarray(x).reshape(-1, x.shape[-1]), np.asarray(y).reshape(-1, y.shape[-1])
         if x.shape[0] > max_rows:
             rows = np.sort(np.random.default_rng(x.shape[0]).choice(x.shape[0], max_rows, replace=False))
@@ -278,6 +280,11 @@ def _pointwise_arrays(model: nn.Module, variables: dict, images: jax.Array) -> d
     with nn.intercept_methods(record):
         model.apply(variables, images, train=False)
     return seen
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pre_logits(model: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
+    return model.apply(variables, images, train=False, return_features=True)[1]["pre_logits"]
 
 
 def refit(
@@ -350,6 +357,63 @@ def _least_squares(x: np.ndarray, target: np.ndarray, current) -> tuple[np.ndarr
     return weights, (before, np.linalg.norm(x @ weights - target) / scale)
 
 
+class Reference(NamedTuple):
+    """What a refit reproduces: the unpruned pointwise convs' inputs and outputs and the logits, on the refit images."""
+
+    pointwise: dict[str, tuple[np.ndarray, np.ndarray]]
+    logits: np.ndarray | None
+
+
+def reference(model: nn.Module, variables: dict, images: jax.Array) -> Reference:
+    logits = np.asarray(model.apply(variables, images, train=False)) if model.num_classes is not None else None
+    return Reference(pointwise_io(model, variables, images), logits)
+
+
+def zeroed(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray], images=None, target=None) -> dict:
+    """The pruned network at the unpruned shapes: every dropped channel gets zero weight in the layers that read it.
+
+    It computes what :func:`slice_model` (and, given ``images``, :func:`refit` on them)
+    gives, but every candidate has the same shapes, so one compiled forward pass
+    serves them all (AMC's search evaluates pruned networks this way). The refit
+    changes the same layers as :func:`refit`, in the same order, on the kept inputs
+    and outputs; ``target`` (:func:`reference` on ``images``) saves recomputing the
+    unpruned network's features.
+    """
+    all_groups = groups(model)
+    params = jax.tree.map(np.array, flax.core.unfreeze(variables["params"]))
+    pruned = [len(keep) < group.channels for group, keep in zip(all_groups, keeps, strict=True)]
+    reads = {reader: i for i, group in enumerate(all_groups) for reader in group.readers}
+    writes = {conv.path: i for i, group in enumerate(all_groups) for conv in group.producers}
+    for reader, i in reads.items():
+        dropped = np.setdiff1d(np.arange(all_groups[i].channels), keeps[i])
+        layer = table.at(params, reader)
+        layer["kernel"][(dropped,) if reader == "classifier" else (slice(None), slice(None), dropped)] = 0.0
+    if images is None:
+        return {**variables, "params": params}
+    target = target or reference(model, variables, images)
+    for conv in model.network().convs():
+        if conv.kind != "pointwise" or not (pruned[reads[conv.path]] or pruned[writes[conv.path]]):
+            continue
+        keep_in, keep_out = keeps[reads[conv.path]], keeps[writes[conv.path]]
+        x = pointwise_io(model, {**variables, "params": params}, images, layers=[conv.path])[conv.path][0]
+        y = target.pointwise[conv.path][1][:, keep_out]
+        kernel = table.at(params, conv.path)["kernel"]
+        current = kernel[0, 0][np.ix_(keep_in, keep_out)]
+        weights, _ = _least_squares(x[:, keep_in].astype(np.float64), y.astype(np.float64), current)
+        if weights is not None:
+            kernel[0, 0][np.ix_(keep_in, keep_out)] = weights
+    last = reads.get("classifier")
+    if last is not None and pruned[last]:
+        x = np.asarray(_pre_logits(model, {**variables, "params": params}, images), np.float64)[:, keeps[last]]
+        node = params["classifier"]
+        current = np.concatenate([node["kernel"][keeps[last]], node["bias"][None]])
+        x = np.concatenate([x, np.ones((len(x), 1))], axis=1)  # the bias as one more input
+        weights, _ = _least_squares(x, target.logits.astype(np.float64), current)
+        if weights is not None:
+            node["kernel"][keeps[last]], node["bias"][:] = weights[:-1], weights[-1]
+    return {**variables, "params": params}
+
+
 def _round(c: int, keep: float, divisor: int) -> int:
     return min(c, max(divisor, int(round(c * keep / divisor)) * divisor))
 
@@ -405,10 +469,6 @@ def profile_channels(model: nn.Module, name: str) -> tuple:
     return V1_PROFILES[name]
 
 
-def _describe(model: nn.Module) -> str:
-    return "channel groups " + ",".join(map(str, group_widths(model)))
-
-
 def prune(
     model: nn.Module,
     variables: dict,
@@ -424,91 +484,3 @@ def prune(
     if refit_images is not None:
         pruned_variables, report = refit(model, variables, pruned, pruned_variables, keeps, refit_images)
     return pruned, pruned_variables, report
-
-
-TARGETS = ("channels", "profile", "macs", "groups", "list_groups")
-
-
-def _requested_channels(flags, model: nn.Module, image_size: int):
-    """The pruned architecture the command line asks for (--groups, --channels, --profile or --macs)."""
-    if flags.groups:
-        return resize(model, _parse_list(flags.groups, "--groups", "'16,32,96,...'"))
-    if flags.channels:
-        return parse_channels(flags.channels, model)
-    if flags.profile:
-        return profile_channels(model, flags.profile)
-    return channels_for_macs(model, flags.macs, image_size)
-
-
-def main(argv: list[str]) -> None:
-    """``python -m mobilenet_jax.prune SOURCE OUT_DIR (--macs R | --channels L | --groups L | --profile NAME)``."""
-    from absl import flags
-
-    args = flags.FLAGS
-    cli.quiet_logging()
-    given = [name for name in TARGETS if args[name].present]
-    if len(given) != 1:
-        cli.exit_with("give exactly one of --macs, --channels, --groups, --profile and --list_groups.", 2)
-    if len(argv) != (2 if args.list_groups else 3):
-        cli.exit_with("usage: python -m mobilenet_jax.prune SOURCE OUT_DIR (--macs R | --channels ... | ...).", 2)
-
-    def run() -> None:
-        from mobilenet_jax.deployment import export
-        from mobilenet_jax.weights import checkpoint
-
-        source = argv[1]
-        model, variables = checkpoint.load_any(source, weights=args.weights)
-        config = cli.load_config(args.config) if args.config else checkpoint.read_config(source)
-        image_size = args.image_size or (config.image_size if config is not None else 224)
-        if args.list_groups:
-            for i, group in enumerate(groups(model)):
-                print(f"{i}: {group.channels} channels, {describe_group(group)}; read by {', '.join(group.readers)}")
-            return
-        channels = _requested_channels(args, model, image_size)
-        images = None
-        if not args.no_refit:
-            if config is None:
-                raise errors.UserError("The refit needs --config naming the training dataset (or pass --no_refit).")
-            rgb = np.concatenate(export.calibration_images(config, args.refit_images))
-            images = jnp.asarray(IMAGENET.normalize(rgb))
-        pruned, pruned_variables, report = prune(
-            model, variables, channels, criterion=args.criterion, refit_images=images
-        )
-        checkpoint.save_model(argv[2], pruned, pruned_variables)
-        before, after = summarize(model, image_size), summarize(pruned, image_size)
-        print(
-            f"Wrote {argv[2]}: {_describe(pruned)}; {after.macs / 1e6:.1f}M MACs "
-            f"({after.macs / before.macs:.3f} of {before.macs / 1e6:.1f}M) at {image_size} px, "
-            f"{after.params / 1e6:.3f}M parameters"
-        )
-        for block, (old, new) in report.items():
-            print(f"  refit {block}: relative reconstruction error {old:.4f} -> {new:.4f}")
-
-    cli.run(run)
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("channels", None, "Channel list in the model's notation, e.g. '24,48,(96,2),...' (V1).")
-    flags.DEFINE_string("profile", None, "A named MobileNetV1 profile, e.g. 0.5flops.")
-    flags.DEFINE_float("macs", None, "Fraction of the model's multiply-adds to keep, in (0, 1].")
-    flags.DEFINE_string("groups", None, "One width per channel group, in order (any model; see --list_groups).")
-    flags.DEFINE_bool("list_groups", False, "Print the model's channel groups and exit (no OUT_DIR).")
-    flags.DEFINE_enum("criterion", "l1", list(CRITERIA), "l1 (AMC) or bn (BatchNorm scale).")
-    flags.DEFINE_bool("no_refit", False, "Skip the least-squares refit.")
-    flags.DEFINE_string(
-        "config", None, "Training config whose training images feed the refit (default: a workdir's config.json)."
-    )
-    flags.DEFINE_integer("refit_images", 256, "Training images for the refit.")
-    flags.DEFINE_integer("image_size", None, "For --macs (default: the config's, else 224).")
-    flags.DEFINE_enum("weights", "ema", ["ema", "live"], "Which weights of a training checkpoint to prune.")
-
-
-def run_command() -> None:
-    """``mobilenet-jax prune`` and ``python -m`` this module: its flags, then :func:`main`."""
-    cli.run_absl(_define_flags, main)
-
-
-if __name__ == "__main__":
-    run_command()

@@ -280,8 +280,8 @@ class ONNXModel:
 # ----------------------------------------------------------------------------- calibration and CLI
 
 
-def calibration_images(config, count: int = 300) -> list[np.ndarray]:
-    """``count`` training images through the evaluation preprocessing, as RGB 0..255, batch 1 each."""
+def training_examples(config, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` decodable training images through the evaluation preprocessing (RGB 0..255) and labels."""
     from mobilenet_jax.data import input_pipeline  # TensorFlow: only to read a dataset
 
     info = input_pipeline.get_dataset(config.dataset, config.data_dir, config.manual_dir)
@@ -289,13 +289,20 @@ def calibration_images(config, count: int = 300) -> list[np.ndarray]:
     dataset = input_pipeline.create_eval_dataset(
         info, config.train_split, global_batch_size=1, image_size=config.image_size, method=config.eval_preprocessing
     )
-    images = []
+    images, labels = [], []
     for batch in dataset.take(count):
         if float(batch["mask"][0]) > 0:
             images.append(IMAGENET.denormalize(np.asarray(batch["image"])))
+            labels.append(int(batch["label"][0]))
     if not images:
-        raise errors.DatasetError(f"No decodable calibration images in split {config.train_split!r}.")
-    return images
+        raise errors.DatasetError(f"No decodable images in split {config.train_split!r}.")
+    return np.concatenate(images), np.asarray(labels)
+
+
+def calibration_images(config, count: int = 300) -> list[np.ndarray]:
+    """``count`` training images through the evaluation preprocessing, as RGB 0..255, batch 1 each."""
+    images, _ = training_examples(config, count)
+    return [image[None] for image in images]
 
 
 def _int8_file(model, variables, config, image_size, io_dtype, preprocessing, recipe, calibration_count):
