@@ -144,6 +144,52 @@ def test_search_command_writes_the_model_the_log_and_the_plot(tiny, tmp_path, im
         prune_cli.search(model, None, None, str(tmp_path / "out"), flags, 32)
     with pytest.raises(UserError, match="needs --config naming the training dataset"):
         prune_cli.search(model, None, None, str(tmp_path / "new"), flags, 32)
+    with pytest.raises(UserError, match=r"budget must be in \(0, 1\), got 1.5"):
+        prune_cli.search(model, None, None, str(tmp_path / "new"), types.SimpleNamespace(macs=1.5), 32)
     with pytest.raises(UserError, match="needs a budget"):
         prune_cli.search(model, None, None, str(tmp_path / "new"), types.SimpleNamespace(macs=None), 32)
+    from importlib import metadata
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metadata, "version", not_installed)
+        latency_flags = types.SimpleNamespace(macs=None, latency=0.5)
+        with pytest.raises(UserError, match=r"needs the LiteRT interpreter: pip install -e '.\[export\]'"):
+            prune_cli.search(model, None, None, str(tmp_path / "new"), latency_flags, 32)
     assert not os.path.exists(tmp_path / "new")
+
+
+def test_latency_model_recovers_linear_timings_is_cached_and_walls_the_search(tiny, tmp_path, monkeypatch):
+    """Timings that are an exact linear function of the counts: the fit must reproduce them on unseen widths."""
+    from mobilenet_jax.deployment import latency
+
+    model = tiny[0]
+    counter = amc.MacCounter(model, SIZE)
+    truth = np.array([0.05, 2e-6, 1e-6, 4e-6, 3e-7, 5e-6])  # constant, full, pointwise, depthwise, classifier, writes
+    timed = []
+
+    def fake_measure(pruned, image_size, kind, threads):
+        timed.append(prune.group_widths(pruned))
+        return float(truth[0] + truth[1:] @ counter.features(prune.group_widths(pruned)))
+
+    monkeypatch.setattr(latency, "measure", fake_measure)
+    monkeypatch.setenv("MOBILENET_JAX_CACHE", str(tmp_path))
+    predict = latency.fit(model, SIZE, count=12)
+    assert len(timed) == 12 and len(set(timed)) >= 10
+    for widths in ([16, 8, 16, 24, 40], [8, 32, 64, 64, 128], [16, 24, 40, 56, 72]):
+        expected = truth[0] + truth[1:] @ counter.features(widths)
+        assert predict(widths) == pytest.approx(expected, rel=1e-4)
+    assert latency.fit(model, SIZE, count=12).samples == predict.samples and len(timed) == 12  # from the cache
+    env = amc.Environment(
+        model, tiny[1], cost=predict, budget=0.5, refit_images=tiny[2][:64], images=tiny[2][64:], labels=tiny[3][64:]
+    )
+    rng = np.random.default_rng(2)
+    for actions in [np.ones(5), *rng.uniform(0, 1, (10, 5))]:
+        widths = list(env.full)
+        for t, action in enumerate(actions):
+            widths[env.layers[t]] = env.wall(t, widths, action)
+        assert predict(widths) <= 0.5 * predict(env.full)
+    uniform = amc.uniform_widths(env)
+    assert 0.4 * predict(env.full) < predict(uniform) <= 0.5 * predict(env.full)

@@ -60,7 +60,11 @@ class MacCounter:
     input and output channels (a depthwise conv: times its channels), so the count is a
     sum of products of at most two group widths; the classifier adds its inputs times
     the classes. :func:`mobilenet_jax.summary.summarize` counts the built model instead.
+    :meth:`features` splits the count by kind of layer and adds the activations written
+    (output positions times channels): what a latency model is fitted on.
     """
+
+    KINDS = ("full", "pointwise", "depthwise", "classifier", "activations")
 
     def __init__(self, model: nn.Module, image_size: int):
         all_groups = prune.groups(model)
@@ -68,29 +72,45 @@ class MacCounter:
         reads.update({conv.path: i for i, group in enumerate(all_groups) for conv in group.passes})
         writes = {conv.path: i for i, group in enumerate(all_groups) for conv in group.producers}
         none = len(all_groups)  # the index of a constant width of 1
-        terms = []
+        terms = []  # (kind, coefficient, first group, second group)
         height = width = image_size
         network = model.network()
         for conv in network.convs():
             height, width = math.ceil(height / conv.stride), math.ceil(width / conv.stride)
             area = height * width * conv.kernel**2
             if conv.kind == "depthwise":
-                terms.append((area, reads[conv.path], none))
-            else:
-                given = reads.get(conv.path, none)  # the stem reads the image
-                terms.append((area * (conv.in_channels if given == none else 1), given, writes[conv.path]))
+                terms.append(("depthwise", area, reads[conv.path], none))
+                terms.append(("activations", height * width, reads[conv.path], none))
+                continue
+            given = reads.get(conv.path, none)  # the stem reads the image
+            terms.append((conv.kind, area * (conv.in_channels if given == none else 1), given, writes[conv.path]))
+            terms.append(("activations", height * width, writes[conv.path], none))
         for i, block in enumerate(network.blocks):
-            terms += [(1, reads[conv.path], writes[conv.path]) for conv in block.se_convs(f"block_{i}")]
+            terms += [("pointwise", 1, reads[conv.path], writes[conv.path]) for conv in block.se_convs(f"block_{i}")]
         if model.num_classes is not None:
-            terms.append((model.num_classes, reads["classifier"], none))
-        self._coefficient = np.array([t[0] for t in terms], np.float64)
-        self._first = np.array([t[1] for t in terms])
-        self._second = np.array([t[2] for t in terms])
+            terms.append(("classifier", model.num_classes, reads["classifier"], none))
+        self._kind = np.array([self.KINDS.index(t[0]) for t in terms])
+        self._coefficient = np.array([t[1] for t in terms], np.float64)
+        self._first = np.array([t[2] for t in terms])
+        self._second = np.array([t[3] for t in terms])
         self.full = self(prune.group_widths(model))
 
-    def __call__(self, widths: Sequence[float]) -> float:
+    def _terms(self, widths: Sequence[float]) -> np.ndarray:
         w = np.append(np.asarray(widths, np.float64), 1.0)
-        return float(np.sum(self._coefficient * w[self._first] * w[self._second]))
+        return self._coefficient * w[self._first] * w[self._second]
+
+    def __call__(self, widths: Sequence[float]) -> float:
+        terms = self._terms(widths)
+        return float(np.sum(terms[self._kind != self.KINDS.index("activations")]))
+
+    def features(self, widths: Sequence[float]) -> np.ndarray:
+        """MACs of each kind of layer and the activations written, in the order of ``KINDS``."""
+        return np.bincount(self._kind, weights=self._terms(widths), minlength=len(self.KINDS))
+
+
+def check_budget(budget: float) -> None:
+    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0 < budget < 1):
+        raise errors.UserError(f"The search's budget must be in (0, 1), got {budget!r}.")
 
 
 class Environment:
@@ -108,8 +128,7 @@ class Environment:
         labels: np.ndarray,
         settings: SearchSettings = SearchSettings(),
     ):
-        if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and 0 < budget < 1):
-            raise errors.UserError(f"The search's budget must be in (0, 1), got {budget!r}.")
+        check_budget(budget)
         self.model, self.variables, self.cost, self.settings = model, variables, cost, settings
         self.groups = prune.groups(model)
         self.full = [group.channels for group in self.groups]
@@ -118,19 +137,19 @@ class Environment:
             raise errors.UserError(f"{type(model).__name__} has no channel group the search can prune.")
         self.allowed = {i: _allowed_widths(self.full[i], settings.lower, settings.divisor) for i in self.layers}
         self.limit = budget * cost(self.full)
-        smallest = cost(self._with(self.full, {i: self.allowed[i][0] for i in self.layers}))
+        smallest = cost(self.with_widths(self.full, {i: self.allowed[i][0] for i in self.layers}))
         if smallest > self.limit:
             raise errors.UserError(
                 f"A budget of {budget} is below what keeping {settings.lower:.0%} of every layer costs "
                 f"({smallest / cost(self.full):.3f} of the model); raise the budget."
             )
         self._static = self._static_features()
-        self._refit_images, self._images, self._labels = refit_images, images, np.asarray(labels)
+        self._refit_images, self._images, self.labels = refit_images, images, np.asarray(labels)
         self._target = prune.reference(model, variables, refit_images)
         self._rewards: dict[tuple, float] = {}
 
     @staticmethod
-    def _with(widths: Sequence[int], changes: dict[int, int]) -> list[int]:
+    def with_widths(widths: Sequence[int], changes: dict[int, int]) -> list[int]:
         return [changes.get(i, w) for i, w in enumerate(widths)]
 
     def _static_features(self) -> np.ndarray:
@@ -152,7 +171,7 @@ class Environment:
         full = self.cost(self.full)
         later = {i: 0 for i in self.layers[t + 1 :]}
         reduced = (full - self.cost(widths)) / full
-        rest = (full - self.cost(self._with(self.full, later))) / full
+        rest = (full - self.cost(self.with_widths(self.full, later))) / full
         return np.concatenate([self._static[t], [reduced, rest, previous]]).astype(np.float32)
 
     def wall(self, t: int, widths: Sequence[int], action: float) -> int:
@@ -162,7 +181,7 @@ class Environment:
         nearest = min(allowed, key=lambda w: (abs(w - wanted), w))
         later = {j: self.allowed[j][0] for j in self.layers[t + 1 :]}
         for width in reversed([w for w in allowed if w <= nearest]):
-            if self.cost(self._with(widths, {**later, i: width})) <= self.limit * (1 + 1e-12):
+            if self.cost(self.with_widths(widths, {**later, i: width})) <= self.limit * (1 + 1e-12):
                 return width
         return allowed[0]
 
@@ -172,8 +191,22 @@ class Environment:
         if key not in self._rewards:
             keeps = prune.keep_indices(self.model, self.variables, prune.resize(self.model, key))
             variables = prune.zeroed(self.model, self.variables, keeps, self._refit_images, self._target)
-            self._rewards[key] = accuracy(self.model, variables, self._images, self._labels)
+            self._rewards[key] = accuracy(self.model, variables, self._images, self.labels)
         return self._rewards[key]
+
+
+def uniform_widths(env: Environment) -> list[int]:
+    """One keep ratio for every searched layer, the largest within the budget (bisected): the baseline AMC beats."""
+
+    def plan(keep: float) -> list[int]:
+        return env.with_widths(env.full, {i: max(env.allowed[i][0], min(env.full[i], round(env.full[i] * keep / 8) * 8))
+                                    for i in env.layers})  # fmt: skip
+
+    low, high = env.settings.lower, 1.0
+    for _ in range(20):
+        middle = (low + high) / 2
+        low, high = (middle, high) if env.cost(plan(middle)) <= env.limit else (low, middle)
+    return plan(low)
 
 
 def _allowed_widths(channels: int, lower: float, divisor: int) -> list[int]:

@@ -36,9 +36,10 @@ from mobilenet_jax.compression.prune import (
     resize,
 )
 from mobilenet_jax.data.preprocessing import IMAGENET
+from mobilenet_jax.deployment import latency
 from mobilenet_jax.summary import summarize
 
-TARGETS = ("channels", "profile", "macs", "groups", "list_groups")
+TARGETS = ("channels", "profile", "macs", "latency", "groups", "list_groups")
 REFIT_NEEDS_DATA = "The refit needs --config naming the training dataset (or pass --no_refit)."
 
 
@@ -64,9 +65,17 @@ def _examples(config, count: int, missing: str) -> tuple[jnp.ndarray, np.ndarray
 
 
 def search(model, variables, config, out_dir: str, flags, image_size: int) -> tuple[nn.Module, jnp.ndarray]:
-    """AMC's search for ``--macs``: the searched architecture and the refit images; writes the search's files."""
+    """AMC's search for ``--macs`` or ``--latency``: the searched architecture and the refit images.
+
+    Writes the search's files into ``out_dir``; under a latency budget also the
+    predicted and measured LiteRT latencies of the searched, uniform and unpruned networks.
+    """
+    budget = flags.macs or getattr(flags, "latency", None)
+    if not budget:
+        raise errors.UserError("--search amc needs a budget: --macs R or --latency R with R in (0, 1).")
+    amc.check_budget(budget)
     if not flags.macs:
-        raise errors.UserError("--search amc needs a budget: --macs R with R in (0, 1).")
+        latency.litert_version()  # the export extra, before any work
     if os.path.exists(os.path.join(out_dir, "model.json")):
         raise errors.UserError(f"{out_dir} already holds a model; choose an empty directory.")
     images, labels = _examples(
@@ -80,35 +89,61 @@ def search(model, variables, config, out_dir: str, flags, image_size: int) -> tu
             f"has only {len(images)} (lower --refit_images)."
         )
     settings = amc.SearchSettings(episodes=flags.episodes, warmup=flags.warmup, seed=flags.seed)
+    if flags.macs:
+        cost = amc.MacCounter(model, image_size)
+    else:
+        print(f"Timing LiteRT {flags.latency_kind} networks of random widths for the latency model (cached)...")
+        cost = latency.fit(model, image_size, flags.latency_kind, flags.threads)
     env = amc.Environment(
-        model, variables, cost=amc.MacCounter(model, image_size), budget=flags.macs,
+        model, variables, cost=cost, budget=budget,
         refit_images=images[: flags.refit_images], images=images[flags.refit_images :],
         labels=labels[flags.refit_images :], settings=settings,
     )  # fmt: skip
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
     result = amc.search(env, os.path.join(out_dir, "search.jsonl"))
-    uniform = group_widths(channels_for_macs(model, flags.macs, image_size))
+    uniform = group_widths(channels_for_macs(model, budget, image_size)) if flags.macs else amc.uniform_widths(env)
+    _report(env, result, uniform, out_dir, flags, image_size, time.time() - start)
+    return resize(model, result.widths), images[: flags.refit_images]
+
+
+def _report(env: amc.Environment, result: amc.SearchResult, uniform, out_dir: str, flags, image_size, seconds) -> None:
+    """``search.json``, ``keep_ratios.svg`` and the summary lines of a search."""
+    model, settings = env.model, env.settings
     uniform_reward = env.reward(uniform)
     names = [describe_group(groups(model)[i]).removeprefix("group of ") for i in env.layers]
     keep = {name: [w[i] / env.full[i] for i in env.layers] for name, w in (("searched", result.widths),
                                                                           ("uniform", uniform))}  # fmt: skip
     amc.keep_ratio_svg(os.path.join(out_dir, "keep_ratios.svg"), names, keep)
     record = {
-        "budget": flags.macs, "image_size": image_size, "settings": dataclasses.asdict(settings),
-        "seconds": round(time.time() - start, 1), "held_out_images": len(images) - flags.refit_images,
+        "budget": flags.macs or flags.latency, "image_size": image_size,
+        "budget_kind": "macs" if flags.macs else f"latency ({flags.latency_kind})",
+        "settings": dataclasses.asdict(settings), "seconds": round(seconds, 1),
+        "held_out_images": len(env.labels), "layers": names,
         "searched": {"widths": result.widths, "reward": result.reward, "cost": result.cost},
         "uniform": {"widths": uniform, "reward": uniform_reward, "cost": env.cost(uniform) / env.cost(env.full)},
-        "layers": names,
     }  # fmt: skip
+    if not flags.macs:
+        plans = {"full": env.full, "searched": result.widths, "uniform": uniform}
+        record["latency_ms"] = _latencies(model, env.cost, plans, image_size, flags)
     with open(os.path.join(out_dir, "search.json"), "w") as file:
         json.dump(record, file, indent=1)
+    what = "the MACs" if flags.macs else "the predicted latency"
     print(
-        f"Searched {settings.warmup + settings.episodes} episodes in {record['seconds']:.0f} s: held-out top-1 before "
-        f"fine-tuning {100 * result.reward:.2f}% at {result.cost:.3f} of the MACs (uniform: "
+        f"Searched {settings.warmup + settings.episodes} episodes in {seconds:.0f} s: held-out top-1 before "
+        f"fine-tuning {100 * result.reward:.2f}% at {result.cost:.3f} of {what} (uniform: "
         f"{100 * uniform_reward:.2f}% at {record['uniform']['cost']:.3f})"
     )
-    return resize(model, result.widths), images[: flags.refit_images]
+    for name, times in record.get("latency_ms", {}).items():
+        print(f"  {name}: LiteRT {flags.latency_kind} latency predicted {times[0]:.3f} ms, measured {times[1]:.3f} ms")
+
+
+def _latencies(model, predict, plans: dict, image_size: int, flags) -> dict[str, tuple[float, float]]:
+    """``{name: (predicted ms, measured ms)}`` of each plan's network (timed now, random weights)."""
+    return {
+        name: (predict(widths), latency.measure(resize(model, widths), image_size, flags.latency_kind, flags.threads))
+        for name, widths in plans.items()
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -119,7 +154,9 @@ def main(argv: list[str]) -> None:
     cli.quiet_logging()
     given = [name for name in TARGETS if args[name].present]
     if len(given) != 1:
-        cli.exit_with("give exactly one of --macs, --channels, --groups, --profile and --list_groups.", 2)
+        cli.exit_with("give exactly one of --macs, --latency, --channels, --groups, --profile and --list_groups.", 2)
+    if args.latency is not None and args.search == "none":
+        cli.exit_with("--latency is a budget for the search: add --search amc (or prune by --macs).", 2)
     if len(argv) != (2 if args.list_groups else 3):
         cli.exit_with("usage: python -m mobilenet_jax.prune SOURCE OUT_DIR (--macs R | --channels ... | ...).", 2)
 
@@ -163,6 +200,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("channels", None, "Channel list in the model's notation, e.g. '24,48,(96,2),...' (V1).")
     flags.DEFINE_string("profile", None, "A named MobileNetV1 profile, e.g. 0.5flops.")
     flags.DEFINE_float("macs", None, "Fraction of the model's multiply-adds to keep, in (0, 1].")
+    flags.DEFINE_float("latency", None, "With --search amc: fraction of the LiteRT latency to keep, in (0, 1).")
+    flags.DEFINE_enum("latency_kind", "int8", ["int8", "float32"], "The LiteRT file a latency budget times.")
+    flags.DEFINE_integer("threads", 1, "LiteRT threads for a latency budget.")
     flags.DEFINE_string("groups", None, "One width per channel group, in order (any model; see --list_groups).")
     flags.DEFINE_bool("list_groups", False, "Print the model's channel groups and exit (no OUT_DIR).")
     flags.DEFINE_enum("criterion", "l1", ["l1", "bn"], "l1 (AMC) or bn (BatchNorm scale).")

@@ -147,8 +147,8 @@ def _random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None) ->
 def render(label: int, image_size: int, rng: np.random.Generator, hard: bool = False) -> np.ndarray:
     """Draws one ``image_size`` x ``image_size`` RGB image of class ``label`` (of ``HARD_CLASSES`` when ``hard``).
 
-    ``hard``: twenty classes, smaller shapes, twice the clutter, one or two discs of bare
-    background over the shape's edge (occlusion) and pixel noise (sigma 12).
+    ``hard``: twenty classes, smaller shapes, twice the clutter, a disc of bare background
+    over the shape's edge (occlusion) and pixel noise (sigma 6).
     """
     size = image_size * _SUPERSAMPLE
     background = _random_colour(rng)
@@ -168,7 +168,7 @@ def render(label: int, image_size: int, rng: np.random.Generator, hard: bool = F
         draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(_random_colour(rng)))
 
     colour = tuple(_random_colour(rng, avoid=background))
-    radius = rng.uniform(0.2, 0.4) * size if hard else rng.uniform(0.28, 0.44) * size
+    radius = rng.uniform(0.25, 0.42) * size if hard else rng.uniform(0.28, 0.44) * size
     center = rng.uniform(radius, size - radius, 2)
     # Upright within +-30 degrees: orientation varies, but a T stays a T and not a rotated L.
     angle = rng.uniform(-math.pi / 6, math.pi / 6)
@@ -200,20 +200,19 @@ def render(label: int, image_size: int, rng: np.random.Generator, hard: bool = F
         _occlude(image, canvas, center, radius, rng)
     image = np.asarray(image.resize((image_size, image_size), Image.Resampling.BOX), dtype=np.uint8)
     if hard:
-        image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+        image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
     return image
 
 
 def _occlude(image: Image.Image, canvas: np.ndarray, center: np.ndarray, radius: float, rng) -> None:
-    """One or two discs of the bare background (no clutter) over the shape's edge: parts of the outline go missing."""
+    """A disc of the bare background (no clutter) over the shape's edge: part of the outline goes missing."""
     clean = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-    for _ in range(rng.integers(1, 3)):
-        r = rng.uniform(0.25, 0.4) * radius
-        angle, distance = rng.uniform(0, 2 * math.pi), rng.uniform(0.4, 0.9) * radius
-        cx, cy = center[0] + distance * math.cos(angle), center[1] + distance * math.sin(angle)
-        mask = Image.new("L", image.size, 0)
-        ImageDraw.Draw(mask).ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-        image.paste(clean, mask=mask)
+    r = rng.uniform(0.2, 0.33) * radius
+    angle, distance = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 0.9) * radius
+    cx, cy = center[0] + distance * math.cos(angle), center[1] + distance * math.sin(angle)
+    mask = Image.new("L", image.size, 0)
+    ImageDraw.Draw(mask).ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    image.paste(clean, mask=mask)
 
 
 class MobilenetShapes(tfds.core.GeneratorBasedBuilder):
