@@ -15,6 +15,7 @@ from mobilenet_jax import MobileNetV1, MobileNetV2, summarize
 from mobilenet_jax.compression import amc, prune, prune_cli
 from mobilenet_jax.errors import UserError
 from mobilenet_jax.weights import checkpoint
+from tests import variables as random_init
 from tests.test_distributed import PROFILE
 from tests.test_prune import trained_like
 
@@ -43,7 +44,7 @@ def tiny():
     model = MobileNetV1(num_classes=4, width=0.5, profile=PROFILE)
     variables = trained_like(model, size=SIZE)
     images = jax.random.normal(jax.random.key(3), (160, SIZE, SIZE, 3))
-    labels = np.array(jnp.argmax(model.apply(variables, images, train=False), -1))
+    labels = np.array(jnp.argmax(random_init.logits(model, variables, images), -1))
     labels[::2] = np.random.default_rng(0).integers(0, 4, 80)  # the unpruned model is not perfect
     return model, variables, images, labels
 
@@ -93,11 +94,11 @@ def test_reward_is_the_accuracy_of_the_pruned_refitted_model(tiny):
         model, variables, prune.resize(model, widths), refit_images=images[:64]
     )
     assert any(after < before for before, after in report.values())  # the refit changed layers
-    logits = np.asarray(pruned.apply(pruned_variables, images[64:], train=False))
+    logits = np.asarray(random_init.logits(pruned, pruned_variables, images[64:]))
     assert env.reward(widths) == np.mean(np.argmax(logits, -1) == labels[64:])
     keeps = prune.keep_indices(model, variables, prune.resize(model, widths))
     zeroed = prune.zeroed(model, variables, keeps, images[:64])
-    np.testing.assert_allclose(model.apply(zeroed, images[64:], train=False), logits, atol=2e-5 * np.abs(logits).max())
+    np.testing.assert_allclose(random_init.logits(model, zeroed, images[64:]), logits, atol=2e-5 * np.abs(logits).max())
 
 
 def test_search_is_deterministic_for_a_seed_and_logs_every_episode(tiny, tmp_path):

@@ -1,11 +1,11 @@
 """Export to LiteRT and StableHLO: parity with the JAX model, the int8 graph, and one-sentence errors."""
 
+import functools
 import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,32 +15,15 @@ from mobilenet_jax import MobileNetV1, MobileNetV2
 from mobilenet_jax.deployment import export  # noqa: E402
 from mobilenet_jax.errors import UserError  # noqa: E402
 from mobilenet_jax.weights import checkpoint
+from tests import variables as random_init
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4
 
 
 def random_variables(model, size, seed=0):
-    """Initialised variables with BatchNorm parameters and statistics far from the identity."""
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 10_000))
-
-    def perturb(path, leaf):
-        name = path[-1].key
-        if name == "mean":
-            return 0.1 * jax.random.normal(next(keys), leaf.shape)
-        if name == "var":
-            return jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=2.0)
-        if name == "scale":
-            return jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=1.5)
-        if name == "bias":
-            return 0.1 * jax.random.normal(next(keys), leaf.shape)
-        return leaf
-
-    variables = jax.tree_util.tree_map_with_path(perturb, variables)
-    classifier = variables["params"]["classifier"]
-    classifier["kernel"] = classifier["kernel"] * 30.0  # O(1) logits, so the tolerance means something
-    return variables
+    """Variables with BatchNorm parameters and statistics far from the identity."""
+    return random_init.far_from_identity(model, size, seed, var_high=2.0)
 
 
 def rgb_images(count, size, seed=0):
@@ -48,7 +31,12 @@ def rgb_images(count, size, seed=0):
 
 
 def jax_logits(model, variables, rgb):
-    return np.asarray(model.apply(variables, (rgb - export.MEAN_RGB) / export.STDDEV_RGB, train=False))
+    return np.asarray(_logits(model, variables, (rgb - export.MEAN_RGB) / export.STDDEV_RGB))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, variables, images):
+    return model.apply(variables, images, train=False)
 
 
 @pytest.mark.parametrize(

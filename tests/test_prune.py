@@ -14,6 +14,8 @@ from mobilenet_jax.compression import prune
 from mobilenet_jax.errors import UserError
 from mobilenet_jax.models import V1_PROFILES
 from mobilenet_jax.weights import checkpoint
+from tests import variables as random_init
+from tests.variables import logits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # MobileNetV1 0.5: stem 16, blocks 32, (64,2), 64, (128,2), 128, (256,2), 256 x5, (512,2), 512.
@@ -22,20 +24,7 @@ CHANNELS = (12, (24, (48, 2), 40, (96, 2), 80, (192, 2), 200, 192, 180, 160, 224
 
 def trained_like(model, size=32, seed=0):
     """Random variables with BatchNorm far from the identity, so that every channel matters."""
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 10_000))
-
-    def perturb(path, leaf):
-        name = path[-1].key
-        if name in ("mean", "bias"):
-            return 0.1 * jax.random.normal(next(keys), leaf.shape)
-        if name in ("var", "scale"):
-            return jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=1.5)
-        return leaf
-
-    variables = jax.tree_util.tree_map_with_path(perturb, variables)
-    variables["params"]["classifier"]["kernel"] = variables["params"]["classifier"]["kernel"] * 30.0
-    return variables
+    return random_init.far_from_identity(model, size, seed, var_high=1.5)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +54,8 @@ def test_slicing_equals_zeroing_the_pruned_channels(small):
             params[f"block_{producer + 1}"]["conv_pw"]["kernel"][:, :, dropped, :] = 0.0
         else:
             params["classifier"]["kernel"][dropped, :] = 0.0
-    zeroed = model.apply({**variables, "params": params}, images)
-    sliced = pruned.apply(pruned_variables, images)
+    zeroed = logits(model, {**variables, "params": params}, images)
+    sliced = logits(pruned, pruned_variables, images)
     assert float(jnp.std(sliced)) > 0.1
     np.testing.assert_allclose(sliced, zeroed, atol=1e-4, rtol=1e-5)
 
@@ -97,8 +86,8 @@ def test_refit_brings_the_pruned_network_back_to_the_unpruned_outputs(small):
     assert len(report) == 14 and "classifier" in report  # 13 pointwise convs and the classifier, none skipped
     for layer, (before, after) in report.items():
         assert after < 0.9 * before, layer
-    unpruned = model.apply(variables, held_out)
-    error = lambda v: float(jnp.linalg.norm(pruned.apply(v, held_out) - unpruned) / jnp.linalg.norm(unpruned))  # noqa: E731
+    unpruned = logits(model, variables, held_out)
+    error = lambda v: float(jnp.linalg.norm(logits(pruned, v, held_out) - unpruned) / jnp.linalg.norm(unpruned))  # noqa: E731
     print(f"relative logit error on held-out images: {error(sliced):.3f} sliced, {error(refitted):.2e} refit")
     assert error(sliced) > 0.1 and error(refitted) < 0.01 * error(sliced), (error(sliced), error(refitted))
 
@@ -168,8 +157,8 @@ def test_v2_residual_groups_and_slicing_equals_zeroing(small_v2):
         dropped = np.setdiff1d(np.arange(widths["out"][i]), out)
         reader = params[f"block_{i + 1}"]["conv_pw"] if i + 1 < 6 else params["last_conv"]
         reader["kernel"][:, :, dropped, :] = 0.0
-    zeroed = model.apply({**variables, "params": params}, images)
-    sliced = pruned.apply(pruned_variables, images)
+    zeroed = logits(model, {**variables, "params": params}, images)
+    sliced = logits(pruned, pruned_variables, images)
     assert float(jnp.std(sliced)) > 0.1
     np.testing.assert_allclose(sliced, zeroed, atol=1e-4, rtol=1e-5)
     # The pruned record round-trips through a model directory.
@@ -187,7 +176,7 @@ def test_v2_refit_and_mac_targets(small_v2, tmp_path):
     loaded, loaded_variables = checkpoint.load_model(tmp_path / "v2")
     assert loaded.block_channels == pruned.block_channels
     np.testing.assert_allclose(
-        loaded.apply(loaded_variables, images), pruned.apply(pruned_variables, images), atol=1e-5
+        logits(loaded, loaded_variables, images), logits(pruned, pruned_variables, images), atol=1e-5
     )
     full = MobileNetV2(num_classes=1000)
     for ratio in (0.5,):  # each ratio bisects over 14 traces of the full network (V1 tests three ratios)
@@ -228,7 +217,7 @@ def test_pruned_model_loads_strictly_in_the_design_notes_pytorch(small):
     module.load_state_dict(convert.to_torch(pruned, pruned_variables), strict=True)
     with torch.no_grad():
         expected = module(torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())).numpy()
-    np.testing.assert_allclose(pruned.apply(pruned_variables, images), expected, atol=1e-4)
+    np.testing.assert_allclose(logits(pruned, pruned_variables, images), expected, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -266,8 +255,8 @@ def test_pruning_keeps_timm_and_keras_fields_and_slices_a_head_conv():
         dropped = np.setdiff1d(np.arange(width), keep)
         reader = params[f"block_{producer + 1}"]["conv_pw"] if producer + 1 < 13 else params["head_conv"]
         reader["kernel"][:, :, dropped, :] = 0.0
-    zeroed = model.apply({**variables, "params": params}, images)
-    np.testing.assert_allclose(pruned.apply(pruned_variables, images), zeroed, atol=1e-4, rtol=1e-5)
+    zeroed = logits(model, {**variables, "params": params}, images)
+    np.testing.assert_allclose(logits(pruned, pruned_variables, images), zeroed, atol=1e-4, rtol=1e-5)
     _, _, report = prune.prune(model, variables, CHANNELS, refit_images=images)
     assert "head_conv" in report and report["head_conv"][1] <= report["head_conv"][0]
 
@@ -285,8 +274,8 @@ def test_v2_stem_and_last_conv_prune_through_their_groups(small_v2, tmp_path):
     keeps = prune.keep_indices(model, variables, prune.resize(model, widths))
     pruned, pruned_variables = prune.slice_model(model, variables, keeps)
     assert (pruned.stem_channels, pruned.last_channels, pruned.block_channels[0]) == (8, 640, (8, 8))
-    sliced = pruned.apply(pruned_variables, images)
-    np.testing.assert_allclose(sliced, model.apply(zeroed(model, variables, keeps), images), atol=1e-4, rtol=1e-5)
+    sliced = logits(pruned, pruned_variables, images)
+    np.testing.assert_allclose(sliced, logits(model, zeroed(model, variables, keeps), images), atol=1e-4, rtol=1e-5)
     checkpoint.save_model(tmp_path / "v2", pruned, pruned_variables)
     loaded, loaded_variables = checkpoint.load_model(tmp_path / "v2")
-    np.testing.assert_allclose(loaded.apply(loaded_variables, images), sliced, atol=1e-6)
+    np.testing.assert_allclose(logits(loaded, loaded_variables, images), sliced, atol=1e-6)
