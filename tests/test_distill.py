@@ -15,6 +15,7 @@ from mobilenet_jax.errors import ConfigError
 from mobilenet_jax.training import distributed, optim, steps
 from mobilenet_jax.training import loop as training
 from mobilenet_jax.weights import checkpoint
+from tests import variables as random_init
 
 from .test_training import tiny
 
@@ -28,7 +29,7 @@ def _log_softmax(x):
 def teacher_dir(tmp_path_factory):
     """A MobileNetV2 teacher (another architecture than the student), 4 classes, in a model directory."""
     model = MobileNetV2(num_classes=4, width=0.35, block_table=((1, 16, 1, 1), (6, 24, 2, 2)), dropout_rate=0.0)
-    variables = model.init(jax.random.key(11), jnp.zeros((1, 32, 32, 3)))
+    variables = random_init.initial(model, 32, seed=11)
     variables["params"]["classifier"]["kernel"] = variables["params"]["classifier"]["kernel"] * 2000.0
     directory = tmp_path_factory.mktemp("teacher")
     checkpoint.save_model(directory, model, variables)
@@ -38,7 +39,7 @@ def teacher_dir(tmp_path_factory):
 def test_distillation_step_matches_a_hand_computed_loss(teacher_dir, image_folder, tmp_path):
     # A three-block student (quick to compile), given as train.py takes one: an init_from directory.
     student = MobileNetV1(num_classes=4, profile=(8, (16, (32, 2), 32)))
-    checkpoint.save_model(tmp_path / "student", student, student.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    checkpoint.save_model(tmp_path / "student", student, random_init.initial(student, 32))
     config = tiny(v1.get_config(), teacher=str(teacher_dir), label_smoothing=0.1, init_from=str(tmp_path / "student"))
     config.dataset, config.data_dir = "folder", str(image_folder)
     config.distill_temperature, config.distill_alpha, config.warmup_epochs = 3.0, 0.7, 0.0
@@ -100,7 +101,7 @@ def test_bad_teachers_are_one_sentence(teacher_dir, tmp_path):
 
 def test_init_from_a_pruned_model_takes_its_architecture(tmp_path, image_folder):
     source = MobileNetV1(num_classes=4, width=0.25)
-    variables = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    variables = random_init.initial(source, 32, seed=3)
     channels = (8, (16, (24, 2), 24, (48, 2), 48, (96, 2), 96, 96, 96, 96, 96, (192, 2), 192))
     pruned, pruned_variables, _ = prune.prune(source, variables, channels)
     checkpoint.save_model(tmp_path / "pruned", pruned, pruned_variables)
@@ -123,7 +124,7 @@ def test_init_from_another_class_count_with_a_teacher_then_from_a_workdir(tmp_pa
     """The README's compress step 2 through what train.py calls: a 10-class model directory fine-tuned on the
     4-class folder with a teacher (new head), then a second run initialised from that run's workdir."""
     source = MobileNetV1(num_classes=10, width=0.25)
-    variables = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    variables = random_init.initial(source, 32, seed=3)
     checkpoint.save_model(tmp_path / "converted", source, variables)
     # A learning rate this small leaves every weight where init_from put it (to ~1e-6).
     settings = dict(
@@ -158,7 +159,7 @@ def test_a_teacher_with_other_inputs_gets_them(tmp_path):
     checkpoint.save_model(
         tmp_path / "keras_teacher",
         model,
-        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))),
+        random_init.initial(model, 32),
         preprocessing=convert_keras.PREPROCESSING,
     )
     config = tiny(v1.get_config(), teacher=str(tmp_path / "keras_teacher"))

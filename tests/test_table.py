@@ -14,6 +14,7 @@ from mobilenet_jax.compression import prune
 from mobilenet_jax.models import Block, MobileNet, Network
 from mobilenet_jax.weights import checkpoint
 from tests import jaxpr_groups
+from tests import variables as random_init
 from tests.test_prune import trained_like
 
 IR = "inverted_residual"
@@ -45,7 +46,7 @@ def new():
     ids=["v1_head_conv", "v2", "new"],
 )
 def test_the_table_groups_are_the_groups_the_traced_module_has(model):
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = random_init.initial(model, 32)
     traced = jaxpr_groups.traced_groups(model, variables)
     assert traced == jaxpr_groups.table_groups(model)
     # The comparison has teeth: a table that forgot the residual adds gives other groups.

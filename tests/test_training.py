@@ -18,6 +18,7 @@ from mobilenet_jax.errors import ConfigError
 from mobilenet_jax.training import loop as training
 from mobilenet_jax.training import optim, steps
 from mobilenet_jax.weights import checkpoint
+from tests import variables as random_init
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,7 +170,7 @@ def test_cli_errors_are_one_sentence(tmp_path):
 
 def test_init_from_converted_weights_with_a_new_head(tmp_path, image_folder):
     source = MobileNetV1(num_classes=10, width=0.25)
-    variables = source.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    variables = random_init.initial(source, 32, seed=3)
     checkpoint.save_model(tmp_path / "converted", source, variables)
     config = tiny(v1.get_config(), dataset="folder", data_dir=str(image_folder), init_from=str(tmp_path / "converted"))
     model = steps.create_model(config, num_classes=4)
