@@ -101,6 +101,33 @@ def test_reward_is_the_accuracy_of_the_pruned_refitted_model(tiny):
     np.testing.assert_allclose(random_init.logits(model, zeroed, images[64:]), logits, atol=2e-5 * np.abs(logits).max())
 
 
+def test_v2_search_prunes_the_stem_and_expansions_and_scores_what_prune_builds():
+    """MobileNetV2: the searched layers are the stem and the expansions; the reward is again the sliced model's."""
+    from tests.test_prune import V2_TABLE
+
+    model = MobileNetV2(num_classes=4, width=0.5, block_table=V2_TABLE, dropout_rate=0.0)
+    variables = trained_like(model, size=SIZE)
+    images = jax.random.normal(jax.random.key(5), (96, SIZE, SIZE, 3))
+    labels = np.array(jnp.argmax(random_init.logits(model, variables, images), -1))
+    labels[::3] = 0
+    env = amc.Environment(
+        model, variables, cost=amc.MacCounter(model, SIZE), budget=0.6, refit_images=images[:64],
+        images=images[64:], labels=labels[64:], settings=amc.SearchSettings(episodes=1, warmup=2),
+    )  # fmt: skip
+    groups = prune.groups(model)
+    assert [prune.describe_group(groups[i]) for i in env.layers] == [
+        "stem",
+        *(f"group of block_{i}/conv_pw" for i in range(1, 6)),
+    ]
+    result = amc.search(env, progress=False)
+    assert result.cost <= 0.6
+    pruned, pruned_variables, _ = prune.prune(
+        model, variables, prune.resize(model, result.widths), refit_images=images[:64]
+    )
+    logits = np.asarray(random_init.logits(pruned, pruned_variables, images[64:]))
+    assert result.reward == np.mean(np.argmax(logits, -1) == labels[64:])
+
+
 def test_search_is_deterministic_for_a_seed_and_logs_every_episode(tiny, tmp_path):
     runs = []
     for seed, name in ((0, "a"), (0, "b"), (1, "c")):
