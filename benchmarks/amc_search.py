@@ -34,8 +34,8 @@ host.import_torch_before_tensorflow()
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from compression_curve import v1_config  # noqa: E402  (benchmarks/ is the script's directory)
 
-from configs import v1  # noqa: E402
 from mobilenet_jax import MobileNetV1, evaluate, summarize  # noqa: E402
 from mobilenet_jax.compression import amc, prune  # noqa: E402
 from mobilenet_jax.data.preprocessing import IMAGENET  # noqa: E402
@@ -48,12 +48,7 @@ REFIT_IMAGES, REWARD_IMAGES = 256, 1000
 
 
 def hard(**overrides):
-    config = v1.get_config("hard")
-    config.progress_bar = False
-    for key, value in overrides.items():
-        node, _, field = key.rpartition(".")
-        setattr(config[node] if node else config, field, value)
-    return config
+    return v1_config("hard", **overrides)
 
 
 def train(config, workdir: str) -> float:

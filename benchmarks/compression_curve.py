@@ -47,13 +47,18 @@ from mobilenet_jax.weights import checkpoint  # noqa: E402
 README_START, README_END = "<!-- compression-curve:start -->", "<!-- compression-curve:end -->"
 
 
-def quickstart(**overrides):
-    config = v1.get_config("quickstart")
+def v1_config(options: str, **overrides):
+    """``configs/v1.py:OPTIONS`` without a progress bar, with ``overrides`` ('model.width': 0.35, ...)."""
+    config = v1.get_config(options)
     config.progress_bar = False
     for key, value in overrides.items():
         node, _, field = key.rpartition(".")
         setattr(config[node] if node else config, field, value)
     return config
+
+
+def quickstart(**overrides):
+    return v1_config("quickstart", **overrides)
 
 
 def finetune_config(args, pruned_dir: str, teacher: str = ""):
