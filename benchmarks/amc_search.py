@@ -138,7 +138,7 @@ def plot(rows: list[dict], layers: list[str], full: list[int], searched_layers: 
     import matplotlib.pyplot as plt
 
     budgets = sorted({r["budget"] for r in rows}, reverse=True)
-    figure, axes = plt.subplots(len(budgets), 1, figsize=(7.5, 2.6 * len(budgets)), dpi=120, squeeze=False)
+    figure, axes = plt.subplots(len(budgets), 1, figsize=(7.5, 2.6 * len(budgets)), dpi=120, squeeze=False, sharex=True)
     for axis, budget in zip(axes[:, 0], budgets, strict=True):
         for r in (r for r in rows if r["budget"] == budget and "widths" in r):
             keep = [r["widths"][i] / full[i] for i in searched_layers]
