@@ -22,7 +22,6 @@ search is seeded and repeatable on one machine.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -217,13 +216,8 @@ def _allowed_widths(channels: int, lower: float, divisor: int) -> list[int]:
 
 def accuracy(model: nn.Module, variables: dict, images: jax.Array, labels: np.ndarray, batch: int = 500) -> float:
     """Top-1 accuracy of ``model`` on ``images`` (compiled once per model and batch shape)."""
-    logits = [np.asarray(_logits(model, variables, images[i : i + batch])) for i in range(0, len(images), batch)]
-    return float(np.mean(np.argmax(np.concatenate(logits), axis=-1) == np.asarray(labels)))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(model: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
-    return model.apply(variables, images, train=False)
+    outputs = [np.asarray(prune.logits(model, variables, images[i : i + batch])) for i in range(0, len(images), batch)]
+    return float(np.mean(np.argmax(np.concatenate(outputs), axis=-1) == np.asarray(labels)))
 
 
 @dataclasses.dataclass

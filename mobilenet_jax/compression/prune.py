@@ -283,6 +283,12 @@ def _pointwise_arrays(model: nn.Module, variables: dict, images: jax.Array) -> d
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def logits(model: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
+    """``model``'s inference logits, compiled once per model and shape (applied eagerly, each operation compiles)."""
+    return model.apply(variables, images, train=False)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _pre_logits(model: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
     return model.apply(variables, images, train=False, return_features=True)[1]["pre_logits"]
 
@@ -331,9 +337,8 @@ def _refit_classifier(model, variables, pruned, pruned_variables, images, report
     old = variables["params"].get("classifier")
     if old is None or params["classifier"]["kernel"].shape == old["kernel"].shape:
         return  # a backbone, or the classifier's inputs were not pruned
-    target = np.asarray(model.apply(variables, images, train=False), np.float64)
-    _, features = pruned.apply(pruned_variables, images, train=False, return_features=True)
-    x = np.asarray(features["pre_logits"], np.float64)
+    target = np.asarray(logits(model, variables, images), np.float64)
+    x = np.asarray(_pre_logits(pruned, pruned_variables, images), np.float64)
     x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)  # the bias as one more input
     node = params["classifier"]
     current = np.concatenate([np.asarray(node["kernel"]), np.asarray(node["bias"])[None]])
@@ -365,8 +370,8 @@ class Reference(NamedTuple):
 
 
 def reference(model: nn.Module, variables: dict, images: jax.Array) -> Reference:
-    logits = np.asarray(model.apply(variables, images, train=False)) if model.num_classes is not None else None
-    return Reference(pointwise_io(model, variables, images), logits)
+    outputs = np.asarray(logits(model, variables, images)) if model.num_classes is not None else None
+    return Reference(pointwise_io(model, variables, images), outputs)
 
 
 def zeroed(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray], images=None, target=None) -> dict:
