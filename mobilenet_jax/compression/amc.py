@@ -198,8 +198,9 @@ def uniform_widths(env: Environment) -> list[int]:
     """One keep ratio for every searched layer, the largest within the budget (bisected): the baseline AMC beats."""
 
     def plan(keep: float) -> list[int]:
-        return env.with_widths(env.full, {i: max(env.allowed[i][0], min(env.full[i], round(env.full[i] * keep / 8) * 8))
-                                    for i in env.layers})  # fmt: skip
+        divisor = env.settings.divisor
+        return env.with_widths(env.full, {i: max(env.allowed[i][0], prune.round_channels(env.full[i], keep, divisor))
+                                          for i in env.layers})  # fmt: skip
 
     low, high = env.settings.lower, 1.0
     for _ in range(20):

@@ -419,7 +419,8 @@ def zeroed(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray], image
     return {**variables, "params": params}
 
 
-def _round(c: int, keep: float, divisor: int) -> int:
+def round_channels(c: int, keep: float, divisor: int = 8) -> int:
+    """``keep`` of ``c`` channels in multiples of ``divisor`` (at least ``divisor``, at most ``c``)."""
     return min(c, max(divisor, int(round(c * keep / divisor)) * divisor))
 
 
@@ -446,7 +447,8 @@ def channels_for_macs(model: nn.Module, ratio: float, image_size: int, divisor: 
     widths, prunable = group_widths(model), macs_groups(model)
 
     def plan(keep: float) -> nn.Module:
-        return resize(model, [_round(w, keep, divisor) if p else w for w, p in zip(widths, prunable, strict=True)])
+        kept = [round_channels(w, keep, divisor) if p else w for w, p in zip(widths, prunable, strict=True)]
+        return resize(model, kept)
 
     # MACs grow with the keep fraction: bisect it, remembering the closest model seen.
     low, high, best, best_error = 0.0, 1.0, None, float("inf")

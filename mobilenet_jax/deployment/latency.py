@@ -106,7 +106,7 @@ def _sample_widths(model: nn.Module, count: int, lower: float, seed: int) -> lis
     for plan in plans:
         widths = list(full)
         for i, keep in zip(searched, plan, strict=True):
-            widths[i] = min(full[i], max(8, int(round(full[i] * keep / 8)) * 8))
+            widths[i] = prune.round_channels(full[i], keep)
         samples.append(widths)
     return samples
 
