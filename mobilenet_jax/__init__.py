@@ -1,10 +1,11 @@
-"""MobileNetV1 and MobileNetV2 for JAX/Flax."""
+"""MobileNetV1, MobileNetV2 and MobileNetV3 for JAX/Flax."""
 
-from mobilenet_jax.models import MobileNetV1, MobileNetV2, create_model, reset_classifier
+from mobilenet_jax.models import MobileNetV1, MobileNetV2, MobileNetV3, create_model, reset_classifier
 
 __all__ = [
     "MobileNetV1",
     "MobileNetV2",
+    "MobileNetV3",
     "ModelSummary",
     "create_model",
     "list_pretrained",

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mobilenet_jax.models import MobileNetV1, MobileNetV2
+from mobilenet_jax.models import MobileNetV1, MobileNetV2, MobileNetV3
 from mobilenet_jax.models.layers import DepthwiseConv, PointwiseConv
 
 
@@ -87,6 +87,15 @@ PAPER_ROWS = (
     ("MobileNetV2 1.4-224", MobileNetV2(width=1.4), 224, 6.9, 585),
     ("MobileNetV2 0.5-160", MobileNetV2(width=0.5), 160, None, None),
     ("MobileNetV2 0.35-96", MobileNetV2(width=0.35), 96, None, None),
+    # MobileNetV3 (arXiv:1905.02244), Table 3; torchvision lists 5,483,032 and 2,542,856 parameters, which
+    # these count exactly. The paper's 0.75 models (TF-slim's) keep the stem at 16 and the dense head layer at
+    # 1280/1024: rounding 'keras' (or 'timm'); torchvision's width_mult scales them too.
+    ("MobileNetV3-Large 1.0-224", MobileNetV3(variant="large"), 224, 5.4, 219),
+    ("MobileNetV3-Large 0.75-224", MobileNetV3(variant="large", width=0.75, rounding="keras"), 224, 4.0, 155),
+    ("MobileNetV3-Large min. 1.0-224", MobileNetV3(variant="large", minimal=True), 224, 3.9, 209),
+    ("MobileNetV3-Small 1.0-224", MobileNetV3(variant="small"), 224, 2.5, 56),
+    ("MobileNetV3-Small 0.75-224", MobileNetV3(variant="small", width=0.75, rounding="keras"), 224, 2.0, 44),
+    ("MobileNetV3-Small min. 1.0-224", MobileNetV3(variant="small", minimal=True), 224, None, None),
 )
 
 
@@ -138,7 +147,7 @@ def main(argv: list[str]) -> None:
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("model", None, "MobileNetV1 or MobileNetV2 (default: the papers' table).")
+    flags.DEFINE_string("model", None, "MobileNetV1, MobileNetV2 or MobileNetV3 (default: the papers' table).")
     flags.DEFINE_float("width", 1.0, "Width multiplier of --model.")
     flags.DEFINE_integer("image_size", 224, "Input size.")
     flags.DEFINE_string("model_dir", None, "A model directory, training workdir or published model's name.")

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-from mobilenet_jax import MobileNetV1, MobileNetV2  # noqa: E402
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3  # noqa: E402
 from mobilenet_jax.weights import checkpoint, convert  # noqa: E402
 from mobilenet_jax.weights import torch_reference as ref  # noqa: E402
 
@@ -55,6 +55,17 @@ def test_torchvision_mobilenet_v2_parity(width, size):
     torch.manual_seed(0)
     module = ref.randomize(torchvision.models.mobilenet_v2(width_mult=width, num_classes=11))
     assert_parity(module, size, MobileNetV2, width=width, num_classes=11, rounding="torchvision")
+
+
+@pytest.mark.parametrize("variant, width, size", [("large", 1.0, (49, 40)), ("small", 0.75, (33, 33))])
+def test_torchvision_mobilenet_v3_parity(variant, width, size):
+    """Squeeze-excitation (hard sigmoid), hard-swish, 5x5 kernels and the dense layer after the pooling."""
+    torch.manual_seed(0)
+    module = getattr(torchvision.models, f"mobilenet_v3_{variant}")(width_mult=width, num_classes=11)
+    assert_parity(
+        ref.randomize(module), size, MobileNetV3, variant=variant, width=width, num_classes=11,
+        rounding="torchvision", bn_epsilon=1e-3, minimal=False,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -109,6 +120,7 @@ def test_notes_mobilenet_v2_port_parity(width, size):
         (lambda: torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=10), "torchvision"),
         (lambda: ref.TorchMobileNetV1(10, *ref.V1_HALF_FLOPS), "amc_v1"),
         (lambda: ref.TorchMobileNetV2Port(10, width_mult=0.35), "notes_v2"),
+        (lambda: torchvision.models.mobilenet_v3_small(width_mult=0.5, num_classes=10), "torchvision_v3"),
     ],
 )
 def test_round_trip_reproduces_state_dict_exactly(make_module, layout):

@@ -6,6 +6,7 @@ that every layer matters, and logits are O(1), so the 1e-4 tolerance means somet
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -64,6 +65,11 @@ def timm_model(name, num_classes=10, seed=0):
     return module.eval()
 
 
+def timm_layout(name):
+    """'timm_v2' for 'mobilenetv2_050' and so on."""
+    return "timm_v" + re.search(r"mobilenetv(\d)", name)[1]
+
+
 def timm_logits(module, x):
     with torch.no_grad():
         return module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
@@ -78,12 +84,18 @@ def timm_logits(module, x):
         ("mobilenetv2_035", (33, 33), dict(width=0.35, fix_stem_head=False)),
         ("mobilenetv2_050", (32, 32), dict(width=0.5)),
         ("mobilenetv2_110d", (33, 37), dict(width=1.1, fix_stem_head=True)),
+        ("mobilenetv3_large_100", (33, 40), dict(variant="large", width=1.0, minimal=False, bn_epsilon=1e-5)),
+        ("mobilenetv3_large_075", (32, 32), dict(variant="large", width=0.75, rounding="timm")),
+        ("mobilenetv3_small_050", (35, 35), dict(variant="small", width=0.5, rounding="timm")),
+        ("tf_mobilenetv3_large_minimal_100", (33, 33), dict(variant="large", minimal=True)),
     ],
 )
 def test_timm_parity(name, size, expected):
     module = timm_model(name)
     model, variables = convert.load(module.state_dict())
-    assert convert.detect_layout(module.state_dict()) == ("timm_v1" if "v1" in name else "timm_v2")
+    assert convert.detect_layout(module.state_dict()) == timm_layout(name)
+    if name.startswith("tf_"):  # TF's 'SAME' padding and epsilon: the file cannot say so (timm's tf_ names do)
+        model = model.clone(padding="tf", bn_epsilon=1e-3)
     for field, value in expected.items():
         assert getattr(model, field) == value, (field, getattr(model, field))
     x = nhwc(2, *size)
@@ -92,18 +104,21 @@ def test_timm_parity(name, size, expected):
     assert error <= TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["mobilenetv1_100h", "mobilenetv2_110d", "mobilenetv2_050"])
+@pytest.mark.parametrize(
+    "name", ["mobilenetv1_100h", "mobilenetv2_110d", "mobilenetv2_050", "mobilenetv3_small_100"]
+)
 def test_timm_round_trip_reproduces_the_state_dict(name):
     state = timm_model(name).state_dict()
     model, variables = convert.load(state)
     # Flax keeps no BatchNorm step counter; the one calibration batch above set it to 1.
-    back = convert.to_torch(model, variables, layout="timm_v1" if "v1" in name else "timm_v2", num_batches_tracked=1)
+    layout = timm_layout(name)
+    back = convert.to_torch(model, variables, layout=layout, num_batches_tracked=1)
     assert list(back) == list(state)
     for key, value in state.items():
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
     timm.create_model(name, pretrained=False, num_classes=10).load_state_dict(back, strict=True)
     assert convert.default_layout(model) == (
-        "timm_v1" if "v1" in name else ("timm_v2" if "d" in name[-1] else "torchvision")
+        "torchvision" if name == "mobilenetv2_050" else ("timm_v2" if name.endswith("d") else layout)
     )
 
 
@@ -126,7 +141,7 @@ def test_safetensors_and_pth_give_identical_variables(tmp_path):
 @pytest.mark.parametrize(
     "name, fragments",
     [
-        ("mobilenetv3_small_050", ["'timm_v2' layout", "blocks.0.0.se.conv_reduce.weight", "squeeze-excitation"]),
+        ("mobilenetv3_rw", ["'timm_v2' layout", "missing", "squeeze-excitation", "MobileNetV3-RW"]),
         ("efficientnet_b0", ["'timm_v2' layout", "unexpected", "squeeze-excitation"]),
         ("resnet18", ["closest: 'timm_v1'", "missing", "conv_stem.weight", "unexpected", "layer1.0.conv1.weight"]),
     ],

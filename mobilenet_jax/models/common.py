@@ -85,6 +85,7 @@ def check_images(x: jax.Array, architecture: str) -> None:
 ACTIVATIONS: dict[str, Callable] = {
     "relu": nn.relu,
     "relu6": nn.relu6,
+    "hard_swish": nn.hard_swish,  # x * relu6(x + 3) / 6, as torch's Hardswish (MobileNetV3)
     "hard_sigmoid": nn.hard_sigmoid,  # relu6(x + 3) / 6, as torch's Hardsigmoid
     "sigmoid": nn.sigmoid,
 }
@@ -193,18 +194,21 @@ def forward(
         features[f"stride_{stride}"] = x
     if network.head_channels:
         features[f"stride_{stride}"] = x = conv_bn(make, network.head_conv(), x)
-    x, features = head(model, x, features, train, dropout_rate)
+    x, features = head(model, x, features, train, dropout_rate, network.head_fc())
     return (x, features) if return_features else x
 
 
 def head(
-    model: nn.Module, x: jax.Array, features: dict, train: bool, dropout_rate: float = 0.0
+    model: nn.Module, x: jax.Array, features: dict, train: bool, dropout_rate: float = 0.0, fc: table.Conv | None = None
 ) -> tuple[jax.Array, dict]:
-    """Global average pool (``features['pre_logits']``), optional dropout and the ``classifier``.
+    """Global average pool, the table's ``head_fc`` if any (``features['pre_logits']``), dropout and the ``classifier``.
 
-    With ``model.num_classes=None`` the pooled features are the output.
+    With ``model.num_classes=None`` the features before the classifier are the output.
     """
     x = jnp.mean(x, axis=(1, 2))
+    if fc is not None:  # MobileNetV3's dense layer after the pooling: bias, activation, no BatchNorm
+        dense = nn.Dense(fc.out_channels, dtype=model.dtype, param_dtype=model.param_dtype, name=fc.path)
+        x = activation(fc.activation)(dense(x))
     features["pre_logits"] = x
     if model.num_classes is not None:
         if dropout_rate:

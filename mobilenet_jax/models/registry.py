@@ -22,11 +22,13 @@ from flax import linen as nn
 from mobilenet_jax.models.mobilenet import MobileNet
 from mobilenet_jax.models.mobilenet_v1 import MobileNetV1
 from mobilenet_jax.models.mobilenet_v2 import MobileNetV2
+from mobilenet_jax.models.mobilenet_v3 import MobileNetV3
 from mobilenet_jax.models.table import Network
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MobileNetV1": MobileNetV1,
     "MobileNetV2": MobileNetV2,
+    "MobileNetV3": MobileNetV3,
     "MobileNet": MobileNet,  # any architecture table
 }
 

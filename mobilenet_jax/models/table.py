@@ -18,6 +18,11 @@ MobileNetV3, EfficientNet): global average pool, ``se/conv_reduce`` (1x1 with bi
 (hard sigmoid in MobileNetV3, sigmoid in EfficientNet), and the depthwise output scaled
 per channel by the result (Hu et al. 2018; torchvision's ``SqueezeExcitation``).
 
+After the pooling a network may have one more layer before the classifier
+(``head_hidden`` > 0; MobileNetV3): ``head_fc``, a dense layer with a bias and the
+network's activation, applied to the pooled vector (torchvision's ``classifier.0``,
+timm's ``conv_head``, Keras's ``Conv_2``).
+
 The Flax modules are built from the table (:func:`mobilenet_jax.models.common.forward`),
 and every other part walks it: :meth:`Network.convs` lists each convolution with its
 parameter path, kind, channels, kernel, stride and activation (BatchNorm folding for
@@ -31,7 +36,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 BLOCK_KINDS = ("separable", "inverted_residual")
-ACTIVATIONS = ("relu", "relu6")
+ACTIVATIONS = ("relu", "relu6", "hard_swish")
 SE_GATES = ("hard_sigmoid", "sigmoid")
 
 
@@ -141,6 +146,7 @@ class Network(NamedTuple):
     activation: str = "relu6"  # the stem's and the head conv's
     stem_kernel: int = 3
     in_channels: int = 3
+    head_hidden: int = 0  # a dense layer (bias, activation) after the pooling, ``head_fc``; 0: none
 
     def convs(self) -> tuple[Conv, ...]:
         """Every convolution in order: the stem, each block's, the head conv."""
@@ -159,14 +165,25 @@ class Network(NamedTuple):
         out = self.head_channels
         return Conv(f"{h}_conv", f"{h}_bn", "pointwise", self.features_in(), out, 1, 1, self.activation)
 
+    def head_fc(self) -> Conv | None:
+        """The dense layer after the pooling (as a 1x1 conv with a bias and no BatchNorm), or None."""
+        if not self.head_hidden:
+            return None
+        return Conv("head_fc", "", "pointwise", self.pooled_channels, self.head_hidden, 1, 1, self.activation)
+
+    @property
+    def pooled_channels(self) -> int:
+        """Width of the pooled vector: the head conv's, or the last block's."""
+        return self.head_channels or self.features_in()
+
     def features_in(self) -> int:
         """Channels entering the head conv (the last block's outputs, or the stem's)."""
         return self.blocks[-1].out if self.blocks else self.stem_channels
 
     @property
     def num_features(self) -> int:
-        """Width of the pooled feature vector the classifier reads."""
-        return self.head_channels or self.features_in()
+        """Width of the feature vector the classifier reads."""
+        return self.head_hidden or self.pooled_channels
 
     def check(self) -> Network:
         """Raises ValueError with one sentence for a table that cannot be built; returns the table."""
@@ -177,6 +194,10 @@ class Network(NamedTuple):
             )
         if self.head_prefix not in ("last", "head"):
             raise ValueError(f"head_prefix must be 'last' or 'head', got {self.head_prefix!r}.")
+        if self.head_channels < 0 or self.head_hidden < 0:
+            raise ValueError(
+                f"head_channels and head_hidden must be >= 0, got {self.head_channels} and {self.head_hidden}."
+            )
         channels = self.stem_channels
         for i, block in enumerate(self.blocks):
             block.check(i)
@@ -271,6 +292,9 @@ def channel_groups(network: Network, classifier: bool = True) -> tuple[Group, ..
     if network.head_channels:
         groups[current]["readers"].append(network.head_conv().path)
         current = start(network.head_conv())
+    if network.head_hidden:
+        groups[current]["readers"].append(network.head_fc().path)
+        current = start(network.head_fc())
     if classifier:
         groups[current]["readers"].append("classifier")
     return tuple(Group(tuple(g["producers"]), tuple(g["passes"]), tuple(g["readers"])) for g in groups)
@@ -290,4 +314,7 @@ def resize(network: Network, widths) -> Network:
         blocks.append(block._replace(in_channels=channels, hidden=hidden, out=out, se_channels=se))
         channels = out
     head = width_of[network.head_conv().path] if network.head_channels else 0
-    return network._replace(stem_channels=width_of["stem_conv"], blocks=tuple(blocks), head_channels=head).check()
+    hidden = width_of["head_fc"] if network.head_hidden else 0
+    return network._replace(
+        stem_channels=width_of["stem_conv"], blocks=tuple(blocks), head_channels=head, head_hidden=hidden
+    ).check()

@@ -1,4 +1,4 @@
-"""Weight conversion for MobileNetV1/V2: PyTorch and Keras to Flax, and Flax back to PyTorch.
+"""Weight conversion for MobileNetV1/V2/V3: PyTorch and Keras to Flax, and Flax back to PyTorch.
 
 :func:`load` is the front door: it reads any of the layouts below (detected from the
 content) from a ``.pth``, a ``.safetensors``, a state dict, a Keras ``.h5`` /
@@ -15,6 +15,10 @@ PyTorch layouts understood (detected from the key names):
   ``blocks.S.J.conv_dw/conv_pw``, ReLU6, optional ``conv_head``).
 * ``'timm_v2'``: timm's ``mobilenetv2_035`` ... ``_140`` and the deeper ``_110d`` /
   ``_120d`` (fixed stem and head widths).
+* ``'torchvision_v3'``: ``torchvision.models.mobilenet_v3_large`` / ``_small`` at any ``width_mult``.
+* ``'timm_v3'``: timm's ``mobilenetv3_large_100`` / ``_075``, ``mobilenetv3_small_*`` and the
+  minimalistic ``tf_mobilenetv3_*_minimal_100`` (which need ``padding='tf'`` and
+  ``bn_epsilon=1e-3``: a file does not say which, a published name does).
 
 Usage::
 
@@ -52,8 +56,10 @@ from mobilenet_jax.data.preprocessing import TIMM, Preprocessing
 from mobilenet_jax.models import (
     MobileNetV1,
     MobileNetV2,
+    MobileNetV3,
     make_divisible,
     mobilenet_v2,
+    mobilenet_v3,
     registry,
     v1_architecture,
     v2_architecture,
@@ -70,6 +76,7 @@ V1_STRIDES = tuple(s for _, s in v1_architecture("normal")[1])
 _CONV_TO_TORCH = (3, 2, 0, 1)
 _CONV_TO_FLAX = (2, 3, 1, 0)
 _DENSE = (1, 0)
+DENSE_AS_CONV = ("dense", "as 1x1 conv")  # dense IO -> conv OI11 (timm's conv_head)
 
 
 # A state dict that does not fit the architecture (the converters' one mismatch error).
@@ -79,26 +86,26 @@ StateDictMismatchError = layouts.WeightsMismatchError
 # ----------------------------------------------------------------------------- layout tables
 
 
-def _modules(model: nn.Module, layout: str) -> list[tuple[str, str]]:
-    """``(flax module path, PyTorch module name)`` of every layer, from the layout's naming rule."""
+def _modules(model: nn.Module, layout: str) -> list[tuple[str, str, str]]:
+    """``(flax module path, PyTorch module name, kind)`` of every layer, from the layout's naming rule."""
     entry = layouts.get(layout, model)
     if entry.framework != "torch":
         raise ValueError(f"{layout!r} is a Keras layout; PyTorch layouts are {LAYOUTS}.")
     if layout == "amc_v1" and (model.head_channels or model.activation != "relu"):
         raise ValueError("The 'amc_v1' layout has ReLU and no head conv; write this model as 'timm_v1'.")
-    return [(flax, name) for flax, name, _ in entry.names(model)]
+    return entry.names(model)
 
 
 def _entries(model: nn.Module, layout: str, flax_params: Mapping) -> list[tuple[str, str | None, tuple, tuple | None]]:
     """``(torch_key, flax_collection, flax_path, permutation)`` for every tensor, in PyTorch order.
 
-    ``flax_collection`` is None for BatchNorm's ``num_batches_tracked``, which Flax does not keep.
+    ``flax_collection`` is None for BatchNorm's ``num_batches_tracked``, which Flax does not keep;
+    the permutation ``DENSE_AS_CONV`` is a dense kernel stored as a 1x1 conv (timm's ``conv_head``).
     """
     entries = []
-    for flax_name, torch_name in _modules(model, layout):
+    for flax_name, torch_name, kind in _modules(model, layout):
         path = tuple(flax_name.split("/"))
-        leaves = _get(flax_params, path)
-        if "scale" in leaves:  # BatchNorm
+        if kind == "norm":
             entries += [
                 (f"{torch_name}.weight", "params", path + ("scale",), None),
                 (f"{torch_name}.bias", "params", path + ("bias",), None),
@@ -106,14 +113,26 @@ def _entries(model: nn.Module, layout: str, flax_params: Mapping) -> list[tuple[
                 (f"{torch_name}.running_var", "batch_stats", path + ("var",), None),
                 (f"{torch_name}.num_batches_tracked", None, path, None),
             ]
-        elif "bias" in leaves:  # classifier
-            entries += [
-                (f"{torch_name}.weight", "params", path + ("kernel",), _DENSE),
-                (f"{torch_name}.bias", "params", path + ("bias",), None),
-            ]
-        else:  # bias-free convolution
-            entries.append((f"{torch_name}.weight", "params", path + ("kernel",), _CONV_TO_TORCH))
+            continue
+        weight = {"classifier": _DENSE, "dense": _DENSE, "dense_as_conv": DENSE_AS_CONV}.get(kind, _CONV_TO_TORCH)
+        entries.append((f"{torch_name}.weight", "params", path + ("kernel",), weight))
+        if kind in ("classifier", "dense", "dense_as_conv", "conv_bias"):
+            entries.append((f"{torch_name}.bias", "params", path + ("bias",), None))
     return entries
+
+
+def _to_torch_array(value: np.ndarray, perm: tuple | None) -> np.ndarray:
+    if perm == DENSE_AS_CONV:
+        return value.T[:, :, None, None]
+    return value.transpose(perm) if perm else value
+
+
+def _to_flax_array(value: np.ndarray, perm: tuple | None) -> np.ndarray:
+    if perm == DENSE_AS_CONV:
+        return value.reshape(value.shape[:2]).T
+    if perm == _CONV_TO_TORCH:
+        return value.transpose(_CONV_TO_FLAX)
+    return value.transpose(perm) if perm else value
 
 
 def _get(tree: Mapping, path: tuple) -> Any:
@@ -135,7 +154,7 @@ def _expected_shapes(model: nn.Module, layout: str, in_channels: int = 3) -> dic
             shapes[key] = ()
             continue
         shape = _get(variables[collection], path).shape
-        shapes[key] = tuple(shape[p] for p in perm) if perm else tuple(shape)
+        shapes[key] = _to_torch_array(np.empty(shape, np.float32), perm).shape
     return shapes
 
 
@@ -316,6 +335,30 @@ def _detect_v2(state: Mapping, layout: str) -> MobileNetV2:
     return MobileNetV2(num_classes=num_classes, width=width or 1.0, rounding=rounding)
 
 
+def _detect_v3(state: Mapping, layout: str) -> MobileNetV3:
+    """The MobileNetV3 whose depthwise convs, stem, 1x1 conv and dense head layer have the state dict's widths."""
+    torchvision = layout == "torchvision_v3"
+    classifier = "classifier.3.weight" if torchvision else "classifier.weight"
+    depthwise = [v.shape for v in state.values() if v.ndim == 4 and v.shape[1] == 1 and v.shape[2] > 1]
+    minimal = all(shape[2] == 3 for shape in depthwise) and not any(".fc1." in k or ".se." in k for k in state)
+    variant = "large" if len(depthwise) == len(mobilenet_v3.V3_LARGE) else "small"
+    fc = state["classifier.0.weight" if torchvision else "conv_head.weight"]
+    observed = [state["features.0.0.weight" if torchvision else "conv_stem.weight"].shape[0]]
+    observed += [shape[0] for shape in depthwise] + [fc.shape[1], fc.shape[0]]
+    rounding = "torchvision" if torchvision else "timm"
+
+    def fits(width: float) -> bool:
+        network = mobilenet_v3.v3_network(variant, width, minimal, rounding)
+        widths = [network.stem_channels] + [block.hidden for block in network.blocks]
+        return widths + [network.head_channels, network.head_hidden] == observed
+
+    width = layouts.search_width(fits) or 1.0
+    return MobileNetV3(
+        num_classes=_num_classes(state, classifier), variant=variant, width=width, minimal=minimal,
+        rounding=rounding, bn_epsilon=1e-3 if torchvision else 1e-5,
+    )  # fmt: skip
+
+
 def _mismatch_message(model: nn.Module, layout: str, state: Mapping, expected: Mapping, limit: int = 12) -> str | None:
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
@@ -329,7 +372,10 @@ def _mismatch_message(model: nn.Module, layout: str, state: Mapping, expected: M
 
     hint = ""
     if any(".se." in k for k in state):
-        hint = " It has squeeze-excitation layers (MobileNetV3, EfficientNet), which these MobileNets do not have."
+        hint = (
+            " It has squeeze-excitation layers but is not one of the MobileNetV3 layouts (EfficientNet, "
+            "MobileNetV3-RW and other timm variants are not supported)."
+        )
     subject = f"The state dict does not fit {describe(model)} in the {layout!r} layout"
     return layouts.mismatch_message(subject, missing, unexpected, misshaped, limit) + hint
 
@@ -391,10 +437,12 @@ def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn
         "amc_v1": lambda: _detect_v1(state, strides),
         "timm_v1": lambda: _detect_timm_v1(state),
         "timm_v2": lambda: _detect_timm_v2(state),
+        "timm_v3": lambda: _detect_v3(state, layout),
+        "torchvision_v3": lambda: _detect_v3(state, layout),
     }.get(layout, lambda: _detect_v2(state, layout))
     model = detect()
-    stem_key = {"amc_v1": "conv1.0.weight", "timm_v1": "conv_stem.weight", "timm_v2": "conv_stem.weight"}.get(
-        layout, "features.0.0.weight"
+    stem_key = {"amc_v1": "conv1.0.weight"}.get(
+        layout, "conv_stem.weight" if "timm" in layout else "features.0.0.weight"
     )
     in_channels = state[stem_key].shape[1] if stem_key in state and state[stem_key].ndim == 4 else 3
     expected = _expected_shapes(model, layout, in_channels)
@@ -406,11 +454,7 @@ def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn
     for key, collection, path, perm in _entries(model, layout, _abstract_variables(model, in_channels)["params"]):
         if collection is None:
             continue
-        value = np.asarray(state[key], dtype=np.float32)
-        if perm == _CONV_TO_TORCH:
-            value = value.transpose(_CONV_TO_FLAX)
-        elif perm is not None:
-            value = value.transpose(perm)
+        value = _to_flax_array(np.asarray(state[key], dtype=np.float32), perm)
         layouts.set_path(variables[collection], path, jax.numpy.asarray(value))
     return model, variables
 
@@ -420,6 +464,8 @@ def default_layout(model: nn.Module) -> str:
     (and for MobileNetV2 with ``fix_stem_head``), torchvision's for other MobileNetV2s."""
     if isinstance(model, MobileNetV1):
         return "timm_v1" if model.activation == "relu6" or model.head_channels else "amc_v1"
+    if isinstance(model, MobileNetV3):
+        return "torchvision_v3" if model.rounding == "torchvision" else "timm_v3"
     return "timm_v2" if getattr(model, "fix_stem_head", False) else "torchvision"
 
 
@@ -525,7 +571,7 @@ def to_torch(
             state[key] = torch.tensor(num_batches_tracked, dtype=torch.int64)
             continue
         value = np.asarray(_get(variables[collection], path), dtype=np.float32)
-        state[key] = torch.from_numpy(np.array(value.transpose(perm) if perm else value, copy=True))
+        state[key] = torch.from_numpy(np.array(_to_torch_array(value, perm), copy=True))
     return state
 
 

@@ -20,32 +20,37 @@ from flax import linen as nn
 
 from mobilenet_jax.data.preprocessing import KERAS, TIMM, TIMM_INCEPTION, TORCHVISION, Preprocessing
 from mobilenet_jax.models import V1_PROFILES, table, v1_architecture
+from mobilenet_jax.models.mobilenet_v3 import v3_stages
 
 # One naming rule: for block i, its j-th of n convolutions -> (conv name, BatchNorm name).
 BlockRule = Callable[[int, int, int, table.Block, table.Conv, list], tuple[str, str]]
+# Block i's squeeze-excitation -> (reduce conv name, expand conv name).
+SERule = Callable[[int, table.Block, list], tuple[str, str]]
 
 
 class Layout(NamedTuple):
     name: str
     framework: str  # 'torch' (PyTorch and timm state dicts) or 'keras'
-    architecture: str  # 'MobileNetV1' or 'MobileNetV2'
+    architecture: str  # 'MobileNetV1', 'MobileNetV2' or 'MobileNetV3'
     description: str
     stem: tuple[str, str]
     block: BlockRule
-    head: Callable[[table.Network], tuple[str, str]] | None  # the 1x1 conv after the blocks, if the layout has one
+    head: Callable[[table.Network, list], tuple[str, str]] | None  # the 1x1 conv after the blocks, if any
     classifier: str
     detect: Callable[[Collection[str]], bool]  # from the tensor or layer names of a file
     preprocessing: Preprocessing | None  # how the published weights are fed; None: nothing published
     reference: str  # the implementation the parity tests compare with
+    se: SERule | None = None  # squeeze-excitation layers (MobileNetV3), if the layout has them
+    head_fc: tuple[str, str] | None = None  # (name, 'dense' or 'dense_as_conv') of the layer after the pooling
 
     def names(self, model: nn.Module) -> list[tuple[str, str, str]]:
         """``(flax module path, name in this layout, kind)`` of every layer of ``model``, in model order.
 
-        ``kind`` is 'conv', 'depthwise', 'norm' or 'classifier'.
+        ``kind`` is 'conv', 'depthwise', 'norm', 'classifier', 'conv_bias' (a 1x1 conv with a bias:
+        squeeze-excitation), 'dense' or 'dense_as_conv' (the dense layer after the pooling, stored as a
+        dense layer or as a 1x1 conv with a bias).
         """
         network = model.network()
-        if any(block.se_channels for block in network.blocks):
-            raise ValueError(f"The {self.name!r} layout has no squeeze-excitation layers; this model has them.")
         stages = _stages(model)
         entries = [("stem_conv", self.stem[0], "conv"), ("stem_bn", self.stem[1], "norm")]
         for i, block in enumerate(network.blocks):
@@ -54,19 +59,32 @@ class Layout(NamedTuple):
                 conv_name, norm_name = self.block(i, j, len(convs), block, conv, stages)
                 entries += [(conv.path, conv_name, "depthwise" if conv.kind == "depthwise" else "conv")]
                 entries += [(conv.norm, norm_name, "norm")]
+                if conv.kind == "depthwise" and block.se_channels:
+                    if self.se is None:
+                        raise ValueError(f"The {self.name!r} layout has no squeeze-excitation layers; this model has.")
+                    names = self.se(i, block, stages)
+                    se_convs = block.se_convs(f"block_{i}")
+                    entries += [(c.path, n, "conv_bias") for c, n in zip(se_convs, names, strict=True)]
         if network.head_channels:
             if self.head is None:
                 raise ValueError(f"The {self.name!r} layout has no 1x1 conv after the blocks; this model has one.")
             head = network.head_conv()
-            conv_name, norm_name = self.head(network)
+            conv_name, norm_name = self.head(network, stages)
             entries += [(head.path, conv_name, "conv"), (head.norm, norm_name, "norm")]
+        if network.head_hidden:
+            if self.head_fc is None:
+                raise ValueError(f"The {self.name!r} layout has no layer between the pooling and the classifier.")
+            entries.append((network.head_fc().path, *self.head_fc))
         if model.num_classes is not None:
             entries.append(("classifier", self.classifier, "classifier"))
         return entries
 
 
 def _stages(model: nn.Module) -> list[str]:
-    """timm's ``S.J`` index of each block: MobileNetV1's stages start at stride 2, MobileNetV2's at each table row."""
+    """timm's ``S.J`` index of each block: MobileNetV1's stages start at stride 2, MobileNetV2's at each table row,
+    MobileNetV3's at its arch_def rows."""
+    if hasattr(model, "variant"):
+        return [f"{stage}.{j}" for stage, j in v3_stages(model.variant)]
     if hasattr(model, "block_table"):
         return [f"{stage}.{j}" for stage, (_, _, n, _) in enumerate(model.block_table) for j in range(n)]
     names, stage, index = [], 0, -1
@@ -96,6 +114,25 @@ def _timm(i, j, n, block, conv, stages):
     return f"blocks.{stages[i]}.{name}", f"blocks.{stages[i]}.bn{j + 1}"
 
 
+def _torchvision_v3(i, j, n, block, conv, stages):
+    k = j + (1 if block.se_channels and conv.name == "conv_pwl" else 0)  # the SqueezeExcitation sits in the list
+    return f"features.{i + 1}.block.{k}.0", f"features.{i + 1}.block.{k}.1"
+
+
+def _torchvision_v3_se(i, block, stages):
+    k = 2 if block.expand else 1
+    return f"features.{i + 1}.block.{k}.fc1", f"features.{i + 1}.block.{k}.fc2"
+
+
+def _timm_se(i, block, stages):
+    return f"blocks.{stages[i]}.se.conv_reduce", f"blocks.{stages[i]}.se.conv_expand"
+
+
+def _timm_v3_head(network, stages):
+    last = int(stages[-1].split(".")[0]) + 1  # timm's ConvBnAct stage after the blocks
+    return f"blocks.{last}.0.conv", f"blocks.{last}.0.bn1"
+
+
 def _keras_v1(i, j, n, block, conv, stages):
     name = f"conv_{'dw' if j == 0 else 'pw'}_{i + 1}"
     return name, f"{name}_bn"
@@ -107,11 +144,11 @@ def _keras_v2(i, j, n, block, conv, stages):
     return f"{prefix}_{part}", f"{prefix}_{part}_BN"
 
 
-def _named(conv: str, norm: str) -> Callable[[table.Network], tuple[str, str]]:
-    return lambda network: (conv, norm)
+def _named(conv: str, norm: str) -> Callable[[table.Network, list], tuple[str, str]]:
+    return lambda network, stages: (conv, norm)
 
 
-def _features_head(network: table.Network) -> tuple[str, str]:
+def _features_head(network: table.Network, stages: list) -> tuple[str, str]:
     last = f"features.{len(network.blocks) + 1}"  # the Sequential after the blocks
     return f"{last}.0", f"{last}.1"
 
@@ -126,9 +163,27 @@ def _timm_detect(projection: bool) -> Callable[[Collection[str]], bool]:
     return lambda names: "conv_stem.weight" in names and blocks(names) and has_pwl(names) == projection
 
 
+def _timm_v3_detect(names: Collection[str]) -> bool:
+    """timm's MobileNetV3: its 1x1 conv after the blocks is a ConvBnAct block, and conv_head has a bias."""
+    return "conv_stem.weight" in names and "conv_head.bias" in names and _any(r"blocks\.\d+\.0\.conv\.weight$")(names)
+
+
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
+        Layout(
+            "torchvision_v3", "torch", "MobileNetV3",
+            "torchvision.models.mobilenet_v3_large/_small (features.N.block.K, classifier.0/3)",
+            ("features.0.0", "features.0.1"), _torchvision_v3, _features_head, "classifier.3",
+            _any(r"features\.\d+\.block\.\d+\.0\.weight$"), TORCHVISION, "torchvision.models.mobilenet_v3_large",
+            se=_torchvision_v3_se, head_fc=("classifier.0", "dense"),
+        ),
+        Layout(
+            "timm_v3", "torch", "MobileNetV3",
+            "timm mobilenetv3_large_100/_075, _small_100, tf_..._minimal_100 (blocks.S.J, se.conv_reduce, conv_head)",
+            ("conv_stem", "bn1"), _timm, _timm_v3_head, "classifier", _timm_v3_detect, TIMM,
+            "timm.create_model('mobilenetv3_large_100')", se=_timm_se, head_fc=("conv_head", "dense_as_conv"),
+        ),
         Layout(
             "torchvision", "torch", "MobileNetV2",
             "torchvision.models.mobilenet_v2, any width_mult (features.N.conv.M.K)",
