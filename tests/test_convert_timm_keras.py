@@ -104,9 +104,7 @@ def test_timm_parity(name, size, expected):
     assert error <= TOLERANCE
 
 
-@pytest.mark.parametrize(
-    "name", ["mobilenetv1_100h", "mobilenetv2_110d", "mobilenetv2_050", "mobilenetv3_small_100"]
-)
+@pytest.mark.parametrize("name", ["mobilenetv1_100h", "mobilenetv2_110d", "mobilenetv2_050", "mobilenetv3_small_100"])
 def test_timm_round_trip_reproduces_the_state_dict(name):
     state = timm_model(name).state_dict()
     model, variables = convert.load(state)
@@ -224,6 +222,65 @@ def test_keras_parity_live_model_and_weight_files(architecture, alpha, size, pad
     torch_style = converted.model.clone(padding="torch")
     if size % 2 == 0 or padding == "keras_v1":
         assert max_error(torch_style, converted.variables, x, expected) > 1e-3
+
+
+def keras_v3_model(architecture, alpha, size, minimalistic, include_top, seed=0):
+    """A random-init keras.applications MobileNetV3 (its Rescaling layer inside: fed RGB 0..255), every
+    weight randomised He-style (the SE and head convs have biases) and BatchNorm set on one random batch."""
+    keras.utils.set_random_seed(seed)
+    model = getattr(keras.applications, architecture)(
+        alpha=alpha, weights=None, input_shape=(size, size, 3), classes=6, classifier_activation=None,
+        minimalistic=minimalistic, include_top=include_top, pooling=None if include_top else "avg",
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = weights[0].shape[0]
+            layer.set_weights([1 + 0.2 * rng.normal(size=n), 0.2 * rng.normal(size=n), *weights[2:]])
+            layer.momentum = 0.0
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            kernel = weights[0]
+            fan_in = np.prod(kernel.shape[:2]) * (
+                1 if isinstance(layer, keras.layers.DepthwiseConv2D) else kernel.shape[2]
+            )
+            weights[0] = rng.normal(size=kernel.shape) * np.sqrt((1.0 if layer.name == "logits" else 2.0) / fan_in)
+            weights[1:] = [0.1 * rng.normal(size=w.shape) for w in weights[1:]]
+            layer.set_weights(weights)
+    model(rng.uniform(0, 255, (32, size, size, 3)).astype(np.float32), training=True)
+    return model
+
+
+@pytest.mark.parametrize(
+    "architecture, alpha, size, minimalistic, include_top",
+    [("MobileNetV3Large", 1.0, 32, False, True), ("MobileNetV3Small", 0.75, 33, False, True),
+     ("MobileNetV3Small", 1.0, 32, True, False)],
+)  # fmt: skip
+def test_keras_mobilenet_v3_parity_with_its_rescaling_recorded(
+    architecture, alpha, size, minimalistic, include_top, tmp_path
+):
+    """Squeeze-excitation, hard-swish, conv_2 (the dense layer after the pooling) and the Rescaling inside the
+    Keras model: the converted model on preprocessing.json's [-1, 1] inputs equals Keras on RGB 0..255."""
+    reference = keras_v3_model(architecture, alpha, size, minimalistic, include_top)
+    rgb = np.random.default_rng(1).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    expected = keras_logits(reference, rgb)
+    converted = convert.load_with_info(reference)
+    model = converted.model
+    assert converted.layout == "keras_v3" and converted.preprocessing == convert_keras.PREPROCESSING
+    assert (model.variant, model.width, model.minimal, model.padding) == (
+        architecture[11:].lower(),
+        alpha,
+        minimalistic,
+        "tf",
+    )
+    assert model.network().head_hidden == ({"large": 1280, "small": 1024}[model.variant] if include_top else 0)
+    error = max_error(model, converted.variables, converted.preprocessing.normalize(rgb), expected)
+    print(f"keras {architecture} {alpha} minimal={minimalistic} @{size}: max abs error {error:.2e}")
+    assert error <= TOLERANCE
+    reference.save_weights(tmp_path / "model.weights.h5")  # Keras 3: layers by class and order
+    from_file = convert.load_with_info(str(tmp_path / "model.weights.h5"))
+    assert from_file.model == model
+    jax.tree.map(np.testing.assert_array_equal, from_file.variables, converted.variables)
 
 
 def test_keras_export_and_preprocessing_applied_end_to_end(tmp_path, image_folder):

@@ -219,7 +219,7 @@ def slice_model(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray]) 
 
     Producers lose output channels (kernel's last axis, BatchNorm or a squeeze-excitation's bias), depthwise layers
     the same channels (kernel's last axis, BatchNorm), readers input channels (a
-    conv kernel's third axis, the classifier's rows).
+    conv kernel's third axis, a dense layer's rows).
     """
     params = jax.tree.map(np.array, flax.core.unfreeze(variables["params"]))
     stats = jax.tree.map(np.array, flax.core.unfreeze(variables["batch_stats"]))
@@ -235,7 +235,7 @@ def slice_model(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray]) 
                 norm.update({k: v[keep] for k, v in norm.items()})
         for reader in group.readers:
             layer = table.at(params, reader)
-            layer["kernel"] = layer["kernel"][keep] if reader == "classifier" else layer["kernel"][:, :, keep]
+            layer["kernel"] = layer["kernel"][..., keep, :]  # the input axis of a conv or dense kernel
     pruned = resize(model, [len(keep) for keep in keeps])
     return pruned, {"params": jax.tree.map(jnp.asarray, params), "batch_stats": jax.tree.map(jnp.asarray, stats)}
 
@@ -392,7 +392,7 @@ def zeroed(model: nn.Module, variables: dict, keeps: Sequence[np.ndarray], image
     for reader, i in reads.items():
         dropped = np.setdiff1d(np.arange(all_groups[i].channels), keeps[i])
         layer = table.at(params, reader)
-        layer["kernel"][(dropped,) if reader == "classifier" else (slice(None), slice(None), dropped)] = 0.0
+        layer["kernel"][..., dropped, :] = 0.0  # the input axis of a conv or dense kernel
     if images is None:
         return {**variables, "params": params}
     target = target or reference(model, variables, images)

@@ -109,6 +109,11 @@ def graph(
     if network.head_channels:
         x = layer(network.head_conv(), x)
     x = hook("pool", jnp.mean(x, axis=(1, 2)))
+    fc = network.head_fc()
+    if fc is not None:  # MobileNetV3's dense layer after the pooling
+        entry = table.at(params, fc.path)
+        kernel = entry["kernel"] if weights is None else weights(fc.path, entry["kernel"])
+        x = hook(fc.path, common.activation(fc.activation)(x @ kernel + entry["bias"]))
     kernel = params["classifier"]["kernel"]
     if weights is not None:
         kernel = weights("classifier", kernel)
@@ -128,7 +133,7 @@ def points(network: table.Network) -> list[str]:
             names.append(f"block_{i}/add")
     if network.head_channels:
         names.append(network.head_conv().path)
-    return [*names, "pool", "logits"]
+    return [*names, "pool", *([network.head_fc().path] if network.head_hidden else []), "logits"]
 
 
 # ----------------------------------------------------------------------------- fake quantization

@@ -38,9 +38,11 @@ def fold_batchnorm(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
         )
         bias = np.asarray(norm["bias"], np.float32) - np.asarray(running["mean"], np.float32) * scale
         _set(folded, conv.path, {"kernel": kernel * scale, "bias": bias})
-    # Layers with a bias and no BatchNorm are copied: squeeze-excitations and the classifier.
-    blocks = enumerate(model.network().blocks)
-    unnormalized = [conv.path for i, block in blocks for conv in block.se_convs(f"block_{i}")]
+    # Layers with a bias and no BatchNorm are copied: squeeze-excitations, the dense layer after the pooling and
+    # the classifier.
+    network = model.network()
+    unnormalized = [conv.path for i, block in enumerate(network.blocks) for conv in block.se_convs(f"block_{i}")]
+    unnormalized += [network.head_fc().path] if network.head_hidden else []
     for path in unnormalized + (["classifier"] if "classifier" in params else []):
         _set(folded, path, {k: np.asarray(v, np.float32) for k, v in table.at(params, path).items()})
     return model.clone(folded=True), {"params": folded}

@@ -101,7 +101,11 @@ def v3_network(
         )  # fmt: skip
         blocks.append(block)
         channels = out
-    last = 6 * channels if rounding == "torchvision" else make_divisible(6 * rows[-1][3] * width)
+    # The 1x1 conv after the blocks: 6x the last block's outputs (torchvision), rounded (Keras), or timm's listed
+    # 960/576 times the width, rounded.
+    last = {"torchvision": 6 * channels, "keras": make_divisible(6 * channels)}.get(
+        rounding, make_divisible(6 * rows[-1][3] * width)
+    )
     if rounding == "torchvision" or (rounding == "keras" and width > 1):
         head_hidden = make_divisible(head_hidden * width)
     activation = "relu" if minimal else HS

@@ -1,4 +1,4 @@
-"""Keras applications weights -> Flax: ``keras.applications.MobileNet`` and ``MobileNetV2``.
+"""Keras applications weights -> Flax: ``keras.applications.MobileNet``, ``MobileNetV2`` and ``MobileNetV3*``.
 
 These are the papers' own weights (the TF-slim checkpoints, as Keras ships them).
 Sources, read without building a Keras model:
@@ -11,11 +11,13 @@ Sources, read without building a Keras model:
   class (``conv2d_3``, ``batch_normalization_7``, ...) in model order, so the layers
   are matched by kind and position.
 
-Both networks were trained with TensorFlow's 'SAME' padding, which the converted
-models reproduce (``padding='tf'`` for V2; ``'keras_v1'`` for V1, whose stride-2
+The networks were trained with TensorFlow's 'SAME' padding, which the converted
+models reproduce (``padding='tf'`` for V2 and V3; ``'keras_v1'`` for V1, whose stride-2
 depthwise layers pad one pixel at the bottom and right whatever the input size), with
-ReLU6 and BatchNorm epsilon 1e-3. Their inputs are scaled to [-1, 1]
-(``x / 127.5 - 1``), recorded as :data:`PREPROCESSING` beside the converted model.
+BatchNorm epsilon 1e-3. Their inputs are scaled to [-1, 1] (``x / 127.5 - 1``),
+recorded as :data:`PREPROCESSING` beside the converted model; MobileNetV3 does that
+scaling inside the Keras model (a ``Rescaling`` layer, fed RGB 0..255), and the
+converted model leaves it to the same ``preprocessing.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from flax import linen as nn
 
 from mobilenet_jax.data.preprocessing import KERAS, Preprocessing
 from mobilenet_jax.errors import UnreadableFileError
-from mobilenet_jax.models import MobileNetV1, MobileNetV2, v2_architecture
+from mobilenet_jax.models import MobileNetV1, MobileNetV2, MobileNetV3, v2_architecture, v3_network
 from mobilenet_jax.weights import layouts
 
 # keras.applications.mobilenet(_v2).preprocess_input: x / 127.5 - 1 on RGB 0..255.
@@ -187,16 +189,34 @@ def read_layers(source: Any) -> list[Layer]:
 
 
 # The reference networks whose tables the Keras plans walk: every keras.applications MobileNet has
-# their depth (13 separable blocks; 17 inverted residuals and a last conv) whatever its alpha.
-_REFERENCE = {"keras_v1": MobileNetV1(activation="relu6"), "keras_v2": MobileNetV2()}
-_KERAS_KINDS = {"conv": "conv2d", "depthwise": "depthwise_conv2d", "norm": "batch_normalization"}
+# their depth (13 separable blocks; 17 inverted residuals and a last conv; MobileNetV3's 15 or 11 blocks,
+# with or without squeeze-excitation and the layer after the pooling) whatever its alpha.
+_V3_REFERENCES = tuple(
+    MobileNetV3(variant=variant, minimal=minimal, rounding="keras", network_table=None if fc else
+                v3_network(variant, 1.0, minimal, "keras")._replace(head_hidden=0))  # include_top=False
+    for variant in ("large", "small") for minimal in (False, True) for fc in (True, False)
+)  # fmt: skip
+_REFERENCES = {"keras_v1": (MobileNetV1(activation="relu6"),), "keras_v2": (MobileNetV2(),), "keras_v3": _V3_REFERENCES}
+_KERAS_KINDS = {
+    "conv": "conv2d", "depthwise": "depthwise_conv2d", "norm": "batch_normalization", "conv_bias": "conv2d",
+    "dense_as_conv": "conv2d",
+}  # fmt: skip
 
 
-def _plan(layout: str, top: bool = True) -> list[tuple[str, str, str]]:
+def _plan(layout: str, top: bool = True, reference: nn.Module | None = None) -> list[tuple[str, str, str]]:
     """``(keras name, kind, flax module)`` of the layout's keras.applications model, in model order."""
-    model = _REFERENCE[layout].clone(num_classes=1000 if top else None)
-    top_kind = "conv2d" if layout == "keras_v1" else "dense"  # MobileNet's conv_preds is a 1x1 conv
+    model = (reference or _REFERENCES[layout][0]).clone(num_classes=1000 if top else None)
+    top_kind = "dense" if layout == "keras_v2" else "conv2d"  # MobileNet's conv_preds, V3's logits: 1x1 convs
     return [(name, _KERAS_KINDS.get(kind, top_kind), flax) for flax, name, kind in layouts.get(layout).names(model)]
+
+
+def _reference(layout: str, layers: list[Layer]) -> nn.Module:
+    """The layout's reference network whose plan leaves the fewest layers missing, then the fewest left over."""
+    candidates = _REFERENCES[layout]
+    if len(candidates) == 1:
+        return candidates[0]
+    fit = {i: _assign(layers, _plan(layout, False, model))[1:] for i, model in enumerate(candidates)}
+    return candidates[min(fit, key=lambda i: (len(fit[i][0]), len(fit[i][1])))]
 
 
 def _assign(layers: list[Layer], plan: list[tuple[str, str, str]]) -> tuple[dict, list[str], list[Layer]]:
@@ -233,7 +253,7 @@ def detect_layout(layers: list[Layer]) -> str | None:
     layout = layouts.detect(names, "keras")
     if layout is None and None in names:  # Keras 3 weights file: count the depthwise layers
         depthwise = sum(kind == "depthwise_conv2d" for _, kind, _ in layers)
-        return {13: "keras_v1", 17: "keras_v2"}.get(depthwise)
+        return {13: "keras_v1", 17: "keras_v2", 15: "keras_v3", 11: "keras_v3"}.get(depthwise)
     return layout
 
 
@@ -246,6 +266,7 @@ def _closest(layers: list[Layer]) -> str:
         for layout, plan, count in (
             ("keras_v1", lambda: _plan("keras_v1"), 13),
             ("keras_v2", lambda: _plan("keras_v2"), 17),
+            ("keras_v3", lambda: _plan("keras_v3"), 15),
         )
     }
     return max(scores, key=scores.get)
@@ -256,7 +277,7 @@ _POOLING = {"GlobalMaxPooling2D", "MaxPooling2D", "AveragePooling2D", "Flatten"}
 
 
 def _backbone_channels(found: dict) -> int:
-    last = found.get("last_conv") or found["block_12/conv_pw"]
+    last = found.get("head_fc") or found.get("last_conv") or found["block_12/conv_pw"]
     return int(last[0].shape[-1])
 
 
@@ -341,6 +362,28 @@ def _v2_model(found: dict, epsilon: float) -> MobileNetV2:
     )
 
 
+def _v3_model(found: dict, epsilon: float, reference: MobileNetV3) -> MobileNetV3:
+    network = reference.network()
+    observed = [found[f"block_{i}/conv_pwl"][0].shape[-1] for i in range(len(network.blocks))]
+    observed += [found["last_conv"][0].shape[-1], found["head_fc"][0].shape[-1] if "head_fc" in found else 0]
+    top = found.get("classifier")
+
+    def table(width: float):
+        built = v3_network(reference.variant, width, reference.minimal, "keras")
+        return built if network.head_hidden else built._replace(head_hidden=0)
+
+    def fits(width: float) -> bool:
+        built = table(width)
+        return [b.out for b in built.blocks] + [built.head_channels, built.head_hidden] == observed
+
+    width = layouts.search_width(fits, (*layouts.ROUND_WIDTHS, *layouts.candidate_widths())) or 1.0
+    return MobileNetV3(
+        num_classes=None if top is None else top[0].shape[-1], variant=reference.variant, width=width,
+        minimal=reference.minimal, rounding="keras", padding="tf", bn_epsilon=epsilon,
+        network_table=None if network.head_hidden else table(width),
+    )  # fmt: skip
+
+
 def _epsilon(source: Any) -> float:
     """BatchNorm epsilon of a live model (all keras.applications MobileNets use 1e-3)."""
     for layer in getattr(source, "layers", []):
@@ -357,8 +400,6 @@ def _to_flax(kind: str, arrays: list[np.ndarray]) -> dict[str, dict[str, np.ndar
         return {"params": {"scale": gamma, "bias": beta}, "batch_stats": {"mean": mean, "var": var}}
     if kind == "depthwise_conv2d":  # Keras (k, k, C, 1) -> Flax (k, k, 1, C)
         return {"params": {"kernel": arrays[0].transpose(0, 1, 3, 2)}, "batch_stats": {}}
-    if kind == "conv2d" and len(arrays) == 2:  # V1's 1x1 conv classifier
-        return {"params": {"kernel": arrays[0][0, 0], "bias": arrays[1]}, "batch_stats": {}}
     params = {"kernel": arrays[0]}
     if len(arrays) == 2:
         params["bias"] = arrays[1]
@@ -397,7 +438,8 @@ def convert_keras(source: Any) -> KerasConversion:
         raise KerasMismatchError(
             "No Keras MobileNet layout fits (closest: " + closest + "). " + _mismatch(closest, missing, unexpected, [])
         )
-    plan = _plan(layout, top=False)
+    reference = _reference(layout, layers)
+    plan = _plan(layout, top=False, reference=reference)
     found, missing, leftover = _assign(layers, plan)
     if missing:
         raise KerasMismatchError(_mismatch(layout, missing, [str(name) for name, _, _ in leftover], []))
@@ -408,7 +450,10 @@ def convert_keras(source: Any) -> KerasConversion:
     if note and classifier is None:
         logging.warning("%s", note)
     epsilon = _epsilon(source)
-    model = _v1_model(found, epsilon) if layout == "keras_v1" else _v2_model(found, epsilon)
+    if layout == "keras_v3":
+        model = _v3_model(found, epsilon, reference)
+    else:
+        model = _v1_model(found, epsilon) if layout == "keras_v1" else _v2_model(found, epsilon)
     variables = _variables(model, found, {ours: kind for _, kind, ours in plan}, layout)
     return KerasConversion(model, variables, layout, _outer_preprocessing(outer), note)
 
@@ -426,6 +471,8 @@ def _variables(model: nn.Module, found: dict, kinds: dict, layout: str) -> dict:
         for collection, leaves in _to_flax(kinds[module], arrays).items():
             for leaf, value in leaves.items():
                 expected = _lookup(abstract[collection], module.split("/") + [leaf])
+                if expected is not None and expected.ndim == 2 and value.ndim == 4 and value.shape[:2] == (1, 1):
+                    value = value[0, 0]  # a 1x1 conv on pooled features: V1's conv_preds, V3's conv_2 and logits
                 if expected is None or tuple(expected.shape) != value.shape:
                     misshaped.append(f"{module}/{leaf} {value.shape} != {None if expected is None else expected.shape}")
                     continue

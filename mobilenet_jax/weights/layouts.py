@@ -144,6 +144,17 @@ def _keras_v2(i, j, n, block, conv, stages):
     return f"{prefix}_{part}", f"{prefix}_{part}_BN"
 
 
+def _keras_v3(i, j, n, block, conv, stages):
+    prefix = "expanded_conv_" if i == 0 else f"expanded_conv_{i}_"
+    part = {"conv_pw": "expand", "conv_dw": "depthwise", "conv_pwl": "project"}[conv.name]
+    return f"{prefix}{part}", f"{prefix}{part}_bn"
+
+
+def _keras_v3_se(i, block, stages):
+    prefix = "expanded_conv_" if i == 0 else f"expanded_conv_{i}_"
+    return f"{prefix}squeeze_excite_conv", f"{prefix}squeeze_excite_conv_1"
+
+
 def _named(conv: str, norm: str) -> Callable[[table.Network, list], tuple[str, str]]:
     return lambda network, stages: (conv, norm)
 
@@ -215,6 +226,13 @@ LAYOUTS: dict[str, Layout] = {
             "timm mobilenetv2_035 ... _140, _110d, _120d (blocks.S.J.conv_pw/conv_dw/conv_pwl)",
             ("conv_stem", "bn1"), _timm, _named("conv_head", "bn2"), "classifier",
             _timm_detect(projection=True), TIMM, "timm.create_model('mobilenetv2_100')",
+        ),
+        Layout(
+            "keras_v3", "keras", "MobileNetV3",
+            "keras.applications.MobileNetV3Large/Small, minimalistic too (conv, expanded_conv_N_*, conv_1/2, logits)",
+            ("conv", "conv_bn"), _keras_v3, _named("conv_1", "conv_1_bn"), "logits",
+            lambda names: "conv_bn" in names or "expanded_conv_1_expand" in names, KERAS,
+            "keras.applications.MobileNetV3Large", se=_keras_v3_se, head_fc=("conv_2", "dense_as_conv"),
         ),
         Layout(
             "keras_v1", "keras", "MobileNetV1",
