@@ -151,6 +151,8 @@ def _channel_slots(model, variables) -> set[tuple[str, int]]:
             slots |= {(name, 3)} | ({(name, 2)} if leaf.shape[2] > 1 and not name.startswith("stem_conv") else set())
         elif name.startswith("classifier/kernel"):
             slots.add((name, 0))
+        elif name.endswith("kernel") and leaf.ndim == 2:  # a dense layer before the classifier (head_fc)
+            slots |= {(name, 0), (name, 1)}
         elif leaf.ndim == 1 and not name.startswith("classifier"):
             slots.add((name, 0))
     return slots
@@ -165,11 +167,16 @@ def _partition(roots: dict, slots: set) -> set[frozenset]:
 
 def table_groups(model) -> set[frozenset]:
     """The same partition as the architecture table's channel groups give it."""
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jax.numpy.float32)
+    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
+    rank = {
+        "/".join(str(k.key) for k in path): leaf.ndim for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
     result = set()
     for group in prune.groups(model):
         slots = set()
         for conv in group.producers + group.passes:
-            slots.add((f"{conv.path}/kernel", 3))
+            slots.add((f"{conv.path}/kernel", rank[f"{conv.path}/kernel"] - 1))  # the output axis
             if not conv.norm:  # a squeeze-excitation conv: its own bias
                 slots.add((f"{conv.path}/bias", 0))
                 continue
@@ -178,6 +185,6 @@ def table_groups(model) -> set[frozenset]:
             for field in ("mean", "var"):
                 slots.add((f"{conv.norm}/{field}", 0))
         for reader in group.readers:
-            slots.add((f"{reader}/kernel", 0 if reader == "classifier" else 2))
+            slots.add((f"{reader}/kernel", rank[f"{reader}/kernel"] - 2))  # the input axis of a conv or dense kernel
         result.add(frozenset(slots))
     return result

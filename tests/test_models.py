@@ -1,4 +1,4 @@
-"""MobileNetV1/V2 modules: shapes, features, BatchNorm modes, dtypes, initialisation, errors."""
+"""MobileNetV1/V2/V3 modules: shapes, features, BatchNorm modes, dtypes, initialisation, errors."""
 
 import functools
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, reset_classifier
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, reset_classifier
 from mobilenet_jax.models import DepthwiseConv, layers, model_from_dict, model_to_dict
 
 
@@ -43,13 +43,16 @@ def test_v2_output_shapes(width, last, size):
         (MobileNetV1(width=1.0), {4: 128, 8: 256, 16: 512, 32: 1024}),
         (MobileNetV1(profile="0.5flops"), {4: 80, 8: 200, 16: 400, 32: 752}),
         (MobileNetV2(width=1.0), {4: 24, 8: 32, 16: 96, 32: 1280}),
+        (MobileNetV3(variant="large"), {4: 24, 8: 40, 16: 112, 32: 960, "pre_logits": 1280}),
+        (MobileNetV3(variant="small", minimal=True), {4: 16, 8: 24, 16: 48, 32: 576, "pre_logits": 1024}),
     ],
 )
 def test_backbone_features_at_every_stride(model, channels):
     logits, features = output_shape(model, (224, 224), return_features=True)
     for stride, c in channels.items():
-        assert features[f"stride_{stride}"].shape == (2, 224 // stride, 224 // stride, c)
-    assert features["pre_logits"].shape == (2, channels[32])
+        if stride != "pre_logits":
+            assert features[f"stride_{stride}"].shape == (2, 224 // stride, 224 // stride, c)
+    assert features["pre_logits"].shape == (2, channels.get("pre_logits", channels[32]))
     assert logits.shape == (2, 1000)
 
 
@@ -207,7 +210,13 @@ def test_depthwise_implementation_does_not_change_the_parameter_tree():
 
 
 def test_model_record_round_trip():
-    for model in (MobileNetV1(num_classes=3, profile=(16, (24, (40, 2)))), MobileNetV2(width=0.75, rounding="floor")):
+    resized = MobileNetV3(variant="small", width=0.5).network()._replace(head_hidden=64)
+    for model in (
+        MobileNetV1(num_classes=3, profile=(16, (24, (40, 2)))),
+        MobileNetV2(width=0.75, rounding="floor"),
+        MobileNetV3(variant="small", minimal=True, rounding="keras", padding="tf"),
+        MobileNetV3(network_table=resized),
+    ):
         record = json.loads(json.dumps(model_to_dict(model)))  # as stored beside a checkpoint
         assert model_from_dict(record) == model
     with pytest.raises(ValueError, match="does not take"):
@@ -223,6 +232,8 @@ def test_model_record_round_trip():
         (MobileNetV2(width=-1.0), "width must be a positive number"),
         (MobileNetV2(rounding="ceil"), "rounding must be one of"),
         (MobileNetV2(depthwise_impl="fast"), "depthwise_impl must be one of"),
+        (MobileNetV3(variant="medium"), "variant must be one of"),
+        (MobileNetV3(rounding="floor"), "rounding must be one of"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(model, message):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, summarize
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, summarize
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,30 @@ def test_mobilenet_v2_paper_and_torchvision():
     # mobilenet_v2_1.4_224 lists 6.06M parameters and 582M MACs.
     assert round(wide.params_excluding_bn / 1e6, 2) == 6.06
     assert round(wide.macs / 1e6) == 582
+
+
+@pytest.mark.parametrize(
+    "variant, width, minimal, rounding, torchvision_params, paper_params_m, paper_macs_m",
+    [
+        # MobileNetV3 paper, Table 3; torchvision's published parameter counts. The paper's 0.75 models are
+        # TF-slim's (Keras's rounding: stem and the dense head layer keep their widths).
+        ("large", 1.0, False, "torchvision", 5_483_032, 5.4, 219),
+        ("small", 1.0, False, "torchvision", 2_542_856, 2.5, 56),
+        ("large", 0.75, False, "keras", None, 4.0, 155),
+        ("small", 0.75, False, "keras", None, 2.0, 44),
+        ("large", 1.0, True, "keras", None, 3.9, 209),
+    ],
+)
+def test_mobilenet_v3_paper_and_torchvision(
+    variant, width, minimal, rounding, torchvision_params, paper_params_m, paper_macs_m
+):
+    result = summarize(MobileNetV3(variant=variant, width=width, minimal=minimal, rounding=rounding), 224)
+    if torchvision_params:
+        assert result.params == torchvision_params
+    assert abs(result.params / 1e6 - paper_params_m) < 0.1  # the paper gives one decimal (5.483 as 5.4)
+    # Within 1.5% of the paper (216.6M for its 219M, 43.4M for 44M): papers count the squeeze-excitation and
+    # the head differently; torchvision lists 0.22 and 0.06 GFLOPS.
+    assert abs(result.macs / 1e6 - paper_macs_m) <= 0.015 * paper_macs_m
 
 
 def test_counts_follow_the_architecture_not_a_table():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, summarize
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, summarize
 from mobilenet_jax.compression import prune
 from mobilenet_jax.models import Block, MobileNet, Network
 from mobilenet_jax.weights import checkpoint
@@ -32,6 +32,7 @@ NEW = Network(
     head_channels=64,
 )
 V2_SMALL = MobileNetV2(num_classes=10, width=0.5, block_table=((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2)))
+V3_SMALL = MobileNetV3(num_classes=10, variant="small", width=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,13 @@ def new():
 
 @pytest.mark.parametrize(
     "model",
-    [MobileNetV1(num_classes=10, width=0.25, head_channels=64), V2_SMALL, MobileNet(network_table=NEW, num_classes=10)],
-    ids=["v1_head_conv", "v2", "new"],
+    [
+        MobileNetV1(num_classes=10, width=0.25, head_channels=64),
+        V2_SMALL,
+        MobileNet(network_table=NEW, num_classes=10),
+        V3_SMALL,
+    ],
+    ids=["v1_head_conv", "v2", "new", "v3_small"],
 )
 def test_the_table_groups_are_the_groups_the_traced_module_has(model):
     variables = random_init.initial(model, 32)
@@ -133,6 +139,30 @@ def test_pruning_the_new_architectures_residual_group_slices_it_consistently(new
     assert float(jnp.std(sliced)) > 0.1
     np.testing.assert_allclose(sliced, model.apply(zeroed(model, variables, keeps), images), atol=1e-4, rtol=1e-5)
     assert summarize(pruned, 32).macs < summarize(model, 32).macs
+
+
+def test_mobilenet_v3_prunes_to_a_mac_budget_and_slicing_equals_zeroing():
+    """MobileNetV3-Small through the generic groups: each expansion conv and its squeeze-excitation's expand
+    conv write one group, the reduce conv its own, the dense layer after the pooling its own."""
+    model = V3_SMALL
+    variables = trained_like(model)
+    groups = prune.groups(model)
+    producers = [[conv.path for conv in group.producers] for group in groups]
+    assert ["block_3/conv_pw", "block_3/se/conv_expand"] in producers and ["block_3/se/conv_reduce"] in producers
+    assert producers[-1] == ["head_fc"] and groups[-1].readers == ("classifier",)
+    assert groups[-2].readers == ("head_fc",)
+    keeps = prune.keep_indices(model, variables, prune.channels_for_macs(model, 0.5, 32))
+    pruned, pruned_variables = prune.slice_model(model, variables, keeps)
+    assert 0.45 < summarize(pruned, 32).macs / summarize(model, 32).macs <= 0.5
+    # --macs cuts the groups a non-linear layer writes (the SE and head_fc ones too), not the projections.
+    prunable = prune.macs_groups(model)
+    assert prunable[-1] and prunable[groups.index(next(g for g in groups if "block_3/se/conv_reduce" in str(g)))]
+    for keep, group, cut in zip(keeps, groups, prunable, strict=True):
+        assert len(keep) < group.channels if cut and group.channels > 8 else len(keep) == group.channels
+    images = jax.random.normal(jax.random.key(5), (8, 32, 32, 3))
+    sliced = pruned.apply(pruned_variables, images)
+    assert float(jnp.std(sliced)) > 0.1
+    np.testing.assert_allclose(sliced, model.apply(zeroed(model, variables, keeps), images), atol=1e-4, rtol=1e-5)
 
 
 def test_squeeze_excitation_block_equals_torchvisions(new):
