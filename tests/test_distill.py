@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import v1
-from mobilenet_jax import MobileNetV1, MobileNetV2
+from configs import v1, v3
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3
 from mobilenet_jax.compression import distill, prune
 from mobilenet_jax.errors import ConfigError
 from mobilenet_jax.training import distributed, optim, steps
@@ -148,6 +148,26 @@ def test_init_from_another_class_count_with_a_teacher_then_from_a_workdir(tmp_pa
     assert not np.allclose(
         first_ema["params"]["classifier"]["kernel"], variables["params"]["classifier"]["kernel"][:, :4]
     )
+
+
+def test_mobilenet_v3_fine_tunes_from_another_class_count_with_a_teacher(tmp_path, image_folder, teacher_dir):
+    """configs/v3.py through what train.py calls: a 10-class MobileNetV3-Small directory (squeeze-excitation,
+    hard-swish, the dense layer after the pooling) fine-tuned on the 4-class folder while distilling."""
+    source = MobileNetV3(num_classes=10, variant="small", width=0.5)
+    variables = random_init.initial(source, 32, seed=4)
+    checkpoint.save_model(tmp_path / "v3", source, variables)
+    config = tiny(v3.get_config("quickstart"), init_from=str(tmp_path / "v3"), teacher=str(teacher_dir))
+    config.dataset, config.data_dir, config.learning_rate, config.warmup_epochs = "folder", str(image_folder), 1e-9, 0.0
+    config.num_train_steps = 1
+    state, results = training.train_and_evaluate(config, str(tmp_path / "run"))
+    for path in (("block_3", "se", "conv_reduce", "kernel"), ("head_fc", "kernel")):  # kept, to ~1e-6
+        got, want = state.params, variables["params"]
+        for key in path:
+            got, want = got[key], want[key]
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert state.params["classifier"]["kernel"].shape == (512, 4)  # head_fc's 512 outputs, a new 4-class head
+    assert checkpoint.read_model_record(tmp_path / "run") == source.clone(num_classes=4, dropout_rate=0.2)
+    assert np.isfinite(results["validation"]["loss"])
 
 
 def test_a_teacher_with_other_inputs_gets_them(tmp_path):

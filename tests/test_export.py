@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("ai_edge_litert")
 
-from mobilenet_jax import MobileNetV1, MobileNetV2
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3
 from mobilenet_jax.deployment import export  # noqa: E402
 from mobilenet_jax.errors import UserError  # noqa: E402
 from mobilenet_jax.weights import checkpoint
@@ -171,6 +171,34 @@ def assert_int8_close(got, expected, share=0.02, agreement=0.9):
     agree = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
     print(f"int8: max abs error {error:.4f} = {error / spread:.2%} of the logit range, top-1 agreement {agree:.0%}")
     assert spread > 0.5 and error <= share * spread and agree >= agreement
+
+
+def test_mobilenet_v3_exports_hard_swish_and_squeeze_excitation_in_int8():
+    """MobileNetV3-Small: float32 LiteRT equals JAX; the int8 file (the export command's recipe) runs hard-swish
+    as LiteRT's HARD_SWISH op and the squeeze-excitations in int8, and dequantizes only its output."""
+    model = MobileNetV3(num_classes=10, variant="small", width=0.75)
+    variables = random_variables(model, 32)
+    rgb = rgb_images(16, 32, seed=7)
+    expected = jax_logits(model, variables, rgb)
+    float_model = export.TFLiteModel(export.to_tflite(model, variables, 32), delegates=False)
+    error = float(np.abs(float_model(rgb) - expected).max())
+    print(f"tflite float32 MobileNetV3-Small 0.75 @32: max abs error {error:.2e}")
+    assert expected.std() > 0.1 and error <= TOLERANCE
+    # Hard-swish after the stem, the expansions and depthwise layers of blocks 3-10, the last conv and head_fc.
+    hard_swish = 1 + 2 * 8 + 1 + 1
+    assert [op["op_name"] for op in float_model.ops()].count("HARD_SWISH") == hard_swish
+    data = export.to_int8_tflite(model, variables, 32, "float32", rgb_images(64, 32, seed=8))
+    int8 = export.TFLiteModel(data, delegates=False)
+    ops = int8.ops()
+    names = [op["op_name"] for op in ops]
+    assert names.count("HARD_SWISH") == hard_swish and "LOGISTIC" not in names
+    assert names.count("DEQUANTIZE") == 1
+    for op in ops:
+        if op["op_name"] in COMPUTE_OPS | {"HARD_SWISH", "MUL"}:  # MUL: the excitations' scaling
+            assert int8.tensor(op["inputs"][0])["dtype"] == np.int8, op
+        if op["op_name"] == "DEQUANTIZE":
+            assert list(op["outputs"]) == [int8.output["index"]], op
+    assert_int8_close(int8(rgb), expected)  # measured: 0.71% of the logit range, top-1 100%
 
 
 @pytest.mark.parametrize("io_dtype", ["float32", "int8"])

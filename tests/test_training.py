@@ -12,8 +12,8 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import v1, v2
-from mobilenet_jax import MobileNetV1, MobileNetV2, evaluate
+from configs import v1, v2, v3
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, evaluate
 from mobilenet_jax.errors import ConfigError
 from mobilenet_jax.training import loop as training
 from mobilenet_jax.training import optim, steps
@@ -63,6 +63,14 @@ def test_recipes_scale_the_learning_rate_with_the_batch():
     assert v1.get_config("profile=0.5flops").model.profile == "0.5flops"
     with pytest.raises(ValueError, match="Unknown config option 'alpha'"):
         v1.get_config("alpha=0.5")
+    # MobileNetV3's paper: 0.1 per 4096 images, x0.99 every 3 epochs, weight decay 1e-5, BatchNorm decay 0.99.
+    large = v3.get_config()
+    assert (large.model.variant, large.model.bn_momentum, large.model.bn_epsilon) == ("large", 0.99, 1e-3)
+    assert optim.peak_learning_rate(large) == pytest.approx(0.1)
+    assert (large.lr_decay_factor, large.lr_decay_epochs, large.weight_decay) == (0.99, 3.0, 1e-5)
+    quick = v3.get_config("quickstart")
+    assert (quick.model.variant, quick.model.width, quick.dataset) == ("small", 1.0, "mobilenet_shapes/32")
+    assert v3.get_config("variant=large,minimal").model.minimal
 
 
 def test_rmsprop_matches_tensorflow_by_hand():
@@ -91,7 +99,9 @@ def test_rmsprop_matches_tensorflow_by_hand():
         np.testing.assert_allclose(params["bn"]["scale"], s, rtol=1e-6)
 
 
-@pytest.mark.parametrize("model", [MobileNetV1(width=0.25), MobileNetV2(width=0.35)])
+@pytest.mark.parametrize(
+    "model", [MobileNetV1(width=0.25), MobileNetV2(width=0.35), MobileNetV3(variant="small", width=0.5)]
+)
 def test_weight_decay_mask(model):
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     mask = optim.weight_decay_mask(params)
