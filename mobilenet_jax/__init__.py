@@ -1,11 +1,12 @@
-"""MobileNetV1, MobileNetV2 and MobileNetV3 for JAX/Flax."""
+"""MobileNetV1, V2, V3 and V4 (convolutional) for JAX/Flax."""
 
-from mobilenet_jax.models import MobileNetV1, MobileNetV2, MobileNetV3, create_model, reset_classifier
+from mobilenet_jax.models import MobileNetV1, MobileNetV2, MobileNetV3, MobileNetV4, create_model, reset_classifier
 
 __all__ = [
     "MobileNetV1",
     "MobileNetV2",
     "MobileNetV3",
+    "MobileNetV4",
     "ModelSummary",
     "create_model",
     "list_pretrained",

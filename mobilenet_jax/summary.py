@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mobilenet_jax.models import MobileNetV1, MobileNetV2, MobileNetV3
+from mobilenet_jax.models import MobileNetV1, MobileNetV2, MobileNetV3, MobileNetV4
 from mobilenet_jax.models.layers import DepthwiseConv, PointwiseConv
 
 
@@ -96,6 +96,10 @@ PAPER_ROWS = (
     ("MobileNetV3-Small 1.0-224", MobileNetV3(variant="small"), 224, 2.5, 56),
     ("MobileNetV3-Small 0.75-224", MobileNetV3(variant="small", width=0.75, rounding="keras"), 224, 2.0, 44),
     ("MobileNetV3-Small min. 1.0-224", MobileNetV3(variant="small", minimal=True), 224, None, None),
+    # MobileNetV4 (arXiv:2404.10518): conv-small 3.8M / 0.2G at 224, conv-medium 9.7M / 1.0G at 256; timm's
+    # mobilenetv4_conv_small/_medium have 3,774,024 and 9,715,512 parameters, which these count exactly.
+    ("MobileNetV4-Conv-S 224", MobileNetV4(variant="conv_small"), 224, 3.8, 200),
+    ("MobileNetV4-Conv-M 256", MobileNetV4(variant="conv_medium"), 256, 9.7, 1000),
 )
 
 
@@ -147,7 +151,9 @@ def main(argv: list[str]) -> None:
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("model", None, "MobileNetV1, MobileNetV2 or MobileNetV3 (default: the papers' table).")
+    flags.DEFINE_string(
+        "model", None, "MobileNetV1, MobileNetV2, MobileNetV3 or MobileNetV4 (default: the papers' table)."
+    )
     flags.DEFINE_float("width", 1.0, "Width multiplier of --model.")
     flags.DEFINE_integer("image_size", 224, "Input size.")
     flags.DEFINE_string("model_dir", None, "A model directory, training workdir or published model's name.")

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("ai_edge_litert")
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, MobileNetV4
 from mobilenet_jax.deployment import export  # noqa: E402
 from mobilenet_jax.errors import UserError  # noqa: E402
 from mobilenet_jax.weights import checkpoint
@@ -55,6 +55,8 @@ def _logits(model, variables, images):
         ),
         # timm's fix_stem_head ('d' variants); a pruned V2 is in the test below.
         (MobileNetV2(num_classes=10, width=0.5, block_table=((1, 16, 1, 1), (6, 24, 2, 2)), fix_stem_head=True), 33),
+        # MobileNetV4's full convs and universal blocks in the body, BatchNorm on the pooled vector.
+        (MobileNetV4(num_classes=10, variant="conv_small", width=0.5), 35),
     ],
 )
 def test_float32_tflite_matches_the_jax_model(model, size):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, reset_classifier
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, MobileNetV4, reset_classifier
 from mobilenet_jax.models import DepthwiseConv, layers, model_from_dict, model_to_dict
 
 
@@ -45,6 +45,7 @@ def test_v2_output_shapes(width, last, size):
         (MobileNetV2(width=1.0), {4: 24, 8: 32, 16: 96, 32: 1280}),
         (MobileNetV3(variant="large"), {4: 24, 8: 40, 16: 112, 32: 960, "pre_logits": 1280}),
         (MobileNetV3(variant="small", minimal=True), {4: 16, 8: 24, 16: 48, 32: 576, "pre_logits": 1024}),
+        (MobileNetV4(variant="conv_medium"), {4: 48, 8: 80, 16: 160, 32: 960, "pre_logits": 1280}),
     ],
 )
 def test_backbone_features_at_every_stride(model, channels):
@@ -216,6 +217,7 @@ def test_model_record_round_trip():
         MobileNetV2(width=0.75, rounding="floor"),
         MobileNetV3(variant="small", minimal=True, rounding="keras", padding="tf"),
         MobileNetV3(network_table=resized),
+        MobileNetV4(variant="conv_medium", width=0.75, num_classes=5),
     ):
         record = json.loads(json.dumps(model_to_dict(model)))  # as stored beside a checkpoint
         assert model_from_dict(record) == model
@@ -234,6 +236,7 @@ def test_model_record_round_trip():
         (MobileNetV2(depthwise_impl="fast"), "depthwise_impl must be one of"),
         (MobileNetV3(variant="medium"), "variant must be one of"),
         (MobileNetV3(rounding="floor"), "rounding must be one of"),
+        (MobileNetV4(variant="hybrid_medium"), "variant must be one of"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(model, message):

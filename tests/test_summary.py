@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, summarize
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, MobileNetV4, summarize
 
 
 @pytest.mark.parametrize(
@@ -62,6 +62,16 @@ def test_mobilenet_v3_paper_and_torchvision(
     # Within 1.5% of the paper (216.6M for its 219M, 43.4M for 44M): papers count the squeeze-excitation and
     # the head differently; torchvision lists 0.22 and 0.06 GFLOPS.
     assert abs(result.macs / 1e6 - paper_macs_m) <= 0.015 * paper_macs_m
+
+
+def test_mobilenet_v4_paper_and_timm():
+    small, medium = (
+        summarize(MobileNetV4(variant="conv_small"), 224),
+        summarize(MobileNetV4(variant="conv_medium"), 256),
+    )
+    assert (small.params, medium.params) == (3_774_024, 9_715_512)  # timm's mobilenetv4_conv_small/_medium
+    # The paper: 3.8M and 0.2G MACs at 224; 9.7M and 1.0G at 256 (timm lists 0.19 and 1.1 GMACs there).
+    assert 180 < small.macs / 1e6 < 200 and 1000 < medium.macs / 1e6 < 1100
 
 
 def test_counts_follow_the_architecture_not_a_table():

@@ -84,8 +84,9 @@ class MacCounter:
             given = reads.get(conv.path, none)  # the stem reads the image
             terms.append((conv.kind, area * (conv.in_channels if given == none else 1), given, writes[conv.path]))
             terms.append(("activations", height * width, writes[conv.path], none))
-        for i, block in enumerate(network.blocks):
-            terms += [("pointwise", 1, reads[conv.path], writes[conv.path]) for conv in block.se_convs(f"block_{i}")]
+        pooled = [conv for i, block in enumerate(network.blocks) for conv in block.se_convs(f"block_{i}")]
+        pooled += [network.head_fc()] if network.head_hidden else []  # 1x1 layers on pooled vectors
+        terms += [("pointwise", 1, reads[conv.path], writes[conv.path]) for conv in pooled]
         if model.num_classes is not None:
             terms.append(("classifier", model.num_classes, reads["classifier"], none))
         self._kind = np.array([self.KINDS.index(t[0]) for t in terms])

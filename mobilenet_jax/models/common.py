@@ -194,21 +194,26 @@ def forward(
         features[f"stride_{stride}"] = x
     if network.head_channels:
         features[f"stride_{stride}"] = x = conv_bn(make, network.head_conv(), x)
-    x, features = head(model, x, features, train, dropout_rate, network.head_fc())
+    x, features = head(model, x, features, train, dropout_rate, network.head_fc(), make)
     return (x, features) if return_features else x
 
 
 def head(
-    model: nn.Module, x: jax.Array, features: dict, train: bool, dropout_rate: float = 0.0, fc: table.Conv | None = None
-) -> tuple[jax.Array, dict]:
+    model: nn.Module, x: jax.Array, features: dict, train: bool, dropout_rate: float = 0.0,
+    fc: table.Conv | None = None, make: Layers | None = None,
+) -> tuple[jax.Array, dict]:  # fmt: skip
     """Global average pool, the table's ``head_fc`` if any (``features['pre_logits']``), dropout and the ``classifier``.
 
     With ``model.num_classes=None`` the features before the classifier are the output.
     """
     x = jnp.mean(x, axis=(1, 2))
-    if fc is not None:  # MobileNetV3's dense layer after the pooling: bias, activation, no BatchNorm
-        dense = nn.Dense(fc.out_channels, dtype=model.dtype, param_dtype=model.param_dtype, name=fc.path)
-        x = activation(fc.activation)(dense(x))
+    if fc is not None:  # the dense layer after the pooling: a bias (MobileNetV3) or BatchNorm (MobileNetV4)
+        bias = not fc.norm or model.folded
+        dense = nn.Dense(fc.out_channels, use_bias=bias, dtype=model.dtype, param_dtype=model.param_dtype, name=fc.path)
+        x = dense(x)
+        if fc.norm:
+            x = make.norm(name=fc.norm_name)(x)
+        x = activation(fc.activation)(x)
     features["pre_logits"] = x
     if model.num_classes is not None:
         if dropout_rate:

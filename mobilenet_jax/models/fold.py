@@ -30,7 +30,9 @@ def fold_batchnorm(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
         raise ValueError("fold_batchnorm needs an unfolded MobileNet (a model with a folded field set to False).")
     params, stats = variables["params"], variables["batch_stats"]
     folded: dict = {}
-    for conv in model.network().convs():
+    network = model.network()
+    normalized_fc = [network.head_fc()] if network.head_hidden and network.head_fc_norm else []
+    for conv in (*network.convs(), *normalized_fc):
         kernel = np.asarray(table.at(params, conv.path)["kernel"], np.float32)
         norm, running = table.at(params, conv.norm), table.at(stats, conv.norm)
         scale = np.asarray(norm["scale"], np.float32) / np.sqrt(
@@ -40,9 +42,8 @@ def fold_batchnorm(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
         _set(folded, conv.path, {"kernel": kernel * scale, "bias": bias})
     # Layers with a bias and no BatchNorm are copied: squeeze-excitations, the dense layer after the pooling and
     # the classifier.
-    network = model.network()
     unnormalized = [conv.path for i, block in enumerate(network.blocks) for conv in block.se_convs(f"block_{i}")]
-    unnormalized += [network.head_fc().path] if network.head_hidden else []
+    unnormalized += [network.head_fc().path] if network.head_hidden and not network.head_fc_norm else []
     for path in unnormalized + (["classifier"] if "classifier" in params else []):
         _set(folded, path, {k: np.asarray(v, np.float32) for k, v in table.at(params, path).items()})
     return model.clone(folded=True), {"params": folded}

@@ -23,12 +23,14 @@ from mobilenet_jax.models.mobilenet import MobileNet
 from mobilenet_jax.models.mobilenet_v1 import MobileNetV1
 from mobilenet_jax.models.mobilenet_v2 import MobileNetV2
 from mobilenet_jax.models.mobilenet_v3 import MobileNetV3
+from mobilenet_jax.models.mobilenet_v4 import MobileNetV4
 from mobilenet_jax.models.table import Network
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MobileNetV1": MobileNetV1,
     "MobileNetV2": MobileNetV2,
     "MobileNetV3": MobileNetV3,
+    "MobileNetV4": MobileNetV4,
     "MobileNet": MobileNet,  # any architecture table
 }
 

@@ -11,8 +11,17 @@ sequence as records, as torchvision's ``InvertedResidualConfig`` lists and timm'
   activation (absent when ``expand`` is False), depthwise ``conv_dw`` + ``bn_dw`` +
   activation, linear projection ``conv_pwl`` + ``bn_pwl``, and the input added to the
   output when ``residual``.
+* ``'universal'`` (MobileNetV4's universal inverted bottleneck): an optional depthwise
+  ``conv_dw_start`` + ``bn_dw_start`` (no activation; ``start_kernel`` > 0), the
+  expansion ``conv_pw``, an optional depthwise ``conv_dw`` (``kernel`` > 0) and the
+  projection ``conv_pwl``; the stride is the middle depthwise layer's, or the start one's
+  without it. ``start_kernel`` = 0 and ``kernel`` > 0 is MobileNetV2's block; both > 0
+  "ExtraDW"; ``kernel`` = 0 "ConvNeXt"-like; both 0 an FFN.
+* ``'fused'`` (MobileNetV4's fused IB, EfficientNetV2's fused MBConv): a full k x k
+  ``conv_exp`` + ``bn_exp`` + activation to ``hidden`` channels, then ``conv_pwl`` + ``bn_pwl``.
+* ``'conv'``: one full k x k (or 1x1) ``conv`` + ``bn`` + activation (MobileNetV4's conv stages).
 
-Either kind may squeeze and excite the depthwise layer's output (``se_channels`` > 0;
+The first two kinds may squeeze and excite the depthwise layer's output (``se_channels`` > 0;
 MobileNetV3, EfficientNet): global average pool, ``se/conv_reduce`` (1x1 with bias) to
 ``se_channels`` + ReLU, ``se/conv_expand`` (1x1 with bias) back + the ``se_gate``
 (hard sigmoid in MobileNetV3, sigmoid in EfficientNet), and the depthwise output scaled
@@ -21,7 +30,8 @@ per channel by the result (Hu et al. 2018; torchvision's ``SqueezeExcitation``).
 After the pooling a network may have one more layer before the classifier
 (``head_hidden`` > 0; MobileNetV3): ``head_fc``, a dense layer with a bias and the
 network's activation, applied to the pooled vector (torchvision's ``classifier.0``,
-timm's ``conv_head``, Keras's ``Conv_2``).
+timm's ``conv_head``, Keras's ``Conv_2``); with ``head_fc_norm`` (MobileNetV4) it has
+no bias and a BatchNorm ``head_fc_bn`` before the activation (timm's ``norm_head``).
 
 The Flax modules are built from the table (:func:`mobilenet_jax.models.common.forward`),
 and every other part walks it: :meth:`Network.convs` lists each convolution with its
@@ -35,7 +45,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-BLOCK_KINDS = ("separable", "inverted_residual")
+BLOCK_KINDS = ("separable", "inverted_residual", "universal", "fused", "conv")
 ACTIVATIONS = ("relu", "relu6", "hard_swish")
 SE_GATES = ("hard_sigmoid", "sigmoid")
 
@@ -67,18 +77,21 @@ class Block(NamedTuple):
 
     kind: str
     in_channels: int
-    hidden: int  # the depthwise layer's channels: the expansion width, or in_channels without expansion
+    hidden: int  # the expansion width (the depthwise layer's), or in_channels without expansion
     out: int
     stride: int = 1
-    kernel: int = 3
+    kernel: int = 3  # the (middle) depthwise kernel; a fused or conv block's full kernel; 0: none (universal)
     expand: bool = False  # inverted residual: a 1x1 expansion conv (expansion factor != 1)
-    residual: bool = False  # inverted residual: the input is added to the output
+    residual: bool = False  # the input is added to the output
     activation: str = "relu6"
     se_channels: int = 0  # squeeze-excitation of the depthwise output to this width; 0: none
     se_gate: str = "hard_sigmoid"  # the excitation's gate: 'hard_sigmoid' or 'sigmoid'
+    start_kernel: int = 0  # universal: the depthwise conv before the expansion; 0: none
 
     def convs(self, prefix: str) -> tuple[Conv, ...]:
         """The block's convolutions in order, their paths under ``prefix`` (``'block_3'``)."""
+        if self.kind in ("universal", "fused", "conv"):
+            return self._mobilenet_v4_convs(prefix)
         dw = Conv(
             f"{prefix}/conv_dw", f"{prefix}/bn_dw", "depthwise", self.hidden, self.hidden, self.kernel,
             self.stride, self.activation,
@@ -93,6 +106,36 @@ class Block(NamedTuple):
             f"{prefix}/conv_pw", f"{prefix}/bn_pw", "pointwise", self.in_channels, self.hidden, 1, 1, self.activation
         )
         return pw, dw, pwl
+
+    def _mobilenet_v4_convs(self, prefix: str) -> tuple[Conv, ...]:
+        act, k = self.activation, self.kernel
+        if self.kind == "conv":
+            kind = "full" if k > 1 else "pointwise"
+            return (Conv(f"{prefix}/conv", f"{prefix}/bn", kind, self.in_channels, self.out, k, self.stride, act),)
+        pwl = Conv(f"{prefix}/conv_pwl", f"{prefix}/bn_pwl", "pointwise", self.hidden, self.out, 1, 1, None)
+        if self.kind == "fused":
+            exp = Conv(
+                f"{prefix}/conv_exp", f"{prefix}/bn_exp", "full", self.in_channels, self.hidden, k, self.stride, act
+            )
+            return exp, pwl
+        convs = []
+        if self.start_kernel:
+            stride = 1 if k else self.stride
+            convs.append(Conv(f"{prefix}/conv_dw_start", f"{prefix}/bn_dw_start", "depthwise", self.in_channels,
+                              self.in_channels, self.start_kernel, stride, None))  # fmt: skip
+        convs.append(
+            Conv(f"{prefix}/conv_pw", f"{prefix}/bn_pw", "pointwise", self.in_channels, self.hidden, 1, 1, act)
+        )
+        if k:
+            convs.append(Conv(f"{prefix}/conv_dw", f"{prefix}/bn_dw", "depthwise", self.hidden, self.hidden, k,
+                              self.stride, act))  # fmt: skip
+        return (*convs, pwl)
+
+    def hidden_path(self, prefix: str) -> str | None:
+        """The conv whose output width is ``hidden`` (a depthwise layer passes it, or an expansion writes it)."""
+        if self.kind in ("separable", "inverted_residual"):
+            return f"{prefix}/conv_dw"
+        return {"universal": f"{prefix}/conv_pw", "fused": f"{prefix}/conv_exp"}.get(self.kind)
 
     def se_convs(self, prefix: str) -> tuple[Conv, ...]:
         """The squeeze-excitation's two 1x1 convolutions (with biases, no BatchNorm), or none."""
@@ -109,8 +152,15 @@ class Block(NamedTuple):
             raise ValueError(f"Block {index}'s kind must be one of {BLOCK_KINDS}, got {self.kind!r}.")
         if min(self.in_channels, self.hidden, self.out) < 1:
             raise ValueError(f"{where} needs positive channel counts, got {self.in_channels}/{self.hidden}/{self.out}.")
-        if self.stride not in (1, 2) or self.kernel < 1 or self.kernel % 2 == 0:
+        no_middle = self.kind == "universal" and self.kernel == 0
+        if self.stride not in (1, 2) or (not no_middle and (self.kernel < 1 or self.kernel % 2 == 0)):
             raise ValueError(f"{where} needs stride 1 or 2 and an odd kernel, got {self.stride} and {self.kernel}.")
+        if self.start_kernel and (self.kind != "universal" or self.start_kernel % 2 == 0 or self.start_kernel < 0):
+            raise ValueError(f"{where}: only a universal block has an odd start_kernel, got {self.start_kernel}.")
+        if no_middle and not self.start_kernel and self.stride != 1:
+            raise ValueError(f"{where} has no depthwise layer to take its stride 2.")
+        if self.se_channels and self.kind not in ("separable", "inverted_residual"):
+            raise ValueError(f"{where}: squeeze-excitation is built for separable and inverted-residual blocks only.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"{where}'s activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
         if self.se_channels < 0 or self.se_gate not in SE_GATES:
@@ -118,12 +168,14 @@ class Block(NamedTuple):
                 f"{where}'s squeeze-excitation needs se_channels >= 0 and se_gate in {SE_GATES}, "
                 f"got {self.se_channels} and {self.se_gate!r}."
             )
-        if (self.kind == "separable" or not self.expand) and self.hidden != self.in_channels:
+        if (self.kind in ("separable", "conv") or (self.kind == "inverted_residual" and not self.expand)) and (
+            self.hidden != self.in_channels
+        ):
             raise ValueError(
                 f"{where} has no expansion conv, so its depthwise layer has its {self.in_channels} input "
                 f"channels, not {self.hidden}."
             )
-        if self.residual and (self.kind == "separable" or self.stride != 1 or self.in_channels != self.out):
+        if self.residual and (self.kind in ("separable", "conv") or self.stride != 1 or self.in_channels != self.out):
             raise ValueError(
                 f"{where} adds its input to its output, so it must be an inverted residual with stride 1 and as "
                 f"many outputs as inputs ({self.in_channels}), not {self.out} at stride {self.stride}; prune a "
@@ -147,6 +199,7 @@ class Network(NamedTuple):
     stem_kernel: int = 3
     in_channels: int = 3
     head_hidden: int = 0  # a dense layer (bias, activation) after the pooling, ``head_fc``; 0: none
+    head_fc_norm: bool = False  # head_fc without a bias, followed by BatchNorm ``head_fc_bn`` (MobileNetV4)
 
     def convs(self) -> tuple[Conv, ...]:
         """Every convolution in order: the stem, each block's, the head conv."""
@@ -169,7 +222,8 @@ class Network(NamedTuple):
         """The dense layer after the pooling (as a 1x1 conv with a bias and no BatchNorm), or None."""
         if not self.head_hidden:
             return None
-        return Conv("head_fc", "", "pointwise", self.pooled_channels, self.head_hidden, 1, 1, self.activation)
+        norm = "head_fc_bn" if self.head_fc_norm else ""
+        return Conv("head_fc", norm, "pointwise", self.pooled_channels, self.head_hidden, 1, 1, self.activation)
 
     @property
     def pooled_channels(self) -> int:
@@ -309,7 +363,9 @@ def resize(network: Network, widths) -> Network:
     width_of.update({conv.path: int(w) for group, w in zip(groups, widths, strict=True) for conv in group.passes})
     blocks, channels = [], width_of["stem_conv"]
     for i, block in enumerate(network.blocks):
-        hidden, out = width_of[f"block_{i}/conv_dw"], width_of[block.convs(f"block_{i}")[-1].path]
+        hidden_path = block.hidden_path(f"block_{i}")
+        hidden = width_of[hidden_path] if hidden_path else channels
+        out = width_of[block.convs(f"block_{i}")[-1].path]
         se = width_of[f"block_{i}/se/conv_reduce"] if block.se_channels else 0
         blocks.append(block._replace(in_channels=channels, hidden=hidden, out=out, se_channels=se))
         channels = out

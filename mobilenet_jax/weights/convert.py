@@ -19,6 +19,7 @@ PyTorch layouts understood (detected from the key names):
 * ``'timm_v3'``: timm's ``mobilenetv3_large_100`` / ``_075``, ``mobilenetv3_small_*`` and the
   minimalistic ``tf_mobilenetv3_*_minimal_100`` (which need ``padding='tf'`` and
   ``bn_epsilon=1e-3``: a file does not say which, a published name does).
+* ``'timm_v4'``: timm's ``mobilenetv4_conv_small`` / ``_medium`` (and their ``_050`` widths).
 
 Usage::
 
@@ -57,9 +58,11 @@ from mobilenet_jax.models import (
     MobileNetV1,
     MobileNetV2,
     MobileNetV3,
+    MobileNetV4,
     make_divisible,
     mobilenet_v2,
     mobilenet_v3,
+    mobilenet_v4,
     registry,
     v1_architecture,
     v2_architecture,
@@ -116,7 +119,7 @@ def _entries(model: nn.Module, layout: str, flax_params: Mapping) -> list[tuple[
             continue
         weight = {"classifier": _DENSE, "dense": _DENSE, "dense_as_conv": DENSE_AS_CONV}.get(kind, _CONV_TO_TORCH)
         entries.append((f"{torch_name}.weight", "params", path + ("kernel",), weight))
-        if kind in ("classifier", "dense", "dense_as_conv", "conv_bias"):
+        if kind in ("classifier", "dense", "dense_as_conv", "conv_bias") and "bias" in _get(flax_params, path):
             entries.append((f"{torch_name}.bias", "params", path + ("bias",), None))
     return entries
 
@@ -359,6 +362,22 @@ def _detect_v3(state: Mapping, layout: str) -> MobileNetV3:
     )  # fmt: skip
 
 
+def _detect_v4(state: Mapping) -> MobileNetV4:
+    """The MobileNetV4 whose blocks, stem and 1x1 conv after the blocks have the state dict's widths."""
+    blocks = {key.split(".")[1:3] and ".".join(key.split(".")[1:3]) for key in state if key.startswith("blocks.")}
+    variant = next(
+        (name for name, (_, stages) in mobilenet_v4.VARIANTS.items() if len(blocks) == sum(stages) + 1), "conv_small"
+    )
+    observed = [v.shape[0] for k, v in state.items() if v.ndim == 4 and k != "conv_head.weight"]
+
+    def fits(width: float) -> bool:
+        network = mobilenet_v4.v4_network(variant, width)
+        return [conv.out_channels for conv in network.convs()] == observed
+
+    width = layouts.search_width(fits) or 1.0
+    return MobileNetV4(num_classes=_num_classes(state, "classifier.weight"), variant=variant, width=width)
+
+
 def _mismatch_message(model: nn.Module, layout: str, state: Mapping, expected: Mapping, limit: int = 12) -> str | None:
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
@@ -439,6 +458,7 @@ def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn
         "timm_v2": lambda: _detect_timm_v2(state),
         "timm_v3": lambda: _detect_v3(state, layout),
         "torchvision_v3": lambda: _detect_v3(state, layout),
+        "timm_v4": lambda: _detect_v4(state),
     }.get(layout, lambda: _detect_v2(state, layout))
     model = detect()
     stem_key = {"amc_v1": "conv1.0.weight"}.get(
@@ -466,6 +486,8 @@ def default_layout(model: nn.Module) -> str:
         return "timm_v1" if model.activation == "relu6" or model.head_channels else "amc_v1"
     if isinstance(model, MobileNetV3):
         return "torchvision_v3" if model.rounding == "torchvision" else "timm_v3"
+    if isinstance(model, MobileNetV4):
+        return "timm_v4"
     return "timm_v2" if getattr(model, "fix_stem_head", False) else "torchvision"
 
 

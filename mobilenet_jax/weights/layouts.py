@@ -21,6 +21,7 @@ from flax import linen as nn
 from mobilenet_jax.data.preprocessing import KERAS, TIMM, TIMM_INCEPTION, TORCHVISION, Preprocessing
 from mobilenet_jax.models import V1_PROFILES, table, v1_architecture
 from mobilenet_jax.models.mobilenet_v3 import v3_stages
+from mobilenet_jax.models.mobilenet_v4 import v4_stages
 
 # One naming rule: for block i, its j-th of n convolutions -> (conv name, BatchNorm name).
 BlockRule = Callable[[int, int, int, table.Block, table.Conv, list], tuple[str, str]]
@@ -31,7 +32,7 @@ SERule = Callable[[int, table.Block, list], tuple[str, str]]
 class Layout(NamedTuple):
     name: str
     framework: str  # 'torch' (PyTorch and timm state dicts) or 'keras'
-    architecture: str  # 'MobileNetV1', 'MobileNetV2' or 'MobileNetV3'
+    architecture: str  # 'MobileNetV1' ... 'MobileNetV4'
     description: str
     stem: tuple[str, str]
     block: BlockRule
@@ -41,7 +42,8 @@ class Layout(NamedTuple):
     preprocessing: Preprocessing | None  # how the published weights are fed; None: nothing published
     reference: str  # the implementation the parity tests compare with
     se: SERule | None = None  # squeeze-excitation layers (MobileNetV3), if the layout has them
-    head_fc: tuple[str, str] | None = None  # (name, 'dense' or 'dense_as_conv') of the layer after the pooling
+    # (name, 'dense' or 'dense_as_conv', its BatchNorm's name or '') of the layer after the pooling
+    head_fc: tuple[str, str, str] | None = None
 
     def names(self, model: nn.Module) -> list[tuple[str, str, str]]:
         """``(flax module path, name in this layout, kind)`` of every layer of ``model``, in model order.
@@ -74,7 +76,10 @@ class Layout(NamedTuple):
         if network.head_hidden:
             if self.head_fc is None:
                 raise ValueError(f"The {self.name!r} layout has no layer between the pooling and the classifier.")
-            entries.append((network.head_fc().path, *self.head_fc))
+            fc, (name, kind, norm) = network.head_fc(), self.head_fc
+            entries.append((fc.path, name, kind))
+            if fc.norm:
+                entries.append((fc.norm, norm, "norm"))
         if model.num_classes is not None:
             entries.append(("classifier", self.classifier, "classifier"))
         return entries
@@ -84,7 +89,8 @@ def _stages(model: nn.Module) -> list[str]:
     """timm's ``S.J`` index of each block: MobileNetV1's stages start at stride 2, MobileNetV2's at each table row,
     MobileNetV3's at its arch_def rows."""
     if hasattr(model, "variant"):
-        return [f"{stage}.{j}" for stage, j in v3_stages(model.variant)]
+        stages = v4_stages(model.variant) if model.variant.startswith("conv_") else v3_stages(model.variant)
+        return [f"{stage}.{j}" for stage, j in stages]
     if hasattr(model, "block_table"):
         return [f"{stage}.{j}" for stage, (_, _, n, _) in enumerate(model.block_table) for j in range(n)]
     names, stage, index = [], 0, -1
@@ -144,6 +150,20 @@ def _keras_v2(i, j, n, block, conv, stages):
     return f"{prefix}_{part}", f"{prefix}_{part}_BN"
 
 
+_TIMM_V4 = {  # our conv name -> timm's module and BatchNorm names (ConvBnAct, EdgeResidual, UniversalInvertedResidual)
+    "conv": ("conv", "bn1"), "conv_exp": ("conv_exp", "bn1"), "conv_dw_start": ("dw_start.conv", "dw_start.bn"),
+    "conv_pw": ("pw_exp.conv", "pw_exp.bn"), "conv_dw": ("dw_mid.conv", "dw_mid.bn"),
+}  # fmt: skip
+
+
+def _timm_v4(i, j, n, block, conv, stages):
+    if conv.name == "conv_pwl":
+        name, norm = ("conv_pwl", "bn2") if block.kind == "fused" else ("pw_proj.conv", "pw_proj.bn")
+    else:
+        name, norm = _TIMM_V4[conv.name]
+    return f"blocks.{stages[i]}.{name}", f"blocks.{stages[i]}.{norm}"
+
+
 def _keras_v3(i, j, n, block, conv, stages):
     prefix = "expanded_conv_" if i == 0 else f"expanded_conv_{i}_"
     part = {"conv_pw": "expand", "conv_dw": "depthwise", "conv_pwl": "project"}[conv.name]
@@ -187,13 +207,13 @@ LAYOUTS: dict[str, Layout] = {
             "torchvision.models.mobilenet_v3_large/_small (features.N.block.K, classifier.0/3)",
             ("features.0.0", "features.0.1"), _torchvision_v3, _features_head, "classifier.3",
             _any(r"features\.\d+\.block\.\d+\.0\.weight$"), TORCHVISION, "torchvision.models.mobilenet_v3_large",
-            se=_torchvision_v3_se, head_fc=("classifier.0", "dense"),
+            se=_torchvision_v3_se, head_fc=("classifier.0", "dense", ""),
         ),
         Layout(
             "timm_v3", "torch", "MobileNetV3",
             "timm mobilenetv3_large_100/_075, _small_100, tf_..._minimal_100 (blocks.S.J, se.conv_reduce, conv_head)",
             ("conv_stem", "bn1"), _timm, _timm_v3_head, "classifier", _timm_v3_detect, TIMM,
-            "timm.create_model('mobilenetv3_large_100')", se=_timm_se, head_fc=("conv_head", "dense_as_conv"),
+            "timm.create_model('mobilenetv3_large_100')", se=_timm_se, head_fc=("conv_head", "dense_as_conv", ""),
         ),
         Layout(
             "torchvision", "torch", "MobileNetV2",
@@ -228,11 +248,18 @@ LAYOUTS: dict[str, Layout] = {
             _timm_detect(projection=True), TIMM, "timm.create_model('mobilenetv2_100')",
         ),
         Layout(
+            "timm_v4", "torch", "MobileNetV4",
+            "timm mobilenetv4_conv_small/_medium (blocks.S.J.conv/conv_exp/dw_start/pw_exp/dw_mid/pw_proj, norm_head)",
+            ("conv_stem", "bn1"), _timm_v4, _timm_v3_head, "classifier",
+            lambda names: "conv_stem.weight" in names and "norm_head.weight" in names, TIMM,
+            "timm.create_model('mobilenetv4_conv_small')", head_fc=("conv_head", "dense_as_conv", "norm_head"),
+        ),
+        Layout(
             "keras_v3", "keras", "MobileNetV3",
             "keras.applications.MobileNetV3Large/Small, minimalistic too (conv, expanded_conv_N_*, conv_1/2, logits)",
             ("conv", "conv_bn"), _keras_v3, _named("conv_1", "conv_1_bn"), "logits",
             lambda names: "conv_bn" in names or "expanded_conv_1_expand" in names, KERAS,
-            "keras.applications.MobileNetV3Large", se=_keras_v3_se, head_fc=("conv_2", "dense_as_conv"),
+            "keras.applications.MobileNetV3Large", se=_keras_v3_se, head_fc=("conv_2", "dense_as_conv", ""),
         ),
         Layout(
             "keras_v1", "keras", "MobileNetV1",
