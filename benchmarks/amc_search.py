@@ -1,20 +1,25 @@
 """AMC's searched pruning against uniform pruning and the width multiplier, on the hard shapes task.
 
-    python benchmarks/amc_search.py --base /tmp/hard --out /tmp/amc [--budgets 0.5,0.35] [--seeds 0,1,2]
-        [--finetune_epochs 4] [--width_baseline] [--update_readme]
+    python benchmarks/amc_search.py --base /tmp/hard --out /tmp/amc [--budgets 0.5,0.35]
+        [--latency_budgets 0.6] [--seeds 0,1,2] [--finetune_epochs 3] [--width_baseline] [--update_readme]
 
 ``--base`` is a MobileNetV1 trained with ``configs/v1.py:hard`` (trained into OUT/base
-when not given). For each MAC budget:
-1. *uniform*: one keep ratio in every layer (``prune --macs R``), least-squares refit;
-2. *searched*: ``prune --search amc --macs R`` with each seed (AMC's DDPG, 100 warm-up
-   and 300 learning episodes, reward = top-1 on 1,000 held-out training images);
+when not given). For each MAC budget, and each budget of LiteRT int8 latency (1 thread,
+the search's fitted latency model: ``prune --search amc --latency R``):
+1. *uniform*: one keep ratio in every layer (``prune --macs R``; under a latency budget
+   the largest one the latency model admits), least-squares refit;
+2. *searched*: ``prune --search amc`` with each seed (AMC's DDPG, 100 warm-up and 300
+   learning episodes, reward = top-1 on 1,000 held-out training images);
 3. with ``--finetune_epochs``: each pruned model fine-tuned while distilling from the
    unpruned one (``--config.init_from`` and ``--config.teacher``), with each seed;
 4. with ``--width_baseline``: MobileNetV1 trained from scratch with the full recipe at
-   the width whose MACs come closest to the budget, with each seed.
-Every top-1 is on the whole validation split (4,000 images), EMA weights where trained.
-Writes ``OUT/amc.json``, ``benchmarks/results/cpu_amc_hard.json``, the keep-ratio plot
-(``--plot``, matplotlib: the ``bench`` extra) and, with ``--update_readme``, the table.
+   the width whose cost (MACs, or predicted latency) comes closest to the budget, with each seed.
+Every top-1 is on the whole validation split (4,000 images), EMA weights where trained;
+latency rows also give the measured latency of the network. Searches already in
+``OUT/amc.json`` and finished workdirs in OUT are reused, so a run can be extended
+(more seeds, another budget) without repeating them. Writes ``OUT/amc.json``,
+``benchmarks/results/cpu_amc_hard.json``, the keep-ratio plot (``--plot``, matplotlib:
+the ``bench`` extra) and, with ``--update_readme``, the table.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from compression_curve import v1_config  # noqa: E402  (benchmarks/ is the scrip
 from mobilenet_jax import MobileNetV1, evaluate, summarize  # noqa: E402
 from mobilenet_jax.compression import amc, prune  # noqa: E402
 from mobilenet_jax.data.preprocessing import IMAGENET  # noqa: E402
-from mobilenet_jax.deployment import export  # noqa: E402
+from mobilenet_jax.deployment import export, latency  # noqa: E402
 from mobilenet_jax.training import loop as training  # noqa: E402
 from mobilenet_jax.weights import checkpoint  # noqa: E402
 
@@ -58,10 +63,11 @@ def train(config, workdir: str) -> float:
     return results["validation_ema"]["top1"]
 
 
-def width_for_macs(target_macs: float, image_size: int, num_classes: int) -> float:
+def width_for_cost(target: float, cost, image_size: int, num_classes: int) -> float:
+    """The width multiplier whose MobileNetV1 comes closest to ``target`` by ``cost`` (MACs, or a latency model)."""
     widths = np.round(np.arange(0.1, 1.0, 0.01), 2)
-    macs = [summarize(MobileNetV1(num_classes=num_classes, width=float(w)), image_size).macs for w in widths]
-    return float(widths[int(np.argmin(np.abs(np.array(macs) - target_macs)))])
+    costs = [cost(MobileNetV1(num_classes=num_classes, width=float(w))) for w in widths]
+    return float(widths[int(np.argmin(np.abs(np.array(costs) - target)))])
 
 
 def pruned_dir(args, model, variables, widths, images, name: str) -> str:
@@ -72,29 +78,49 @@ def pruned_dir(args, model, variables, widths, images, name: str) -> str:
     return directory
 
 
-def run_budget(args, budget: float, model, variables, config, data) -> list[dict]:
+def budget_cost(model, size: int, kind: str):
+    """``(cost of group widths, cost of a whole MobileNetV1)`` for a ``macs`` or ``latency`` (LiteRT int8) budget."""
+    if kind == "macs":
+        return amc.MacCounter(model, size), lambda network: summarize(network, size).macs
+    predict = latency.fit(model, size, "int8", threads=1)
+    return predict, lambda network: predict(prune.group_widths(network))
+
+
+def run_budget(args, kind: str, budget: float, model, variables, config, data) -> list[dict]:
     """The rows of one budget: uniform, searched per seed, and the fine-tuned and width-multiplier ones."""
     images, labels = data
     size, rows = config.image_size, []
-    env_args = dict(cost=amc.MacCounter(model, size), budget=budget, refit_images=images[:REFIT_IMAGES],
+    cost, network_cost = budget_cost(model, size, kind)
+    env_args = dict(cost=cost, budget=budget, refit_images=images[:REFIT_IMAGES],
                     images=images[REFIT_IMAGES:], labels=labels[REFIT_IMAGES:])  # fmt: skip
-    uniform = prune.group_widths(prune.channels_for_macs(model, budget, size))
-    candidates = [("uniform", None, uniform, amc.Environment(model, variables, **env_args).reward(uniform), 0.0)]
+    env = amc.Environment(model, variables, **env_args)
+    if kind == "macs":
+        uniform = prune.group_widths(prune.channels_for_macs(model, budget, size))
+    else:
+        uniform = amc.uniform_widths(env)
+    candidates = [("uniform", None, uniform, env.reward(uniform), 0.0)]
     for seed in args.seeds:
+        if (kind, budget, seed) in args.previous:  # a search of an earlier run of this script: not repeated
+            done = args.previous[kind, budget, seed]
+            candidates.append(("searched", seed, done["widths"], done["held_out_reward"], done["search_seconds"]))
+            continue
         env = amc.Environment(model, variables, settings=amc.SearchSettings(seed=seed), **env_args)
         start = time.time()
-        log = os.path.join(args.out, f"search_{budget}_s{seed}.jsonl")
+        log = os.path.join(args.out, f"search_{kind}_{budget}_s{seed}.jsonl".replace("macs_", ""))
         result = amc.search(env, log, progress=False)
         candidates.append(("searched", seed, result.widths, result.reward, time.time() - start))
-        print(f"  budget {budget} seed {seed}: searched {result.reward:.4f} in {time.time() - start:.0f} s", flush=True)
-    base_macs = summarize(model, size).macs
+        print(f"  {kind} {budget} seed {seed}: searched {result.reward:.4f} in {time.time() - start:.0f} s", flush=True)
+    base_cost = network_cost(model)
     for method, seed, widths, reward, seconds in candidates:
-        name = f"{method}_{budget}" + ("" if seed is None else f"_s{seed}")
+        name = f"{method}_{kind}_{budget}".replace("_macs", "") + ("" if seed is None else f"_s{seed}")
         directory = pruned_dir(args, model, variables, widths, images[:REFIT_IMAGES], name)
         pruned, _ = checkpoint.load_model(directory)
-        row = {"method": method, "budget": budget, "seed": seed, "widths": list(widths), "held_out_reward": reward,
-               "search_seconds": round(seconds, 1), "mac_ratio": summarize(pruned, size).macs / base_macs,
+        row = {"method": method, "budget_kind": kind, "budget": budget, "seed": seed, "widths": list(widths),
+               "held_out_reward": reward, "search_seconds": round(seconds, 1),
+               "cost_ratio": network_cost(pruned) / base_cost, "mac_ratio": mac_ratio(pruned, model, size),
                "top1": evaluate.run(config, model_dir=directory)["top1"]}  # fmt: skip
+        if kind == "latency":
+            row["measured_ms"] = latency.measure(pruned, size, "int8", threads=1)
         for s in args.seeds if args.finetune_epochs else ():
             if seed is not None and s != seed:
                 continue
@@ -103,20 +129,32 @@ def run_budget(args, budget: float, model, variables, config, data) -> list[dict
             row.setdefault("distilled_top1", []).append(train(tuned, os.path.join(args.out, f"{name}_ft_s{s}")))
         rows.append(row)
     if args.width_baseline:
-        width = width_for_macs(budget * base_macs, size, model.num_classes)
+        width = width_for_cost(budget * base_cost, network_cost, size, model.num_classes)
         runs = [train(hard(seed=s, **{"model.width": width}), os.path.join(args.out, f"width_{width}_s{s}"))
                 for s in args.seeds]  # fmt: skip
-        rows.append({"method": f"width {width} from scratch", "budget": budget, "top1_runs": runs,
-                     "mac_ratio": summarize(MobileNetV1(num_classes=model.num_classes, width=width), size).macs
-                     / base_macs})  # fmt: skip
+        network = MobileNetV1(num_classes=model.num_classes, width=width)
+        row = {"method": f"width {width} from scratch", "budget_kind": kind, "budget": budget,
+               "top1_runs": runs, "cost_ratio": network_cost(network) / base_cost,
+               "mac_ratio": mac_ratio(network, model, size)}  # fmt: skip
+        if kind == "latency":
+            row["measured_ms"] = latency.measure(network, size, "int8", threads=1)
+        rows.append(row)
     return rows
+
+
+def mac_ratio(network, model, size: int) -> float:
+    return summarize(network, size).macs / summarize(model, size).macs
+
+
+def budget_name(row: dict) -> str:
+    return f"{row['budget']} of the " + ("MACs" if row.get("budget_kind", "macs") == "macs" else "int8 latency")
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| budget | method | MACs (of unpruned) | held-out reward | top-1, no fine-tuning | "
-        "top-1, distilled | search time |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| budget | method | MACs (of unpruned) | int8 latency, predicted (measured) | held-out reward | "
+        "top-1, no fine-tuning | top-1, distilled | search time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         tuned = r.get("distilled_top1") or r.get("top1_runs") or []
@@ -125,8 +163,9 @@ def table(rows: list[dict]) -> str:
         reward = f"{100 * r['held_out_reward']:.2f}%" if "held_out_reward" in r else "-"
         seed = f" (seed {r['seed']})" if r.get("seed") is not None else ""
         seconds = f"{r['search_seconds']:.0f} s" if r.get("search_seconds") else "-"
-        lines.append(f"| {r['budget']} | {r['method']}{seed} | {r['mac_ratio']:.3f} | {reward} | {before} | "
-                     f"{tuned_text} | {seconds} |")  # fmt: skip
+        timing = f"{r['cost_ratio']:.3f} ({r['measured_ms']:.4f} ms)" if "measured_ms" in r else "-"
+        lines.append(f"| {budget_name(r)} | {r['method']}{seed} | {r['mac_ratio']:.3f} | {timing} | {reward} | "
+                     f"{before} | {tuned_text} | {seconds} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -137,15 +176,15 @@ def plot(rows: list[dict], layers: list[str], full: list[int], searched_layers: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r["budget"] for r in rows}, reverse=True)
+    budgets = list(dict.fromkeys(budget_name(r) for r in rows))
     figure, axes = plt.subplots(len(budgets), 1, figsize=(7.5, 2.6 * len(budgets)), dpi=120, squeeze=False, sharex=True)
     for axis, budget in zip(axes[:, 0], budgets, strict=True):
-        for r in (r for r in rows if r["budget"] == budget and "widths" in r):
+        for r in (r for r in rows if budget_name(r) == budget and "widths" in r):
             keep = [r["widths"][i] / full[i] for i in searched_layers]
             style = ("k--", 2.0) if r["method"] == "uniform" else ("o-", 1.0)
             label = "uniform" if r["method"] == "uniform" else f"searched, seed {r['seed']}"
             axis.plot(range(len(keep)), keep, style[0], linewidth=style[1], label=label, markersize=3)
-        axis.set_title(f"{budget} of the MACs", fontsize=9)
+        axis.set_title(budget, fontsize=9)
         axis.set_ylim(0, 1.05)
         axis.set_ylabel("keep ratio")
         axis.grid(alpha=0.3)
@@ -155,11 +194,23 @@ def plot(rows: list[dict], layers: list[str], full: list[int], searched_layers: 
     figure.savefig(path)
 
 
+def previous_searches(out: str) -> dict:
+    """``{(kind, budget, seed): row}`` of the searches an earlier run wrote to ``OUT/amc.json``."""
+    path = os.path.join(out, "amc.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as file:
+        rows = json.load(file)["rows"]
+    return {(r.get("budget_kind", "macs"), r["budget"], r["seed"]): r for r in rows if r["method"] == "searched"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--base", help="a finished configs/v1.py:hard workdir (default: train one in OUT/base)")
-    parser.add_argument("--budgets", default="0.5,0.35", type=lambda s: [float(v) for v in s.split(",")])
+    parser.add_argument("--budgets", default="0.5,0.35", type=lambda s: [float(v) for v in s.split(",") if v])
+    parser.add_argument("--latency_budgets", default="0.6", type=lambda s: [float(v) for v in s.split(",") if v],
+                        help="fractions of LiteRT's int8 latency (1 thread); the fit's timings are cached")  # fmt: skip
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--finetune_epochs", type=float, default=0.0)
     parser.add_argument("--finetune_lr", type=float, default=0.02)
@@ -175,7 +226,9 @@ def main() -> None:
     config = checkpoint.read_config(args.base) or hard()
     rgb, labels = export.training_examples(config, REFIT_IMAGES + REWARD_IMAGES)
     data = (jnp.asarray(IMAGENET.normalize(rgb)), labels)
-    rows = [row for budget in args.budgets for row in run_budget(args, budget, model, variables, config, data)]
+    args.previous = previous_searches(args.out)
+    budgets = [("macs", b) for b in args.budgets] + [("latency", b) for b in args.latency_budgets]
+    rows = [row for kind, b in budgets for row in run_budget(args, kind, b, model, variables, config, data)]
     record = {"base": args.base, "base_top1": base_top1, "seeds": args.seeds, "finetune_epochs": args.finetune_epochs,
               "seconds": round(time.time() - started), "rows": rows}  # fmt: skip
     for path in (os.path.join(args.out, "amc.json"), os.path.join(REPO, "benchmarks", "results", "cpu_amc_hard.json")):

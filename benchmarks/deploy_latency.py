@@ -1,13 +1,14 @@
 """Batch-1 latency and file size of the exported models next to JAX and PyTorch, in one process.
 
-    python benchmarks/deploy_latency.py                     # V1 and V2 at 1.0/224
-    python benchmarks/deploy_latency.py --arch v2 --runs 50 --json deploy.json
+    python benchmarks/deploy_latency.py                     # V1, V2, V3-Large/Small, V4-conv-small at 224
+    python benchmarks/deploy_latency.py --arch v2,v3_small --runs 50 --json deploy.json
 
 For each architecture it exports random-init weights (latency does not depend on
 the values) to float32 and full-int8 ``.tflite`` files, then times one image at a
 time: LiteRT with XNNPACK at 1 and 2 threads (float32 and int8), this project's JAX
-model (jitted, inference mode), and PyTorch eager (torchvision ``mobilenet_v2`` or
-the design notes' MobileNetV1, ``torch.inference_mode``). Candidates take turns
+model (jitted, inference mode), and PyTorch eager (torchvision's ``mobilenet_v2`` /
+``mobilenet_v3_large`` / ``_small``, timm's ``mobilenetv4_conv_small`` or the design
+notes' MobileNetV1, ``torch.inference_mode``). Candidates take turns
 within every round so that machine noise hits all of them alike; the table gives
 the median over ``--runs`` rounds (at least 30) and each file's size.
 """
@@ -33,13 +34,21 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mobilenet_jax import MobileNetV1, MobileNetV2  # noqa: E402
+from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, MobileNetV4  # noqa: E402
 from mobilenet_jax.deployment import export  # noqa: E402
+
+MODELS = {  # --arch name: (our model, its title)
+    "v1": (MobileNetV1(), "MobileNetV1 1.0"),
+    "v2": (MobileNetV2(), "MobileNetV2 1.0"),
+    "v3_large": (MobileNetV3(variant="large"), "MobileNetV3-Large 1.0"),
+    "v3_small": (MobileNetV3(variant="small"), "MobileNetV3-Small 1.0"),
+    "v4_conv_small": (MobileNetV4(variant="conv_small"), "MobileNetV4-Conv-S"),
+}
 
 
 def candidates(arch: str, size: int, calibration: int) -> tuple[dict, dict]:
     """``({name: callable on one RGB image}, {file name: bytes})`` for one architecture."""
-    model = MobileNetV1() if arch == "v1" else MobileNetV2()
+    model = MODELS[arch][0]
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
     rng = np.random.default_rng(0)
     images = [rng.uniform(0, 255, (1, size, size, 3)).astype(np.float32) for _ in range(calibration)]
@@ -67,8 +76,13 @@ def _torch_candidate(arch: str) -> dict:
     from mobilenet_jax.weights import torch_reference
 
     torch.set_num_threads(os.cpu_count() or 1)
-    if arch == "v2":
-        module, name = torchvision.models.mobilenet_v2(), "torchvision mobilenet_v2"
+    if arch == "v2" or arch.startswith("v3"):
+        name = {"v2": "mobilenet_v2", "v3_large": "mobilenet_v3_large", "v3_small": "mobilenet_v3_small"}[arch]
+        module, name = getattr(torchvision.models, name)(), f"torchvision {name}"
+    elif arch == "v4_conv_small":
+        import timm
+
+        module, name = timm.create_model("mobilenetv4_conv_small"), "timm mobilenetv4_conv_small"
     else:
         stem, cfg = torch_reference.V1_NORMAL
         module, name = torch_reference.TorchMobileNetV1(1000, stem, cfg), "PyTorch MobileNetV1 (design notes)"
@@ -97,7 +111,7 @@ def measure(runs: dict, size: int, rounds: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="v1,v2", help="comma-separated: v1, v2")
+    parser.add_argument("--arch", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--runs", type=int, default=30, help="timed rounds (at least 30)")
     parser.add_argument("--calibration", type=int, default=16, help="random calibration images for int8")
@@ -105,6 +119,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.runs < 30:
         parser.error("--runs must be at least 30")
+    unknown = [a for a in args.arch.split(",") if a and a not in MODELS]
+    if unknown:
+        parser.error(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     host.keep_freed_memory()
     report = {
         "machine": {
@@ -119,7 +136,7 @@ def main(argv=None):
         timings = measure(runs, args.resolution, args.runs)
         sizes = {kind: len(data) for kind, data in files.items()}
         report["results"][arch] = {"latency": timings, "file_bytes": sizes}
-        print(f"\nMobileNet{arch.upper()} 1.0-{args.resolution}, batch 1, median of {args.runs} rounds")
+        print(f"\n{MODELS[arch][1]}-{args.resolution}, batch 1, median of {args.runs} rounds")
         for name, t in timings.items():
             print(f"  {name:58s} {t['median_ms']:8.2f} ms")
         print("  files: " + ", ".join(f"{kind} {n / 1e6:.2f} MB" for kind, n in sizes.items()))

@@ -479,8 +479,21 @@ def test_convert_cli_lists_layouts_and_reads_timm_safetensors(tmp_path, image_fo
     from safetensors.torch import save_file
 
     result = convert_cli("--list_layouts")
-    for layout in ("torchvision", "amc_v1", "notes_v2", "timm_v1", "timm_v2", "keras_v1", "keras_v2"):
+    for layout in ("torchvision", "amc_v1", "notes_v2", "timm_v1", "timm_v2", "keras_v1", "keras_v2") + (
+        "torchvision_v3",
+        "timm_v3",
+        "keras_v3",
+        "timm_v4",
+    ):
         assert layout in result.stdout
+    # timm's tf_ models were trained with TF's padding and epsilon, which their files do not record.
+    tf_module = timm_model("tf_mobilenetv3_small_minimal_100", num_classes=4)
+    save_file(tf_module.state_dict(), tmp_path / "tf.safetensors")
+    convert_cli(tmp_path / "tf.safetensors", tmp_path / "tf", "--padding", "tf", "--bn_epsilon", "1e-3")
+    tf_model, tf_variables = checkpoint.load_model(tmp_path / "tf")
+    assert (tf_model.padding, tf_model.bn_epsilon, tf_model.minimal) == ("tf", 1e-3, True)
+    x = nhwc(2, 32, 32)
+    assert max_error(tf_model, tf_variables, x, timm_logits(tf_module, x)) <= TOLERANCE
     module = timm_model("mobilenetv1_100h", num_classes=4)
     save_file(module.state_dict(), tmp_path / "model.safetensors")
     convert_cli(tmp_path / "model.safetensors", tmp_path / "out")

@@ -17,8 +17,9 @@ PyTorch layouts understood (detected from the key names):
   ``_120d`` (fixed stem and head widths).
 * ``'torchvision_v3'``: ``torchvision.models.mobilenet_v3_large`` / ``_small`` at any ``width_mult``.
 * ``'timm_v3'``: timm's ``mobilenetv3_large_100`` / ``_075``, ``mobilenetv3_small_*`` and the
-  minimalistic ``tf_mobilenetv3_*_minimal_100`` (which need ``padding='tf'`` and
-  ``bn_epsilon=1e-3``: a file does not say which, a published name does).
+  minimalistic ``tf_mobilenetv3_*_minimal_100``, which were trained with TF's padding and
+  BatchNorm epsilon: a file does not say so, so convert them with ``--padding tf
+  --bn_epsilon 1e-3`` (or ``model.clone(padding='tf', bn_epsilon=1e-3)``).
 * ``'timm_v4'``: timm's ``mobilenetv4_conv_small`` / ``_medium`` (and their ``_050`` widths).
 
 Usage::

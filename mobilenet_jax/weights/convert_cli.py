@@ -36,6 +36,11 @@ def main(argv: list[str]) -> None:
 
     def convert_and_save() -> None:
         converted = load_with_info(source, strides=strides)
+        model = converted.model
+        if FLAGS.padding is not None or FLAGS.bn_epsilon is not None:  # what a file cannot say (timm's tf_ models)
+            padding = FLAGS.padding or model.padding
+            model = model.clone(padding=padding, bn_epsilon=FLAGS.bn_epsilon or model.bn_epsilon)
+            converted = converted._replace(model=model)
         checkpoint.save_model(out_dir, converted.model, converted.variables, converted.preprocessing)
         inputs = ""
         if converted.preprocessing is not None:
@@ -65,6 +70,10 @@ def _define_flags() -> None:
 
     flags.DEFINE_bool("list_layouts", False, "Print the layouts this converter reads.")
     flags.DEFINE_list("strides", None, "MobileNetV1 per-block strides, comma-separated, for non-standard depths.")
+    flags.DEFINE_enum(
+        "padding", None, ["torch", "tf", "keras_v1"], "Override the padding a file cannot say (timm tf_ models: tf)."
+    )
+    flags.DEFINE_float("bn_epsilon", None, "Override the BatchNorm epsilon (timm's tf_ models: 1e-3).")
 
 
 def run_command() -> None:
