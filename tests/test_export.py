@@ -203,6 +203,26 @@ def test_mobilenet_v3_exports_hard_swish_and_squeeze_excitation_in_int8():
     assert_int8_close(int8(rgb), expected)  # measured: 0.71% of the logit range, top-1 100%
 
 
+def test_mobilenet_v4_int8_file_gets_the_chosen_ranges_of_its_layer_after_the_pooling():
+    """The export recipe writes its chosen (percentile) ranges into the file; MobileNetV4's head_fc is the first
+    FULLY_CONNECTED op, whose output must carry head_fc's range, and the file stays close to JAX."""
+    from mobilenet_jax.compression import quantization
+    from mobilenet_jax.deployment import int8
+
+    model = MobileNetV4(num_classes=10, variant="conv_small", width=0.5)
+    variables = random_variables(model, 32)
+    calibration = rgb_images(64, 32, seed=8)
+    prepared = int8.prepare(model, variables, export.IMAGENET, calibration, int8.Recipe())
+    assert "head_fc" in prepared.ranges
+    tflite = export.TFLiteModel(export.to_int8_tflite(model, variables, 32, "float32", calibration), delegates=False)
+    dense = [op for op in tflite.ops() if op["op_name"] == "FULLY_CONNECTED"]
+    scale = tflite.tensor(dense[0]["outputs"][0])["quantization_parameters"]["scales"][0]
+    expected_scale, _ = quantization.nudged_range(*prepared.ranges["head_fc"])
+    assert scale == pytest.approx(float(expected_scale), rel=1e-6)
+    rgb = rgb_images(16, 32, seed=9)
+    assert_int8_close(tflite(rgb), jax_logits(model, variables, rgb))  # measured: 1.5% of the logit range, top-1 100%
+
+
 @pytest.mark.parametrize("io_dtype", ["float32", "int8"])
 def test_int8_logits_match_the_jax_model(io_dtype):
     model = MobileNetV1(num_classes=4, width=0.25)

@@ -56,6 +56,11 @@ def qat_points(network: table.Network) -> list[str]:
             "Quantization-aware training does not support squeeze-excitation yet (the exported file's gate ops "
             "are not mapped); train this network without --config.quantization_aware."
         )
+    if network.head_fc_norm:
+        raise ValueError(
+            "Quantization-aware training does not fold a BatchNorm after the pooling yet (MobileNetV4's head); "
+            "train this network without --config.quantization_aware."
+        )
     return quantization.points(network)
 
 

@@ -9,7 +9,8 @@ learned) in the converted flatbuffer:
 * each point's tensor is found by position: the k-th ``CONV_2D``/``DEPTHWISE_CONV_2D``
   op's output is the table's k-th convolution, the k-th ``ADD`` the k-th residual sum,
   ``QUANTIZE`` the input, the first convolution's input (before its ``PAD``) the
-  normalized input, ``SUM``/``MEAN`` the pooling, ``FULLY_CONNECTED`` the logits;
+  normalized input, ``SUM``/``MEAN`` the pooling, the last ``FULLY_CONNECTED`` the logits
+  (and the first one a table's ``head_fc``);
   the op counts must match the table;
 * its scale and zero point become the range's (nudged to an integer zero point, as
   ``fake_quant`` rounds), and ops that must keep their input's (``PAD``) follow;
@@ -46,7 +47,8 @@ def _point_tensors(model, network: table.Network) -> dict[str, tuple[int, float]
     for name, op in zip(names, graph.operators, strict=True):
         by_kind.setdefault("CONV" if name in CONVS else name, []).append(op)
     points = quantization.points(network)
-    conv_points = [p for p in points if p not in ("input", "normalized", "pool", "logits") and not p.endswith("/add")]
+    dense = ("input", "normalized", "pool", "head_fc", "logits")
+    conv_points = [p for p in points if p not in dense and not p.endswith("/add")]
     add_points = [p for p in points if p.endswith("/add")]
     pools = by_kind.get("SUM", []) + by_kind.get("MEAN", [])
     found = (len(by_kind.get("CONV", [])), len(by_kind.get("ADD", [])), len(pools), len(by_kind.get("QUANTIZE", [])))
@@ -69,6 +71,14 @@ def _point_tensors(model, network: table.Network) -> dict[str, tuple[int, float]
         tensors["normalized"] = (normalized, 1.0)
     if "FULLY_CONNECTED" in by_kind:
         tensors["logits"] = (by_kind["FULLY_CONNECTED"][-1].outputs[0], 1.0)
+    fc = network.head_fc()
+    if fc is not None:  # the dense layer after the pooling: the first FULLY_CONNECTED, its activation fused
+        if len(by_kind.get("FULLY_CONNECTED", [])) != 2 or fc.activation not in ("relu", "relu6", None):
+            raise errors.UserError(
+                f"This .tflite file's dense layers do not match the network table's head_fc ({fc.activation}), so "
+                "int8 ranges cannot be written into it."
+            )
+        tensors["head_fc"] = (by_kind["FULLY_CONNECTED"][0].outputs[0], 1.0)
     return tensors
 
 
