@@ -87,6 +87,7 @@ def timm_logits(module, x):
         ("mobilenetv3_large_100", (33, 40), dict(variant="large", width=1.0, minimal=False, bn_epsilon=1e-5)),
         ("mobilenetv3_large_075", (32, 32), dict(variant="large", width=0.75, rounding="timm")),
         ("mobilenetv3_small_050", (35, 35), dict(variant="small", width=0.5, rounding="timm")),
+        ("mobilenetv3_small_100", (48, 48), dict(variant="small", width=1.0, minimal=False)),
         ("tf_mobilenetv3_large_minimal_100", (33, 33), dict(variant="large", minimal=True)),
         ("mobilenetv4_conv_small", (33, 33), dict(variant="conv_small", width=1.0)),
         ("mobilenetv4_conv_medium", (32, 32), dict(variant="conv_medium", width=1.0)),

@@ -266,6 +266,14 @@ def test_reset_classifier_keeps_the_backbone_and_replaces_the_head():
     assert logits.shape == (2, 10)
     np.testing.assert_array_equal(features["pre_logits"], old_features["pre_logits"])
 
+    # MobileNetV3's classifier reads the dense layer after the pooling (head_fc), which stays.
+    v3 = MobileNetV3(variant="small", width=0.5)
+    v3_variables = jax.eval_shape(lambda: v3.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    v3_variables = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), v3_variables)
+    v3_model, v3_new = reset_classifier(v3, v3_variables, num_classes=7)
+    assert v3_new["params"]["classifier"]["kernel"].shape == (512, 7) and v3_model.num_classes == 7  # 1024 x 0.5
+    assert v3_new["params"]["head_fc"] is v3_variables["params"]["head_fc"]
+
     backbone, backbone_variables = reset_classifier(model, variables, num_classes=None)
     assert "classifier" not in backbone_variables["params"]
     assert backbone.apply(backbone_variables, x).shape == (2, 1280)
