@@ -110,7 +110,7 @@ def graph(
         x = layer(network.head_conv(), x)
     x = hook("pool", jnp.mean(x, axis=(1, 2)))
     fc = network.head_fc()
-    if fc is not None:  # MobileNetV3's dense layer after the pooling
+    if fc is not None:  # the dense layer after the pooling (MobileNetV3/V4), its BatchNorm folded
         entry = table.at(params, fc.path)
         kernel = entry["kernel"] if weights is None else weights(fc.path, entry["kernel"])
         x = hook(fc.path, common.activation(fc.activation)(x @ kernel + entry["bias"]))

@@ -323,7 +323,7 @@ def _int8_file(model, variables, config, image_size, io_dtype, preprocessing, re
         return data, ", the ranges learned by quantization-aware training"
     shown = ("ranges", "bias_correction", "equalize") + (() if from_dataset else ("synthetic_steps",))
     settings = recipe._asdict()
-    if settings["ranges"] != "minmax" and any(block.se_channels for block in model.network().blocks):
+    if settings["ranges"] != "minmax" and not int8.writes_ranges(model.network(), recipe):
         settings["ranges"] = "minmax (the converter's: squeeze-excitation networks keep them)"
     return data, f", {len(images)} {'dataset' if from_dataset else 'synthetic'} calibration images, " + ", ".join(
         f"{k} {v}" for k, v in settings.items() if k in shown

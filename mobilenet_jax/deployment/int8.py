@@ -34,6 +34,7 @@ from flax import linen as nn
 from mobilenet_jax import errors
 from mobilenet_jax.compression import qat, quantization
 from mobilenet_jax.data.preprocessing import Preprocessing
+from mobilenet_jax.models import table
 from mobilenet_jax.models.fold import fold_batchnorm
 from mobilenet_jax.models.mobilenet import MobileNet
 
@@ -83,6 +84,12 @@ def synthetic_calibration(
     )
 
 
+def writes_ranges(network: table.Network, recipe: Recipe) -> bool:
+    """Whether the file gets the recipe's chosen ranges; squeeze-excitation gates add ops that
+    :mod:`~mobilenet_jax.deployment.tflite_ranges` does not map yet, so those networks keep the converter's."""
+    return recipe.ranges != "minmax" and not any(block.se_channels for block in network.blocks)
+
+
 def prepare(
     model: nn.Module, variables: dict, preprocessing: Preprocessing, images: np.ndarray, recipe: Recipe
 ) -> Prepared:
@@ -102,8 +109,7 @@ def prepare(
     if recipe.bias_correction:
         params = quantization.bias_correction(network, params, batches, preprocessing, model.padding)
     ranges = None
-    # Squeeze-excitation gates add ops that tflite_ranges does not map yet: those networks keep the converter's.
-    if recipe.ranges != "minmax" and not any(block.se_channels for block in network.blocks):
+    if writes_ranges(network, recipe):
         stats = quantization.observe(network, params, batches, preprocessing, model.padding)
         ranges = {point: quantization.choose_range(stat, recipe.ranges) for point, stat in stats.items()}
         for point in ("normalized", "logits"):  # the input's full range; see the module docstring for logits

@@ -15,8 +15,8 @@ The three sources round channels at other widths differently (``rounding``):
 
 * ``'torchvision'``: every listed count (expansions included) times the width, rounded
   to a multiple of 8 (``_make_divisible``); the dense head layer scales too.
-* ``'timm'``: block outputs rounded as torchvision's, expansions as ``round(in * ratio)``
-  of the rounded input; the stem stays at 16 below width 0.75 and the head layer at
+* ``'timm'``: block outputs rounded as torchvision's, expansions as
+  ``make_divisible(in * ratio)`` of the rounded input; the stem stays at 16 below width 0.75 and the head layer at
   1280/1024 (timm's ``_gen_mobilenet_v3``).
 * ``'keras'``: as timm's, but the stem always has 16 channels and the head layer scales
   only above width 1 (``keras.applications.MobileNetV3*``).
@@ -132,7 +132,7 @@ class MobileNetV3(common.MobileNetBase):
         fields above give (what pruning writes: the same blocks at other widths).
       bn_epsilon: 1e-3 (the paper's TF models, torchvision and Keras); timm's MobileNetV3s use 1e-5.
       padding, dtype, param_dtype, bn_momentum, bn_axis_name, depthwise_impl, folded: as in MobileNetV1
-        (Keras's models use ``padding='keras_v1'``, timm's ``tf_`` models ``'tf'``).
+        (Keras's and timm's ``tf_`` models use ``padding='tf'``).
 
     ``return_features=True`` also returns ``'stride_2'`` ... ``'stride_32'`` (the last
     feature map at each stride; ``'stride_32'`` is the 1x1 conv's output) and ``'pre_logits'``.

@@ -365,7 +365,7 @@ def _detect_v3(state: Mapping, layout: str) -> MobileNetV3:
 
 def _detect_v4(state: Mapping) -> MobileNetV4:
     """The MobileNetV4 whose blocks, stem and 1x1 conv after the blocks have the state dict's widths."""
-    blocks = {key.split(".")[1:3] and ".".join(key.split(".")[1:3]) for key in state if key.startswith("blocks.")}
+    blocks = {".".join(key.split(".")[1:3]) for key in state if key.startswith("blocks.")}  # 'S.J'; the last: 960
     variant = next(
         (name for name, (_, stages) in mobilenet_v4.VARIANTS.items() if len(blocks) == sum(stages) + 1), "conv_small"
     )
@@ -462,9 +462,7 @@ def from_torch(source: Any, *, strides: Sequence[int] | None = None) -> tuple[nn
         "timm_v4": lambda: _detect_v4(state),
     }.get(layout, lambda: _detect_v2(state, layout))
     model = detect()
-    stem_key = {"amc_v1": "conv1.0.weight"}.get(
-        layout, "conv_stem.weight" if "timm" in layout else "features.0.0.weight"
-    )
+    stem_key = layouts.get(layout).stem[0] + ".weight"  # the layout's record names its stem conv
     in_channels = state[stem_key].shape[1] if stem_key in state and state[stem_key].ndim == 4 else 3
     expected = _expected_shapes(model, layout, in_channels)
     message = _mismatch_message(model, layout, state, expected)
