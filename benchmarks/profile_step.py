@@ -52,6 +52,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mode", choices=("train", "infer"), default="train", help="a train step or inference")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args(argv)
 
@@ -60,21 +61,27 @@ def main(argv=None):
         [f"--arch={args.arch}", f"--batch={args.batch}", f"--resolution={args.resolution}", "--frameworks=jax"]
     )
     candidate = throughput.JaxCandidate(bench_args)
+    run = getattr(candidate, args.mode)
     for _ in range(5):  # compile, then let the allocator settle
-        candidate.train()
+        run()
     with tempfile.TemporaryDirectory() as trace_dir:
         start = time.perf_counter()
         jax.profiler.start_trace(trace_dir)
         for _ in range(args.steps):
-            candidate.train()
+            run()
         jax.profiler.stop_trace()
         wall = (time.perf_counter() - start) / args.steps
         (trace_file,) = glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz"))
         with gzip.open(trace_file) as f:
             events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    hlo = candidate.step.lower(candidate.state, candidate.batch).compile().as_text()
+    if args.mode == "train":
+        hlo = candidate.step.lower(candidate.state, candidate.batch).compile().as_text()
+    else:
+        hlo = candidate.apply.lower(candidate.variables, candidate.images).compile().as_text()
     op_names = {}
-    for match in re.finditer(r"%(\S+) = \S+ (?:fusion|dot|convolution|custom-call)\(.*?op_name=\"([^\"]+)\"", hlo):
+    # A custom call's result type may be a tuple "(f32[...], f32[...])": hence the lazy ".*?".
+    pattern = r"%(\S+) = [^\n]*? (?:fusion|dot|convolution|custom-call)\([^\n]*?op_name=\"([^\"]+)\""
+    for match in re.finditer(pattern, hlo):
         op_names[match.group(1)] = match.group(2)
 
     totals = collections.Counter()
@@ -87,7 +94,8 @@ def main(argv=None):
         totals[(layer_kind(op_name), direction, operation)] += event["dur"] / 1e3 / args.steps
     kernel_ms = sum(totals.values())
     print(
-        f"\n{args.arch.upper()} train step, batch {args.batch}, {args.resolution}px: {wall * 1e3:.0f} ms wall per step "
+        f"\n{args.arch.upper()} {'train step' if args.mode == 'train' else 'inference'},"
+        f" batch {args.batch}, {args.resolution}px: {wall * 1e3:.0f} ms wall per step "
         f"(while profiled), {kernel_ms:.0f} ms of XLA ops summed over threads"
     )
     by_layer = collections.Counter()

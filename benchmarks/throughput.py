@@ -3,6 +3,7 @@
     python benchmarks/throughput.py --arch v2 --batch 32 --resolution 224 --dtype float32
     python benchmarks/throughput.py --arch v1 --json v1.json
     python benchmarks/throughput.py --pipeline_only   # input pipeline images/s per core
+    python benchmarks/throughput.py --arch v2 --torch_channels_last --peak_rss   # also peak memory while training
 
 For each candidate (this project's model; torchvision's ``mobilenet_v2`` or the
 design notes' PyTorch MobileNetV1 when torch is installed) it measures, on one
@@ -15,6 +16,9 @@ device:
   * latency: milliseconds for one image (batch 1), inference mode.
   * first step: seconds from the first call to its result (JAX: tracing and XLA
     compilation; PyTorch: its eager warm-up).
+  * peak RSS (``--peak_rss``): the peak resident memory of a fresh process that builds
+    one candidate and trains it (first step, then ``--seconds`` of steps), one process per
+    candidate, so that each figure is that framework's alone.
 Candidates take turns within every repetition so that machine noise hits all of
 them alike; the table reports medians over repetitions and each JAX figure's ratio
 to the PyTorch figure measured beside it.
@@ -27,7 +31,9 @@ import functools
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -56,11 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--modes", default="train,infer,latency", help="comma-separated: train, infer, latency")
     parser.add_argument("--frameworks", default="jax,torch", help="comma-separated: jax, torch")
-    parser.add_argument("--depthwise_impl", default="auto", choices=("auto", "xla", "shift"))
+    parser.add_argument("--depthwise_impl", default="auto", choices=("auto", "xla", "shift", "ffi"))
     parser.add_argument("--reps", type=int, default=5, help="repetitions; every candidate runs once per repetition")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per measurement")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--torch_channels_last", action="store_true", help="also time PyTorch in channels_last")
+    parser.add_argument("--channels_last_only", action="store_true", help="PyTorch in channels_last only")
+    parser.add_argument("--peak_rss", action="store_true", help="also the peak RSS of training, a process each")
+    parser.add_argument("--print_peak_rss", action="store_true", help=argparse.SUPPRESS)  # a --peak_rss child
     parser.add_argument(
         "--malloc", choices=("keep", "default"), default="keep", help="glibc allocator settings (see host.py)"
     )
@@ -220,8 +229,9 @@ def run(args) -> dict:
         if torch is None:
             print("torch is not installed: measuring JAX only (pip install -e '.[torch]').", file=sys.stderr)
         else:
-            candidates.append(TorchCandidate(args))
-            if args.torch_channels_last:
+            if not args.channels_last_only:
+                candidates.append(TorchCandidate(args))
+            if args.torch_channels_last or args.channels_last_only:
                 candidates.append(TorchCandidate(args, channels_last=True))
 
     first = {}
@@ -266,6 +276,33 @@ def ratios(results: dict) -> dict:
                 out[name][key.split("_")[0]] = row[key] / max(r[key] for r in torch_rows)
         if "latency_ms" in row:
             out[name]["latency"] = min(r["latency_ms"] for r in torch_rows) / row["latency_ms"]
+    return out
+
+
+def peak_rss(args) -> dict:
+    """GB of peak resident memory of a process training each candidate alone (ru_maxrss)."""
+    runs = {"jax": ["--frameworks=jax"], "torch": ["--frameworks=torch"]}
+    if args.torch_channels_last:
+        runs["torch channels_last"] = ["--frameworks=torch", "--channels_last_only"]
+    common = [
+        f"--arch={args.arch}",
+        f"--width={args.width}",
+        f"--batch={args.batch}",
+        f"--resolution={args.resolution}",
+        f"--dtype={args.dtype}",
+        f"--depthwise_impl={args.depthwise_impl}",
+        f"--malloc={args.malloc}",
+        "--modes=train",
+        "--reps=1",
+        f"--seconds={args.seconds}",
+        "--print_peak_rss",
+    ]
+    out = {}
+    for name, extra in runs.items():
+        result = subprocess.run([sys.executable, __file__, *common, *extra], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"the {name} peak-RSS process failed: {result.stderr.strip().splitlines()[-1:]}")
+        out[name] = float(result.stdout.strip().splitlines()[-1].split()[-1])
     return out
 
 
@@ -372,6 +409,14 @@ def main(argv=None):
         report["results"] = results
         report["ratios"] = ratios(results)
         print_table(args, results, report["ratios"])
+        if args.print_peak_rss:
+            print(f"peak_rss_gb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.3f}")
+    if args.peak_rss:
+        report["peak_rss_gb"] = peak_rss(args)
+        print(
+            "peak RSS while training (a process each): "
+            + ", ".join(f"{k} {v:.2f} GB" for k, v in report["peak_rss_gb"].items())
+        )
     if args.pipeline or args.pipeline_only:
         report["input_pipeline"] = pipeline_throughput(args.resolution, args.seconds)
         p = report["input_pipeline"]

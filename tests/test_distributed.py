@@ -154,6 +154,16 @@ def test_two_devices_match_one_device(one_device_run, tmp_path, image_folder, ca
 
 
 @pytest.mark.slow
+def test_xla_ops_on_two_devices_match_the_cpu_kernels(one_device_run, tmp_path, image_folder, cache_dir, teacher):
+    """On CPU the default path runs the C++ depthwise and BatchNorm kernels (mobilenet_jax.kernels), also
+    inside shard_map; XLA's own operations (grouped convolution, flax's BatchNorm) on 2 devices train the same."""
+    args = worker_args(tmp_path, image_folder, cache_dir, teacher, devices=2)
+    args["overrides"]["model.depthwise_impl"] = "xla"
+    finish(start(args))
+    assert_same_training(one_device_run, tmp_path)
+
+
+@pytest.mark.slow
 def test_per_device_batchnorm_on_two_devices_is_the_mean_of_two_half_batch_gradients(tmp_path, image_folder, cache_dir):
     """The default BatchNorm (statistics per device): one step on 2 devices, against the same step written
     out by hand, each half batch through the model on its own (float32 both: float64 initialises differently).

@@ -10,6 +10,7 @@ import pytest
 from flax import linen as nn
 
 from mobilenet_jax import MobileNetV1, MobileNetV2, MobileNetV3, MobileNetV4, reset_classifier
+from mobilenet_jax.kernels import depthwise as depthwise_kernels
 from mobilenet_jax.models import DepthwiseConv, layers, model_from_dict, model_to_dict
 
 
@@ -163,7 +164,7 @@ def test_whole_network_gradients_agree_across_depthwise_implementations():
         x = jax.random.normal(jax.random.key(0), (2, 19, 17, 3), jnp.float64)
         labels = jnp.array([1, 3])
         results = {}
-        for impl in ("xla", "shift"):
+        for impl in ("xla", "shift", "ffi"):  # 'ffi': the C++ depthwise and BatchNorm kernels
             model = MobileNetV2(
                 num_classes=5, width=0.35, block_table=blocks, dropout_rate=0.0, depthwise_impl=impl, dtype=jnp.float64
             )
@@ -175,12 +176,13 @@ def test_whole_network_gradients_agree_across_depthwise_implementations():
                 return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
             results[impl] = jax.value_and_grad(loss)(variables["params"])
-        np.testing.assert_allclose(results["xla"][0], results["shift"][0], rtol=1e-12)
         flat_xla = jax.tree_util.tree_leaves_with_path(results["xla"][1])
-        flat_shift = jax.tree.leaves(results["shift"][1])
-        assert len(flat_xla) == len(flat_shift)
-        for (path, a), b in zip(flat_xla, flat_shift, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10, err_msg=jax.tree_util.keystr(path))
+        for impl in ("shift", "ffi"):
+            np.testing.assert_allclose(results["xla"][0], results[impl][0], rtol=1e-12)
+            flat = jax.tree.leaves(results[impl][1])
+            assert len(flat_xla) == len(flat)
+            for (path, a), b in zip(flat_xla, flat, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10, err_msg=f"{impl} {jax.tree_util.keystr(path)}")
 
 
 def test_pointwise_conv_is_a_1x1_nn_conv():
@@ -203,10 +205,10 @@ def test_depthwise_implementation_does_not_change_the_parameter_tree():
         jax.tree.map(
             lambda a: a.shape, jax.eval_shape(MobileNetV2(width=0.35, depthwise_impl=impl).init, jax.random.key(0), x)
         )
-        for impl in ("xla", "shift")
+        for impl in ("xla", "shift", "ffi")
     ]
-    assert trees[0] == trees[1]
-    assert layers.resolve_depthwise_impl("auto", "cpu") == "shift"
+    assert trees[0] == trees[1] == trees[2]
+    assert layers.resolve_depthwise_impl("auto", "cpu") == ("ffi" if depthwise_kernels.available() else "shift")
     assert layers.resolve_depthwise_impl("auto", "gpu") == "xla"
 
 

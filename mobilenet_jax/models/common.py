@@ -59,7 +59,8 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
     return Layers(
         conv=functools.partial(nn.Conv, use_bias=False, kernel_init=layers.conv_kernel_init, **precision),
         norm=functools.partial(
-            nn.BatchNorm,
+            layers.BatchNorm,
+            implementation="ffi" if layers.resolve_depthwise_impl(model.depthwise_impl) == "ffi" else "xla",
             use_running_average=not train,
             momentum=model.bn_momentum,
             epsilon=model.bn_epsilon,
@@ -161,7 +162,7 @@ class MobileNetBase(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: str | None = None  # mapped/sharded axis over which to average BatchNorm statistics
-    depthwise_impl: str = "auto"  # 'auto' (per backend), 'xla' or 'shift'; the parameters are the same
+    depthwise_impl: str = "auto"  # 'auto' (per backend), 'xla', 'shift' or 'ffi'; the parameters are the same
     folded: bool = False  # the inference form: BatchNorm folded into convolution biases (models.fold)
 
     def network(self) -> table.Network:

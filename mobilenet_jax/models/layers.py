@@ -20,6 +20,9 @@ from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from mobilenet_jax.kernels import batchnorm as batchnorm_kernels
+from mobilenet_jax.kernels import depthwise as depthwise_kernels
+
 Dtype = Any
 
 # He-normal on fan_out, as torchvision and the design notes initialise convolutions
@@ -28,7 +31,7 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torchvision and the design notes: classifier weights ~ N(0, 0.01), bias 0.
 dense_kernel_init = nn.initializers.normal(stddev=0.01)
 
-DEPTHWISE_IMPLEMENTATIONS = ("auto", "xla", "shift")
+DEPTHWISE_IMPLEMENTATIONS = ("auto", "xla", "shift", "ffi")
 PADDINGS = ("torch", "tf", "keras_v1")
 
 
@@ -58,18 +61,23 @@ def pad_input(x: jax.Array, k: int, strides: int, padding: str, depthwise: bool 
 
 
 def resolve_depthwise_impl(implementation: str, backend: str | None = None) -> str:
-    """Returns the concrete depthwise implementation ('xla' or 'shift') for a backend.
+    """Returns the concrete depthwise implementation ('xla', 'shift' or 'ffi') for a backend.
 
-    XLA:CPU's grouped convolution is many times slower than nine shifted
-    multiply-adds, while on GPU/TPU the native grouped convolution wins, so 'auto'
-    picks per backend.
+    On CPU, 'auto' picks 'ffi', the C++ kernels of :mod:`mobilenet_jax.kernels` (built on
+    first use), or 'shift' (nine shifted multiply-adds, many times faster than XLA:CPU's
+    grouped convolution) where they cannot be built; on GPU/TPU the native grouped
+    convolution ('xla') wins.
     """
     if implementation not in DEPTHWISE_IMPLEMENTATIONS:
         raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLEMENTATIONS}, got {implementation!r}.")
+    backend = backend or jax.default_backend()
+    if implementation == "ffi" and backend != "cpu":
+        raise ValueError(f"depthwise_impl='ffi' runs on the CPU only; this backend is {backend!r} (use 'auto').")
     if implementation != "auto":
         return implementation
-    backend = backend or jax.default_backend()
-    return "shift" if backend == "cpu" else "xla"
+    if backend != "cpu":
+        return "xla"
+    return "ffi" if depthwise_kernels.available() else "shift"
 
 
 def _windows(xp: jax.Array, k: int, strides: int, out_h: int, out_w: int):
@@ -149,9 +157,10 @@ _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int, implementation: str) -> jax.Array:
     """Per-channel 2-D convolution of NHWC ``x`` with a ``(k, k, 1, C)`` kernel.
 
-    Both implementations compute the same function (and gradients); they differ
-    only in the XLA ops they lower to, so the parameter layout never depends on the
-    backend.
+    The implementations compute the same function (and gradients); they differ
+    only in what they lower to (a grouped convolution, shifted multiply-adds, or the
+    C++ custom calls of :mod:`mobilenet_jax.kernels`), so the parameter layout never
+    depends on the backend. 'ffi' takes float32/float64; other dtypes run as 'shift'.
     """
     if implementation == "xla":
         return lax.conv_general_dilated(
@@ -162,7 +171,11 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int, 
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=x.shape[-1],
         )
-    if implementation != "shift":
+    if implementation == "ffi" and depthwise_kernels.supports(x):
+        if not depthwise_kernels.available():
+            raise ValueError("depthwise_impl='ffi' needs the CPU kernels, which could not be built (see the warning).")
+        return depthwise_kernels.depthwise_conv(x, kernel, strides, padding)
+    if implementation not in ("shift", "ffi"):  # 'ffi' on bfloat16/float16: the kernels take float32/float64
         raise ValueError(f"Unknown depthwise implementation {implementation!r}.")
     return _depthwise_shift(x, kernel, strides, padding)
 
@@ -184,7 +197,7 @@ class DepthwiseConv(nn.Module):
     The parameter is ``kernel`` of shape ``(k, k, 1, C)``: exactly what
     ``nn.Conv(C, (k, k), feature_group_count=C)`` creates, so checkpoints do not
     depend on ``implementation`` ('auto' = per backend, 'xla' = grouped
-    convolution, 'shift' = k*k shifted multiply-adds).
+    convolution, 'shift' = k*k shifted multiply-adds, 'ffi' = the C++ CPU kernels).
     """
 
     kernel_size: int = 3
@@ -227,6 +240,51 @@ class PointwiseConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
         x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
         return pointwise_conv(x, kernel)
+
+
+class BatchNorm(nn.BatchNorm):
+    """``flax.linen.BatchNorm`` (same fields, variables and function) that, with ``implementation='ffi'``,
+    computes its training-mode statistics and their gradients with the C++ CPU kernels.
+
+    The kernels take the common case (last-axis features, scale and bias, float32 or float64,
+    no mask, no ``axis_index_groups``); everything else, inference mode and ``init`` run
+    flax's own code. Checkpoints do not depend on ``implementation``.
+    """
+
+    implementation: str = "xla"  # 'xla' (flax's code) or 'ffi'
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
+        running = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if running or mask is not None or self.is_initializing() or not self._kernel_applies(x):
+            return super().__call__(x, use_running_average, mask=mask)
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        y, mean, var = batchnorm_kernels.batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+    def _kernel_applies(self, x: jax.Array) -> bool:
+        flax_defaults = (
+            self.axis in (-1, x.ndim - 1)
+            and self.axis_index_groups is None
+            and self.use_bias
+            and self.use_scale
+            and self.use_fast_variance
+            and self.force_float32_reductions
+        )
+        same_dtype = jnp.result_type(x, self.param_dtype, *([self.dtype] if self.dtype else [])) == x.dtype
+        return (
+            self.implementation == "ffi"
+            and flax_defaults
+            and same_dtype
+            and batchnorm_kernels.supports(x)
+            and batchnorm_kernels.available()
+        )
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:

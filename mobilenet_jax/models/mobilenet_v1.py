@@ -83,7 +83,7 @@ class MobileNetV1(common.MobileNetBase):
       dtype: computation dtype (e.g. ``jnp.bfloat16``); ``param_dtype`` stores parameters.
       bn_momentum, bn_epsilon: BatchNorm settings (defaults are PyTorch's momentum 0.1 and eps 1e-5).
       bn_axis_name: mapped/sharded axis over which to average BatchNorm statistics.
-      depthwise_impl: 'auto' (per backend), 'xla' or 'shift'; the parameters are the same.
+      depthwise_impl: 'auto' (per backend: 'ffi' on CPU), 'xla', 'shift' or 'ffi'; the parameters are the same.
       folded: the inference form (BatchNorm folded into convolution biases; see ``models.fold``).
 
     ``model.apply(variables, images, train=False)`` takes NHWC images and returns the

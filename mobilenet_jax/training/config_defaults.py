@@ -30,7 +30,9 @@ def _model_and_data(config: ml_collections.ConfigDict) -> None:
     config.model.bn_momentum = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch
     # PyTorch's; with the fan-out init, depthwise outputs have variance ~2/C, so 1e-3 would swamp them.
     config.model.bn_epsilon = 1e-5
-    config.model.depthwise_impl = "auto"  # per backend; 'xla' or 'shift' to force (same parameters)
+    config.model.depthwise_impl = (
+        "auto"  # per backend; 'xla', 'shift' or 'ffi' (CPU kernels) to force (same parameters)
+    )
     config.cross_replica_bn = False  # BN statistics over the whole global batch instead of per device
 
     # Data.

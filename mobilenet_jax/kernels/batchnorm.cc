@@ -1,0 +1,110 @@
+// Per-channel sums for BatchNorm on CPU, as an XLA FFI custom call:
+//   mobilenet_channel_sums(a, b, center) -> (sum a, sum a * (b - center))
+// per channel (the last axis), over every other axis. BatchNorm's forward statistics are
+// (sum x, sum x^2) = channel_sums(x, x, 0); its backward needs (sum dy, sum dy * (x - mean)) =
+// channel_sums(dy, x, mean). Both are one pass over the activation(s), where
+// XLA:CPU runs two column reductions (and, in the backward, materialises dy * x first).
+//
+// Rows are split into a fixed number of chunks spread over XLA's intra-op thread pool; each
+// chunk accumulates 128 rows at a time in the input's precision (vectorised over channels),
+// then into double; the chunks' double sums are added in order, so the result does not depend
+// on the thread count or timing.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using mobilenet_jax::ParallelFor;
+
+constexpr int64_t kChunks = 32;    // fixed: the summation order is the same on every machine
+constexpr int64_t kRowBlock = 128;  // rows summed in T before they are added in double
+
+template <typename T>
+void SumRows(const T* a, const T* b, const T* center, int64_t channels, int64_t begin, int64_t end, double* sum_a, double* sum_ab) {
+  std::vector<T> block_a(channels), block_ab(channels);
+  for (int64_t start = begin; start < end; start += kRowBlock) {
+    std::fill(block_a.begin(), block_a.end(), T(0));
+    std::fill(block_ab.begin(), block_ab.end(), T(0));
+    T* __restrict acc_a = block_a.data();
+    T* __restrict acc_ab = block_ab.data();
+    for (int64_t row = start; row < std::min(end, start + kRowBlock); ++row) {
+      const T* __restrict ar = a + row * channels;
+      const T* __restrict br = b + row * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        acc_a[c] += ar[c];
+        acc_ab[c] += ar[c] * (br[c] - center[c]);
+      }
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      sum_a[c] += acc_a[c];
+      sum_ab[c] += acc_ab[c];
+    }
+  }
+}
+
+template <typename T>
+void ChannelSums(ffi::ThreadPool& pool, const T* a, const T* b, const T* center, T* out_a, T* out_ab, int64_t rows, int64_t channels) {
+  const int64_t grain = std::max<int64_t>(1, (rows + kChunks - 1) / kChunks);
+  const int64_t chunks = (rows + grain - 1) / grain;
+  std::vector<double> partial(2 * chunks * channels, 0.0);
+  ParallelFor(pool, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      double* sums = partial.data() + 2 * chunk * channels;
+      SumRows(a, b, center, channels, chunk * grain, std::min(rows, (chunk + 1) * grain), sums, sums + channels);
+    }
+  });
+  for (int64_t c = 0; c < channels; ++c) {
+    double total_a = 0, total_ab = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      total_a += partial[2 * chunk * channels + c];
+      total_ab += partial[(2 * chunk + 1) * channels + c];
+    }
+    out_a[c] = static_cast<T>(total_a);
+    out_ab[c] = static_cast<T>(total_ab);
+  }
+}
+
+ffi::Error ChannelSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer center,
+                           ffi::Result<ffi::AnyBuffer> sum_a,
+                           ffi::Result<ffi::AnyBuffer> sum_ab) {
+  auto dims = a.dimensions();
+  auto b_dims = b.dimensions();
+  if (dims.size() < 1 || b_dims.size() != dims.size() || !std::equal(dims.begin(), dims.end(), b_dims.begin()))
+    return ffi::Error::InvalidArgument("channel_sums: a and b must have the same shape, channels last");
+  const int64_t channels = dims[dims.size() - 1];
+  if (a.element_type() != b.element_type() || a.element_type() != center.element_type())
+    return ffi::Error::InvalidArgument("channel_sums: a, b and center dtypes differ");
+  if (center.dimensions().size() != 1 || center.dimensions()[0] != channels)
+    return ffi::Error::InvalidArgument("channel_sums: center must be one value per channel");
+  const int64_t rows = channels == 0 ? 0 : static_cast<int64_t>(a.element_count()) / channels;
+  switch (a.element_type()) {
+    case ffi::DataType::F32:
+      ChannelSums(pool, a.typed_data<float>(), b.typed_data<float>(), center.typed_data<float>(), sum_a->typed_data<float>(),
+                  sum_ab->typed_data<float>(), rows, channels);
+      return ffi::Error::Success();
+    case ffi::DataType::F64:
+      ChannelSums(pool, a.typed_data<double>(), b.typed_data<double>(), center.typed_data<double>(), sum_a->typed_data<double>(),
+                  sum_ab->typed_data<double>(), rows, channels);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("channel_sums: only float32 and float64 are implemented");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetChannelSums, ChannelSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

@@ -1,0 +1,92 @@
+"""BatchNorm in training mode with its per-channel sums in the C++ CPU kernel of ``batchnorm.cc``.
+
+:func:`batch_norm_train` computes what ``flax.linen.BatchNorm`` computes in training mode
+(statistics over every axis but the last, ``var = E[x^2] - E[x]^2`` clipped at 0, averaged
+over ``axis_name`` when given), with a ``custom_vjp``: the forward statistics are one pass
+over ``x``, the backward's sums (``sum dy``, ``sum dy * (x - mean)``) one pass over ``dy`` and
+``x``, and the rest elementwise (which XLA fuses with the neighbouring activation).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mobilenet_jax.kernels import build, shard
+
+SUMS = "mobilenet_channel_sums"
+DTYPES = (jnp.float32, jnp.float64)
+
+
+def available() -> bool:
+    """True when the kernels are compiled and registered with XLA:CPU (built on the first call)."""
+    return build.register()
+
+
+def supports(x: jax.Array) -> bool:
+    """Whether the kernel takes ``x``'s dtype (float32 and float64)."""
+    return any(x.dtype == dtype for dtype in DTYPES)
+
+
+def channel_sums(a: jax.Array, b: jax.Array, center: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum a, sum a * (b - center))`` per channel (the last axis), summed over every other axis."""
+    channels = a.shape[-1]
+    outputs = (shard.result_like(a, (channels,)), shard.result_like(a, (channels,)))
+    call = jax.ffi.ffi_call(SUMS, outputs, vmap_method="sequential")
+    return call(a, b.astype(a.dtype), center.astype(a.dtype))
+
+
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, axis_name: str | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(y, mean, var)``: ``x`` normalised with its batch statistics, scaled and shifted; the statistics
+    (for the running averages) carry no gradient."""
+    x, scale, bias = shard.same_varying_axes(x, scale, bias)
+    y, mean, var = _batch_norm(x, scale, bias, epsilon, axis_name)
+    return y, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def _count(x: jax.Array, axis_name: str | None):
+    count = x.size // x.shape[-1]
+    return count if axis_name is None else count * lax.psum(1, axis_name)
+
+
+def _statistics(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+    total, squares = channel_sums(x, x, jnp.zeros(x.shape[-1], x.dtype))
+    if axis_name is not None:
+        total, squares = lax.psum((total, squares), axis_name)
+    count = _count(x, axis_name)
+    mean = total / count
+    return mean, jnp.maximum(0.0, squares / count - mean * mean)
+
+
+def _forward(x, scale, bias, epsilon, axis_name):
+    mean, var = _statistics(x, axis_name)
+    rstd = lax.rsqrt(var + epsilon)
+    y = (x - mean) * (rstd * scale) + bias
+    return (y, mean, var), (x, scale, mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm(x, scale, bias, epsilon, axis_name):
+    return _forward(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _backward(epsilon, axis_name, residuals, cotangents):
+    dy = cotangents[0]  # the statistics' cotangents are zero: batch_norm_train stops their gradient
+    x, scale, mean, rstd = residuals
+    dbias, centered = channel_sums(dy, x, mean)  # sum dy, sum dy * (x - mean) over this device's batch
+    dscale = centered * rstd
+    if axis_name is not None:  # the statistics are the whole batch's: so are the sums in dx
+        dbias_all, centered_all = lax.psum((dbias, centered), axis_name)
+    else:
+        dbias_all, centered_all = dbias, centered
+    count = _count(x, axis_name)
+    dx = (scale * rstd) * (dy - dbias_all / count - (x - mean) * (rstd * rstd) * (centered_all / count))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)  # scale and bias: one param dtype
+
+
+_batch_norm.defvjp(_forward, _backward)

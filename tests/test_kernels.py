@@ -1,0 +1,144 @@
+"""The C++ CPU kernels (mobilenet_jax.kernels) against XLA's own operations, the independent reference.
+
+Depthwise: ``lax.conv_general_dilated`` with ``feature_group_count`` ('xla'), differentiated by
+JAX. BatchNorm: ``flax.linen.BatchNorm``'s own code. Shapes cover both strides, odd and even
+sizes, every padding mode, batch 1, and channel counts that leave a remainder after the
+kernels' vector blocks (8 or 16 channels).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.test_util import check_grads
+
+from mobilenet_jax.kernels import batchnorm, build, depthwise
+from mobilenet_jax.models import layers
+
+pytestmark = pytest.mark.skipif(not build.register(), reason="no C++ compiler here: the kernels are not built")
+
+# (batch, height, width, channels, kernel size, stride)
+SHAPES = [(1, 9, 7, 19, 3, 2), (2, 8, 8, 35, 3, 1), (1, 6, 5, 3, 5, 1), (2, 7, 10, 16, 5, 2), (3, 1, 4, 5, 3, 1)]
+TOLERANCE = {jnp.float32: 2e-5, jnp.float64: 1e-12}  # measured 1e-6 and 1e-14 on O(1) values
+
+
+def _depthwise_results(implementation, padding, dtype, shape):
+    n, h, w, c, k, s = shape
+    x = jax.random.normal(jax.random.key(0), (n, h, w, c), dtype)
+    layer = layers.DepthwiseConv(kernel_size=k, strides=s, padding=padding, implementation=implementation)
+    variables = jax.tree.map(lambda a: a.astype(dtype), layer.init(jax.random.key(1), x))
+    weights = jnp.linspace(-1.0, 1.0, c, dtype=dtype)  # a different cotangent for every channel
+
+    def loss(variables, x):
+        return jnp.sum(jnp.sin(layer.apply(variables, x)) * weights)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x), layer.apply(variables, x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("padding", ["torch", "tf", "keras_v1"])
+def test_depthwise_kernels_equal_the_grouped_convolution_in_value_and_gradient(padding, dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        for shape in SHAPES:
+            (loss_ffi, grads_ffi), y_ffi = _depthwise_results("ffi", padding, dtype, shape)
+            (loss_xla, grads_xla), y_xla = _depthwise_results("xla", padding, dtype, shape)
+            assert y_ffi.dtype == dtype and y_ffi.shape == y_xla.shape
+            scale = max(1.0, float(jnp.abs(y_xla).max()))
+            np.testing.assert_allclose(y_ffi, y_xla, atol=TOLERANCE[dtype] * scale, err_msg=str(shape))
+            for a, b in zip(jax.tree.leaves(grads_ffi), jax.tree.leaves(grads_xla), strict=True):
+                np.testing.assert_allclose(a, b, atol=TOLERANCE[dtype] * max(1.0, float(jnp.abs(b).max())))
+
+
+def test_depthwise_kernel_gradients_pass_numerical_differentiation_and_vmap_maps_them():
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5), jnp.float64)
+        kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 5), jnp.float64)
+        for strides, padding in ((1, 1), (2, 1), (2, 0)):
+            check_grads(
+                lambda x, k, s=strides, p=padding: depthwise.depthwise_conv(x, k, s, p),
+                (x, kernel),
+                order=1,
+                modes=("rev",),
+            )
+        batched = jax.random.normal(jax.random.key(2), (3, 2, 6, 6, 5), jnp.float64)
+        mapped = jax.vmap(lambda x: depthwise.depthwise_conv(x, kernel, 2, 1))(batched)
+        for i in range(3):
+            reference = layers.depthwise_conv(batched[i], kernel, 2, 1, "xla")
+            np.testing.assert_allclose(mapped[i], reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_batchnorm_kernel_equals_flax_batchnorm_in_training(dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        # Channels with a large mean (the case where sums of x * dy lose digits) and odd counts.
+        x = jax.random.normal(jax.random.key(0), (3, 5, 7, 19), dtype) * 2.0 + jnp.arange(19, dtype=dtype)
+        ours = layers.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3, implementation="ffi")
+        reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
+        variables = reference.init(jax.random.key(1), x)
+        variables = {
+            "params": {"scale": jnp.linspace(0.5, 2.0, 19, dtype=dtype), "bias": jnp.linspace(-1, 1, 19, dtype=dtype)},
+            "batch_stats": variables["batch_stats"],
+        }
+        assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+        weights = jnp.cos(jnp.arange(19, dtype=dtype))
+
+        def loss(module, params, x):
+            y, updated = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(jnp.tanh(y) * weights), (y, updated["batch_stats"])
+
+        results = {
+            name: jax.jit(jax.value_and_grad(lambda p, x, m=module: loss(m, p, x), argnums=(0, 1), has_aux=True))(
+                variables["params"], x
+            )
+            for name, module in (("ffi", ours), ("flax", reference))
+        }
+        (loss_ffi, (y_ffi, stats_ffi)), grads_ffi = results["ffi"]
+        (loss_flax, (y_flax, stats_flax)), grads_flax = results["flax"]
+        tolerance = TOLERANCE[dtype] * 10
+        np.testing.assert_allclose(y_ffi, y_flax, atol=tolerance)
+        for a, b in zip(jax.tree.leaves(stats_ffi), jax.tree.leaves(stats_flax), strict=True):
+            np.testing.assert_allclose(a, b, rtol=tolerance)
+        for a, b in zip(jax.tree.leaves(grads_ffi), jax.tree.leaves(grads_flax), strict=True):
+            np.testing.assert_allclose(a, b, atol=tolerance * max(1.0, float(jnp.abs(b).max())))
+        # Inference mode is flax's own code: identical.
+        evaluate = [m.clone(use_running_average=True).apply(variables, x) for m in (ours, reference)]
+        np.testing.assert_array_equal(*evaluate)
+
+
+def test_channel_sums_are_exact_to_the_input_precision_on_a_million_rows():
+    # float32 sums of 2^20 rows: accumulated in blocks and in double, the result is the float64 sum
+    # rounded once, where a running float32 sum would be off by ~1e-4 relative.
+    a = jax.random.uniform(jax.random.key(0), (1024, 1024, 3), jnp.float32)
+    b = jax.random.uniform(jax.random.key(1), (1024, 1024, 3), jnp.float32)
+    center = jnp.array([0.5, 0.0, -1.0], jnp.float32)
+    sum_a, sum_ab = jax.jit(batchnorm.channel_sums)(a, b, center)
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(sum_a, a64.sum((0, 1)), rtol=2e-7)
+    np.testing.assert_allclose(sum_ab, (a64 * (b64 - np.asarray(center, np.float64))).sum((0, 1)), rtol=2e-7)
+
+
+def test_without_a_compiler_one_warning_and_the_xla_implementation(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOBILENET_JAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    build.shared_library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"No C\+\+ compiler found") as caught:
+            assert build.shared_library() is None
+            assert build.shared_library() is None  # cached: no second warning
+        assert len(caught) == 1
+        monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+        monkeypatch.setenv("PATH", "/usr/bin:/bin")
+        build.shared_library.cache_clear()
+        with pytest.warns(UserWarning, match="Building the CPU kernels with .* failed"):
+            assert build.shared_library() is None
+        assert list(tmp_path.glob("*.so")) == []  # nothing half-written is left to be loaded later
+    finally:
+        build.shared_library.cache_clear()
+    monkeypatch.setattr(depthwise, "available", lambda: False)
+    assert layers.resolve_depthwise_impl("auto", "cpu") == "shift"
+    with pytest.raises(ValueError, match="could not be built"):
+        layers.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), 1, 1, "ffi")
+    with pytest.raises(ValueError, match="CPU only"):
+        layers.resolve_depthwise_impl("ffi", "gpu")
