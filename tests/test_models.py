@@ -199,6 +199,26 @@ def test_pointwise_conv_is_a_1x1_nn_conv():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kernel_size, strides, pads", [(3, 2, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))), (5, 1, ((2, 2),) * 2)]
+)
+def test_full_conv_as_a_matrix_product_is_flax_conv(kernel_size, strides, pads):
+    # The stem and the V3/V4 full convolutions on CPU: patches times the kernel, against nn.Conv itself.
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+    ours = layers.Conv(16, (kernel_size,) * 2, strides=strides, padding=pads, use_bias=False)
+    reference = nn.Conv(16, (kernel_size,) * 2, strides=strides, padding=pads, use_bias=False)
+    variables = reference.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(1), x), variables)  # same init
+    assert ours._patches_apply(x) if jax.default_backend() == "cpu" else True
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), atol=2e-6)
+
+    def grads(layer):
+        return jax.grad(lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x))), argnums=(0, 1))(variables, x)
+
+    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(reference)), strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-5)
+
+
 def test_depthwise_implementation_does_not_change_the_parameter_tree():
     x = jnp.zeros((1, 32, 32, 3))
     trees = [

@@ -57,7 +57,13 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
             squeeze_excite=squeeze_excite,
         )
     return Layers(
-        conv=functools.partial(nn.Conv, use_bias=False, kernel_init=layers.conv_kernel_init, **precision),
+        conv=functools.partial(
+            layers.Conv,
+            use_bias=False,
+            kernel_init=layers.conv_kernel_init,
+            implementation=model.depthwise_impl,
+            **precision,
+        ),
         norm=functools.partial(
             layers.BatchNorm,
             implementation="ffi" if layers.resolve_depthwise_impl(model.depthwise_impl) == "ffi" else "xla",
