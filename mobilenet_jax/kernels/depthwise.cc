@@ -25,15 +25,43 @@ namespace {
 
 using mobilenet_jax::ParallelFor;
 
-#if defined(__AVX512F__)
-constexpr int64_t kBlock = 16;  // channels per register block (one zmm of float32)
-#else
-constexpr int64_t kBlock = 8;  // one ymm of float32
-#endif
+// A GCC/Clang vector of Bytes bytes of T: one zmm register with AVX-512, two ymm with AVX2; the
+// compiler keeps arrays of them in registers where plain loops over a channel block spill.
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int64_t kLanes = Bytes / sizeof(T);
+  static inline type Load(const T* p) {
+    type v;
+    __builtin_memcpy(&v, p, Bytes);
+    return v;
+  }
+  static inline void Store(T* p, const type& v) { __builtin_memcpy(p, &v, Bytes); }
+};
+
+// Calls block(Vec<T, bytes>{}, c) over channels [0, C): 64-byte blocks, then at most one 32- and
+// one 16-byte block, then single channels.
+template <typename T, typename Block>
+inline void ForChannelBlocks(int64_t C, Block&& block) {
+  int64_t c = 0;
+  for (; c + Vec<T, 64>::kLanes <= C; c += Vec<T, 64>::kLanes) block(Vec<T, 64>{}, c);
+  if (c + Vec<T, 32>::kLanes <= C) {
+    block(Vec<T, 32>{}, c);
+    c += Vec<T, 32>::kLanes;
+  }
+  if (c + Vec<T, 16>::kLanes <= C) {
+    block(Vec<T, 16>{}, c);
+    c += Vec<T, 16>::kLanes;
+  }
+  for (; c < C; ++c) block(Vec<T, sizeof(T)>{}, c);
+}
 
 struct Geometry {
   int64_t batch, height, width, channels, k, out_h, out_w, stride, pad;
 };
+
+constexpr int64_t kPixels = 4;  // output pixels per register block: independent accumulator chains
+constexpr int64_t kMaxKernel = 16;
 
 // Output position o reads input positions o*s + t - p for taps t; the taps in range:
 inline void TapRange(int64_t o, const Geometry& g, int64_t size, int64_t* first, int64_t* last) {
@@ -42,128 +70,174 @@ inline void TapRange(int64_t o, const Geometry& g, int64_t size, int64_t* first,
   *last = std::min<int64_t>(g.k, size - start);  // exclusive
 }
 
+// Output columns [lo, hi) whose k taps all fall inside the width.
+inline void InteriorColumns(const Geometry& g, int64_t* lo, int64_t* hi) {
+  *lo = std::min(g.out_w, (g.pad + g.stride - 1) / g.stride);
+  const int64_t last_start = g.width - g.k + g.pad;  // the largest ow * s that still fits
+  *hi = std::max(*lo, last_start < 0 ? 0 : std::min(g.out_w, last_start / g.stride + 1));
+}
+
 // y[row] for rows (n, oh) in [begin, end).
-template <typename T, int64_t B>
+template <typename T>
 void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, int64_t begin, int64_t end) {
-  const int64_t C = g.channels;
+  const int64_t C = g.channels, s = g.stride, k = g.k;
+  int64_t lo, hi;
+  InteriorColumns(g, &lo, &hi);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.out_h, oh = row % g.out_h;
     int64_t i0, i1;
     TapRange(oh, g, g.height, &i0, &i1);
+    const int64_t ih0 = oh * s - g.pad;
     const T* x_image = x + n * g.height * g.width * C;
     T* y_row = y + row * g.out_w * C;
-    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    auto one_pixel = [&](int64_t ow) {  // any column, taps clipped at the border
       int64_t j0, j1;
       TapRange(ow, g, g.width, &j0, &j1);
-      const int64_t ih0 = oh * g.stride - g.pad, iw0 = ow * g.stride - g.pad;
+      const int64_t iw0 = ow * s - g.pad;
       T* out = y_row + ow * C;
-      int64_t c = 0;
-      for (; c + B <= C; c += B) {
-        T acc[B] = {};
+      std::fill(out, out + C, T(0));
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) {
+          const T* xv = x_image + ((ih0 + i) * g.width + iw0 + j) * C;
+          const T* kv = w + (i * k + j) * C;
+          for (int64_t c = 0; c < C; ++c) out[c] += xv[c] * kv[c];
+        }
+    };
+    int64_t ow = 0;
+    for (; ow < lo; ++ow) one_pixel(ow);
+    for (; ow + kPixels <= hi; ow += kPixels) {  // kPixels interior columns at once
+      const int64_t iw0 = ow * s - g.pad;
+      T* out = y_row + ow * C;
+      ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
+        using V = decltype(vec);
+        typename V::type acc[kPixels] = {};
         for (int64_t i = i0; i < i1; ++i) {
           const T* x_row = x_image + ((ih0 + i) * g.width + iw0) * C + c;
-          const T* w_row = w + i * g.k * C + c;
-          for (int64_t j = j0; j < j1; ++j)
-            for (int64_t b = 0; b < B; ++b) acc[b] += x_row[j * C + b] * w_row[j * C + b];
+          const T* w_row = w + i * k * C + c;
+          for (int64_t j = 0; j < k; ++j) {
+            const typename V::type kv = V::Load(w_row + j * C);
+            for (int64_t p = 0; p < kPixels; ++p) acc[p] += V::Load(x_row + (p * s + j) * C) * kv;
+          }
         }
-        for (int64_t b = 0; b < B; ++b) out[c + b] = acc[b];
-      }
-      for (; c < C; ++c) {
-        T acc = 0;
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = j0; j < j1; ++j)
-            acc += x_image[((ih0 + i) * g.width + iw0 + j) * C + c] * w[(i * g.k + j) * C + c];
-        out[c] = acc;
-      }
+        for (int64_t p = 0; p < kPixels; ++p) V::Store(out + p * C + c, acc[p]);
+      });
     }
+    for (; ow < g.out_w; ++ow) one_pixel(ow);
   }
 }
 
+// The taps of input position t (a row or a column) in the backward pass: kernel offsets u with
+// (t + p - u) divisible by s and output position (t + p - u) / s inside [0, out).
+struct Taps {
+  int64_t count = 0;
+  int64_t tap[kMaxKernel];
+  int64_t out[kMaxKernel];
+};
+
+inline Taps BackwardTaps(int64_t t, const Geometry& g, int64_t out_size) {
+  Taps taps;
+  for (int64_t u = (t + g.pad) % g.stride; u < g.k; u += g.stride) {
+    const int64_t o = (t + g.pad - u) / g.stride;
+    if (t + g.pad - u >= 0 && o < out_size) {
+      taps.tap[taps.count] = u;
+      taps.out[taps.count++] = o;
+    }
+  }
+  return taps;
+}
+
 // dx[row] for input rows (n, ih) in [begin, end): the output positions whose taps read (ih, iw).
-template <typename T, int64_t B>
+// Columns iw, iw + s, ..., iw + (kPixels - 1) s share their kernel taps (their output columns
+// differ by 1), so kPixels of them are accumulated at once where all have every tap.
+template <typename T>
 void InputGradRows(const T* dy, const T* w, T* dx, const Geometry& g, int64_t begin, int64_t end) {
-  const int64_t C = g.channels;
-  std::vector<int64_t> taps_i, rows_o, taps_j, cols_o;
+  const int64_t C = g.channels, s = g.stride, k = g.k;
+  std::vector<Taps> columns(g.width);
+  std::vector<char> complete(g.width);  // every tap of the column's residue class is in range
+  for (int64_t iw = 0; iw < g.width; ++iw) {
+    columns[iw] = BackwardTaps(iw, g, g.out_w);
+    const int64_t residue = (iw + g.pad) % s;
+    complete[iw] = columns[iw].count == (residue < k ? (k - residue + s - 1) / s : 0);
+  }
+  auto same_taps = [&](int64_t iw) {  // iw, iw + s, ..., iw + (kPixels - 1) s: one residue class, all complete
+    if (iw + (kPixels - 1) * s >= g.width || columns[iw].count == 0) return false;
+    for (int64_t p = 0; p < kPixels; ++p)
+      if (!complete[iw + p * s]) return false;
+    return true;
+  };
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.height, ih = row % g.height;
-    taps_i.clear();
-    rows_o.clear();
-    for (int64_t i = 0; i < g.k; ++i) {  // oh * s + i - p == ih
-      const int64_t t = ih + g.pad - i;
-      if (t >= 0 && t % g.stride == 0 && t / g.stride < g.out_h) {
-        taps_i.push_back(i);
-        rows_o.push_back(t / g.stride);
-      }
-    }
+    const Taps rows = BackwardTaps(ih, g, g.out_h);
     const T* dy_image = dy + n * g.out_h * g.out_w * C;
     T* dx_row = dx + row * g.width * C;
-    for (int64_t iw = 0; iw < g.width; ++iw) {
-      taps_j.clear();
-      cols_o.clear();
-      for (int64_t j = 0; j < g.k; ++j) {
-        const int64_t t = iw + g.pad - j;
-        if (t >= 0 && t % g.stride == 0 && t / g.stride < g.out_w) {
-          taps_j.push_back(j);
-          cols_o.push_back(t / g.stride);
-        }
-      }
+    auto one_pixel = [&](int64_t iw) {
+      const Taps& cols = columns[iw];
       T* out = dx_row + iw * C;
-      const size_t ni = taps_i.size(), nj = taps_j.size();
-      int64_t c = 0;
-      for (; c + B <= C; c += B) {
-        T acc[B] = {};
-        for (size_t a = 0; a < ni; ++a)
-          for (size_t bj = 0; bj < nj; ++bj) {
-            const T* d = dy_image + (rows_o[a] * g.out_w + cols_o[bj]) * C + c;
-            const T* k = w + (taps_i[a] * g.k + taps_j[bj]) * C + c;
-            for (int64_t b = 0; b < B; ++b) acc[b] += d[b] * k[b];
+      std::fill(out, out + C, T(0));
+      for (int64_t a = 0; a < rows.count; ++a)
+        for (int64_t e = 0; e < cols.count; ++e) {
+          const T* d = dy_image + (rows.out[a] * g.out_w + cols.out[e]) * C;
+          const T* kv = w + (rows.tap[a] * k + cols.tap[e]) * C;
+          for (int64_t c = 0; c < C; ++c) out[c] += d[c] * kv[c];
+        }
+    };
+    for (int64_t phase = 0; phase < s; ++phase) {
+      int64_t iw = phase;
+      while (iw < g.width) {
+        if (!same_taps(iw)) {
+          one_pixel(iw);
+          iw += s;
+          continue;
+        }
+        const Taps& cols = columns[iw];
+        ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
+          using V = decltype(vec);
+          typename V::type acc[kPixels] = {};
+          for (int64_t a = 0; a < rows.count; ++a) {
+            const T* dy_row = dy_image + rows.out[a] * g.out_w * C + c;
+            const T* w_row = w + rows.tap[a] * k * C + c;
+            for (int64_t e = 0; e < cols.count; ++e) {
+              const T* d = dy_row + cols.out[e] * C;
+              const typename V::type kv = V::Load(w_row + cols.tap[e] * C);
+              for (int64_t p = 0; p < kPixels; ++p) acc[p] += V::Load(d + p * C) * kv;
+            }
           }
-        for (int64_t b = 0; b < B; ++b) out[c + b] = acc[b];
-      }
-      for (; c < C; ++c) {
-        T acc = 0;
-        for (size_t a = 0; a < ni; ++a)
-          for (size_t bj = 0; bj < nj; ++bj)
-            acc += dy_image[(rows_o[a] * g.out_w + cols_o[bj]) * C + c] * w[(taps_i[a] * g.k + taps_j[bj]) * C + c];
-        out[c] = acc;
+          for (int64_t p = 0; p < kPixels; ++p) V::Store(dx_row + (iw + p * s) * C + c, acc[p]);
+        });
+        iw += kPixels * s;
       }
     }
   }
 }
 
 // Adds sum over output rows (n, oh) in [begin, end) of x-window * dy to dw_partial (k * k * C).
-template <typename T, int64_t B>
+template <typename T>
 void KernelGradRows(const T* x, const T* dy, T* dw_partial, const Geometry& g, int64_t begin, int64_t end) {
-  const int64_t C = g.channels;
+  const int64_t C = g.channels, s = g.stride;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.out_h, oh = row % g.out_h;
     int64_t i0, i1;
     TapRange(oh, g, g.height, &i0, &i1);
     const T* x_image = x + n * g.height * g.width * C;
     const T* dy_row = dy + row * g.out_w * C;
-    const int64_t ih0 = oh * g.stride - g.pad;
+    const int64_t ih0 = oh * s - g.pad;
     for (int64_t i = i0; i < i1; ++i) {
       const T* x_row = x_image + (ih0 + i) * g.width * C;
       for (int64_t j = 0; j < g.k; ++j) {
         T* dw = dw_partial + (i * g.k + j) * C;
         // Output columns whose tap j is inside the image: o * s + j - p in [0, width).
-        const int64_t o0 = std::max<int64_t>(0, (g.pad - j + g.stride - 1) / g.stride);
-        const int64_t o1 = std::min<int64_t>(g.out_w, (g.width + g.pad - j + g.stride - 1) / g.stride);
-        int64_t c = 0;
-        for (; c + B <= C; c += B) {
-          T acc[B] = {};
-          for (int64_t o = o0; o < o1; ++o) {
-            const T* xv = x_row + (o * g.stride + j - g.pad) * C + c;
-            const T* d = dy_row + o * C + c;
-            for (int64_t b = 0; b < B; ++b) acc[b] += xv[b] * d[b];
-          }
-          for (int64_t b = 0; b < B; ++b) dw[c + b] += acc[b];
-        }
-        for (; c < C; ++c) {
-          T acc = 0;
-          for (int64_t o = o0; o < o1; ++o) acc += x_row[(o * g.stride + j - g.pad) * C + c] * dy_row[o * C + c];
-          dw[c] += acc;
-        }
+        const int64_t o0 = std::max<int64_t>(0, (g.pad - j + s - 1) / s);
+        const int64_t o1 = std::min<int64_t>(g.out_w, (g.width + g.pad - j + s - 1) / s);
+        ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
+          using V = decltype(vec);
+          typename V::type acc[kPixels] = {};  // kPixels partial sums: independent chains
+          int64_t o = o0;
+          for (; o + kPixels <= o1; o += kPixels)
+            for (int64_t p = 0; p < kPixels; ++p)
+              acc[p] += V::Load(x_row + ((o + p) * s + j - g.pad) * C + c) * V::Load(dy_row + (o + p) * C + c);
+          for (; o < o1; ++o) acc[0] += V::Load(x_row + (o * s + j - g.pad) * C + c) * V::Load(dy_row + o * C + c);
+          V::Store(dw + c, V::Load(dw + c) + ((acc[0] + acc[1]) + (acc[2] + acc[3])));
+        });
       }
     }
   }
@@ -185,6 +259,7 @@ ffi::Error CheckShapes(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, int64_t
   g->pad = pad;
   g->out_h = (g->height + 2 * pad - g->k) / stride + 1;
   g->out_w = (g->width + 2 * pad - g->k) / stride + 1;
+  if (g->k > kMaxKernel) return ffi::Error::InvalidArgument("depthwise: kernels up to 16 x 16 are implemented");
   if (g->out_h < 1 || g->out_w < 1) return ffi::Error::InvalidArgument("depthwise: the kernel is larger than the padded input");
   return ffi::Error::Success();
 }
@@ -195,13 +270,13 @@ int64_t Grain(int64_t row_elements) { return std::max<int64_t>(1, 16384 / std::m
 template <typename T>
 void Forward(ffi::ThreadPool& pool, const T* x, const T* w, T* y, const Geometry& g) {
   ParallelFor(pool, g.batch * g.out_h, Grain(g.out_w * g.channels),
-              [&](int64_t b, int64_t e) { ForwardRows<T, kBlock>(x, w, y, g, b, e); });
+              [&](int64_t b, int64_t e) { ForwardRows<T>(x, w, y, g, b, e); });
 }
 
 template <typename T>
 void Backward(ffi::ThreadPool& pool, const T* x, const T* w, const T* dy, T* dx, T* dw, const Geometry& g) {
   ParallelFor(pool, g.batch * g.height, Grain(g.width * g.channels),
-              [&](int64_t b, int64_t e) { InputGradRows<T, kBlock>(dy, w, dx, g, b, e); });
+              [&](int64_t b, int64_t e) { InputGradRows<T>(dy, w, dx, g, b, e); });
   // Kernel gradient: a partial sum per chunk of output rows (deterministic: chunks are fixed and
   // added in order, whichever thread ran them).
   const int64_t rows = g.batch * g.out_h, taps = g.k * g.k * g.channels;
@@ -210,7 +285,7 @@ void Backward(ffi::ThreadPool& pool, const T* x, const T* w, const T* dy, T* dx,
   std::vector<T> partial(chunks * taps, T(0));
   ParallelFor(pool, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t chunk = b; chunk < e; ++chunk)
-      KernelGradRows<T, kBlock>(x, dy, partial.data() + chunk * taps, g, chunk * grain,
+      KernelGradRows<T>(x, dy, partial.data() + chunk * taps, g, chunk * grain,
                                 std::min(rows, (chunk + 1) * grain));
   });
   std::fill(dw, dw + taps, T(0));
