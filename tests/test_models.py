@@ -175,7 +175,7 @@ def test_whole_network_gradients_agree_across_depthwise_implementations():
                 logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
                 return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
-            results[impl] = jax.value_and_grad(loss)(variables["params"])
+            results[impl] = jax.jit(jax.value_and_grad(loss))(variables["params"])
         flat_xla = jax.tree_util.tree_leaves_with_path(results["xla"][1])
         for impl in ("shift", "ffi"):
             np.testing.assert_allclose(results["xla"][0], results[impl][0], rtol=1e-12)

@@ -1,6 +1,6 @@
 """Compiles the C++ kernels of this package on first use, with the machine's compiler, and registers them.
 
-The sources (``depthwise.cc``, ``batchnorm.cc``, ``parallel.h``) ship with the package;
+The sources (``depthwise.cc``, ``batchnorm.cc`` and their headers) ship with the package;
 nothing prebuilt is downloaded. The
 shared library is cached under ``$MOBILENET_JAX_KERNEL_CACHE`` (default
 ``~/.cache/mobilenet_jax/kernels``), keyed by the source, the compiler, its flags, the
@@ -33,7 +33,7 @@ import jaxlib
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "depthwise.cc", HERE / "batchnorm.cc")
-HEADERS = (HERE / "parallel.h",)
+HEADERS = (HERE / "parallel.h", HERE / "vec.h")
 # XLA custom-call target -> the handler symbol the library exports.
 TARGETS = {
     "mobilenet_depthwise_forward": "MobilenetDepthwiseForward",

@@ -17,44 +17,16 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using mobilenet_jax::ForChannelBlocks;
 using mobilenet_jax::ParallelFor;
-
-// A GCC/Clang vector of Bytes bytes of T: one zmm register with AVX-512, two ymm with AVX2; the
-// compiler keeps arrays of them in registers where plain loops over a channel block spill.
-template <typename T, int Bytes>
-struct Vec {
-  typedef T type __attribute__((vector_size(Bytes)));
-  static constexpr int64_t kLanes = Bytes / sizeof(T);
-  static inline type Load(const T* p) {
-    type v;
-    __builtin_memcpy(&v, p, Bytes);
-    return v;
-  }
-  static inline void Store(T* p, const type& v) { __builtin_memcpy(p, &v, Bytes); }
-};
-
-// Calls block(Vec<T, bytes>{}, c) over channels [0, C): 64-byte blocks, then at most one 32- and
-// one 16-byte block, then single channels.
-template <typename T, typename Block>
-inline void ForChannelBlocks(int64_t C, Block&& block) {
-  int64_t c = 0;
-  for (; c + Vec<T, 64>::kLanes <= C; c += Vec<T, 64>::kLanes) block(Vec<T, 64>{}, c);
-  if (c + Vec<T, 32>::kLanes <= C) {
-    block(Vec<T, 32>{}, c);
-    c += Vec<T, 32>::kLanes;
-  }
-  if (c + Vec<T, 16>::kLanes <= C) {
-    block(Vec<T, 16>{}, c);
-    c += Vec<T, 16>::kLanes;
-  }
-  for (; c < C; ++c) block(Vec<T, sizeof(T)>{}, c);
-}
+using mobilenet_jax::Vec;
 
 struct Geometry {
   int64_t batch, height, width, channels, k, out_h, out_w, stride, pad;
