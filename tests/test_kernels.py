@@ -69,14 +69,21 @@ def test_depthwise_kernel_gradients_pass_numerical_differentiation_and_vmap_maps
             np.testing.assert_allclose(mapped[i], reference, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_batchnorm_kernel_equals_flax_batchnorm_in_training(dtype):
+@pytest.mark.parametrize(
+    "dtype, activation", [(jnp.float32, None), (jnp.float64, None), (jnp.float32, "relu6"), (jnp.float64, "relu")]
+)
+def test_batchnorm_kernel_equals_flax_batchnorm_in_training(dtype, activation):
+    # With an activation, the kernel path's backward recomputes its mask from the BatchNorm input.
     with jax.enable_x64(dtype == jnp.float64):
         # Channels with a large mean (the case where sums of x * dy lose digits) and odd counts.
         x = jax.random.normal(jax.random.key(0), (3, 5, 7, 19), dtype) * 2.0 + jnp.arange(19, dtype=dtype)
-        ours = layers.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3, implementation="ffi")
-        reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
-        variables = reference.init(jax.random.key(1), x)
+        ours = layers.BatchNorm(
+            use_running_average=False, momentum=0.9, epsilon=1e-3, implementation="ffi", activation=activation
+        )
+        flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
+        act = {None: lambda y: y, "relu": nn.relu, "relu6": nn.relu6}[activation]
+        reference = nn.Sequential([flax_bn, act])
+        variables = flax_bn.init(jax.random.key(1), x)
         variables = {
             "params": {"scale": jnp.linspace(0.5, 2.0, 19, dtype=dtype), "bias": jnp.linspace(-1, 1, 19, dtype=dtype)},
             "batch_stats": variables["batch_stats"],
@@ -84,27 +91,35 @@ def test_batchnorm_kernel_equals_flax_batchnorm_in_training(dtype):
         assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
         weights = jnp.cos(jnp.arange(19, dtype=dtype))
 
-        def loss(module, params, x):
-            y, updated = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        def loss(module, params, x, wrap=lambda tree: tree):
+            y, updated = module.apply(wrap({**variables, "params": params}), x, mutable=["batch_stats"])
             return jnp.sum(jnp.tanh(y) * weights), (y, updated["batch_stats"])
 
+        def in_sequential(tree):  # nn.Sequential names its first layer layers_0
+            return {kind: {"layers_0": leaves} for kind, leaves in tree.items()}
+
+        def unwrap(stats):
+            return stats.get("layers_0", stats)
+
         results = {
-            name: jax.jit(jax.value_and_grad(lambda p, x, m=module: loss(m, p, x), argnums=(0, 1), has_aux=True))(
-                variables["params"], x
-            )
-            for name, module in (("ffi", ours), ("flax", reference))
+            name: jax.jit(
+                jax.value_and_grad(lambda p, x, m=module, w=wrap: loss(m, p, x, w), argnums=(0, 1), has_aux=True)
+            )(variables["params"], x)
+            for name, module, wrap in (("ffi", ours, lambda t: t), ("flax", reference, in_sequential))
         }
         (loss_ffi, (y_ffi, stats_ffi)), grads_ffi = results["ffi"]
         (loss_flax, (y_flax, stats_flax)), grads_flax = results["flax"]
         tolerance = TOLERANCE[dtype] * 10
         np.testing.assert_allclose(y_ffi, y_flax, atol=tolerance)
-        for a, b in zip(jax.tree.leaves(stats_ffi), jax.tree.leaves(stats_flax), strict=True):
+        for a, b in zip(jax.tree.leaves(stats_ffi), jax.tree.leaves(unwrap(stats_flax)), strict=True):
             np.testing.assert_allclose(a, b, rtol=tolerance)
         for a, b in zip(jax.tree.leaves(grads_ffi), jax.tree.leaves(grads_flax), strict=True):
             np.testing.assert_allclose(a, b, atol=tolerance * max(1.0, float(jnp.abs(b).max())))
         # Inference mode is flax's own code: identical.
-        evaluate = [m.clone(use_running_average=True).apply(variables, x) for m in (ours, reference)]
-        np.testing.assert_array_equal(*evaluate)
+        evaluate = [m.clone(use_running_average=True).apply(variables, x) for m in (ours, flax_bn)]
+        np.testing.assert_array_equal(evaluate[0], act(evaluate[1]))
+        if activation is not None:  # the mask is in use: outputs clipped on both sides
+            assert 0.05 < float(jnp.mean(y_ffi == 0)) < 0.95
 
 
 def test_channel_sums_are_exact_to_the_input_precision_on_a_million_rows():

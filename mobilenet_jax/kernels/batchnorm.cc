@@ -49,15 +49,44 @@ void SumRows(const T* a, const T* b, const T* center, int64_t channels, int64_t 
   }
 }
 
+// The sums of a masked a: a[r, c] counts where lo < (b[r, c] - center[c]) * mul[c] + bias[c] < upper.
 template <typename T>
-void ChannelSums(ffi::ThreadPool& pool, const T* a, const T* b, const T* center, T* out_a, T* out_ab, int64_t rows, int64_t channels) {
+void SumRowsMasked(const T* a, const T* b, const T* center, const T* mul, const T* bias, T upper, int64_t channels,
+                   int64_t begin, int64_t end, double* sum_a, double* sum_ab) {
+  std::vector<T> block_a(channels), block_ab(channels);
+  for (int64_t start = begin; start < end; start += kRowBlock) {
+    std::fill(block_a.begin(), block_a.end(), T(0));
+    std::fill(block_ab.begin(), block_ab.end(), T(0));
+    T* __restrict acc_a = block_a.data();
+    T* __restrict acc_ab = block_ab.data();
+    for (int64_t row = start; row < std::min(end, start + kRowBlock); ++row) {
+      const T* __restrict ar = a + row * channels;
+      const T* __restrict br = b + row * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        const T centered = br[c] - center[c];
+        const T y = centered * mul[c] + bias[c];
+        const T masked = (y > T(0) && y < upper) ? ar[c] : T(0);
+        acc_a[c] += masked;
+        acc_ab[c] += masked * centered;
+      }
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      sum_a[c] += acc_a[c];
+      sum_ab[c] += acc_ab[c];
+    }
+  }
+}
+
+// Sums over rows in kChunks fixed chunks: rows(first, last, sum_a, sum_ab) adds one chunk's.
+template <typename T, typename Rows>
+void ChunkedSums(ffi::ThreadPool& pool, Rows rows_fn, T* out_a, T* out_ab, int64_t rows, int64_t channels) {
   const int64_t grain = std::max<int64_t>(1, (rows + kChunks - 1) / kChunks);
   const int64_t chunks = (rows + grain - 1) / grain;
   std::vector<double> partial(2 * chunks * channels, 0.0);
   ParallelFor(pool, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t chunk = first; chunk < last; ++chunk) {
       double* sums = partial.data() + 2 * chunk * channels;
-      SumRows(a, b, center, channels, chunk * grain, std::min(rows, (chunk + 1) * grain), sums, sums + channels);
+      rows_fn(chunk * grain, std::min(rows, (chunk + 1) * grain), sums, sums + channels);
     }
   });
   for (int64_t c = 0; c < channels; ++c) {
@@ -69,6 +98,26 @@ void ChannelSums(ffi::ThreadPool& pool, const T* a, const T* b, const T* center,
     out_a[c] = static_cast<T>(total_a);
     out_ab[c] = static_cast<T>(total_ab);
   }
+}
+
+template <typename T>
+void ChannelSums(ffi::ThreadPool& pool, const T* a, const T* b, const T* center, T* out_a, T* out_ab, int64_t rows,
+                 int64_t channels) {
+  ChunkedSums(
+      pool,
+      [&](int64_t first, int64_t last, double* sa, double* sab) { SumRows(a, b, center, channels, first, last, sa, sab); },
+      out_a, out_ab, rows, channels);
+}
+
+template <typename T>
+void MaskedChannelSums(ffi::ThreadPool& pool, const T* a, const T* b, const T* center, const T* mul, const T* bias,
+                       T upper, T* out_a, T* out_ab, int64_t rows, int64_t channels) {
+  ChunkedSums(
+      pool,
+      [&](int64_t first, int64_t last, double* sa, double* sab) {
+        SumRowsMasked(a, b, center, mul, bias, upper, channels, first, last, sa, sab);
+      },
+      out_a, out_ab, rows, channels);
 }
 
 ffi::Error ChannelSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer center,
@@ -98,6 +147,36 @@ ffi::Error ChannelSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   }
 }
 
+ffi::Error MaskedChannelSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer center,
+                                 ffi::AnyBuffer mul, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> sum_a,
+                                 ffi::Result<ffi::AnyBuffer> sum_ab, double upper) {
+  auto dims = a.dimensions();
+  auto b_dims = b.dimensions();
+  if (dims.size() < 1 || b_dims.size() != dims.size() || !std::equal(dims.begin(), dims.end(), b_dims.begin()))
+    return ffi::Error::InvalidArgument("masked_channel_sums: a and b must have the same shape, channels last");
+  const int64_t channels = dims[dims.size() - 1];
+  for (const ffi::AnyBuffer* v : {&center, &mul, &bias}) {
+    if (v->element_type() != a.element_type() || v->dimensions().size() != 1 || v->dimensions()[0] != channels)
+      return ffi::Error::InvalidArgument("masked_channel_sums: center, mul and bias must be one value per channel");
+  }
+  if (a.element_type() != b.element_type()) return ffi::Error::InvalidArgument("masked_channel_sums: dtypes differ");
+  const int64_t rows = channels == 0 ? 0 : static_cast<int64_t>(a.element_count()) / channels;
+  switch (a.element_type()) {
+    case ffi::DataType::F32:
+      MaskedChannelSums(pool, a.typed_data<float>(), b.typed_data<float>(), center.typed_data<float>(),
+                        mul.typed_data<float>(), bias.typed_data<float>(), static_cast<float>(upper),
+                        sum_a->typed_data<float>(), sum_ab->typed_data<float>(), rows, channels);
+      return ffi::Error::Success();
+    case ffi::DataType::F64:
+      MaskedChannelSums(pool, a.typed_data<double>(), b.typed_data<double>(), center.typed_data<double>(),
+                        mul.typed_data<double>(), bias.typed_data<double>(), upper, sum_a->typed_data<double>(),
+                        sum_ab->typed_data<double>(), rows, channels);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("masked_channel_sums: only float32 and float64 are implemented");
+  }
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetChannelSums, ChannelSumsImpl,
@@ -108,3 +187,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetChannelSums, ChannelSumsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetMaskedChannelSums, MaskedChannelSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<double>("upper"));

@@ -13,11 +13,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from mobilenet_jax.kernels import build, shard
 
 SUMS = "mobilenet_channel_sums"
+MASKED_SUMS = "mobilenet_masked_channel_sums"
+# The activations a BatchNorm call can take on (jax.nn's, whose gradient is 0 at the kinks): the upper clip.
+UPPER = {"relu": float("inf"), "relu6": 6.0}
 DTYPES = (jnp.float32, jnp.float64)
 
 
@@ -37,6 +41,18 @@ def channel_sums(a: jax.Array, b: jax.Array, center: jax.Array) -> tuple[jax.Arr
     outputs = (shard.result_like(a, (channels,)), shard.result_like(a, (channels,)))
     call = jax.ffi.ffi_call(SUMS, outputs, vmap_method="sequential")
     return call(a, b.astype(a.dtype), center.astype(a.dtype))
+
+
+def masked_channel_sums(
+    dz: jax.Array, x: jax.Array, mean: jax.Array, mul: jax.Array, bias: jax.Array, upper: float
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`channel_sums` of ``dz`` masked where ``y = (x - mean) * mul + bias`` is not in (0, upper),
+    with ``b = x`` and ``center = mean``: the sums of a clipped activation's input gradient."""
+    channels = x.shape[-1]
+    outputs = (shard.result_like(x, (channels,)), shard.result_like(x, (channels,)))
+    call = jax.ffi.ffi_call(MASKED_SUMS, outputs, vmap_method="sequential")
+    vectors = (v.astype(x.dtype) for v in (mean, mul, bias))
+    return call(dz.astype(x.dtype), x, *vectors, upper=np.float64(upper))
 
 
 def batch_norm_train(
@@ -90,3 +106,51 @@ def _backward(epsilon, axis_name, residuals, cotangents):
 
 
 _batch_norm.defvjp(_forward, _backward)
+
+
+def batch_norm_activation_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, axis_name: str | None, activation: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`batch_norm_train` followed by ``activation`` ('relu' or 'relu6'), as one ``custom_vjp``.
+
+    The backward pass recomputes the activation's mask from ``x`` inside the sums' kernel and in
+    XLA's elementwise input gradient, so neither the activation's input nor its masked
+    gradient is kept or written out.
+    """
+    x, scale, bias = shard.same_varying_axes(x, scale, bias)
+    z, mean, var = _batch_norm_activation(x, scale, bias, epsilon, axis_name, UPPER[activation])
+    return z, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def _clip(y: jax.Array, upper: float) -> jax.Array:
+    return jnp.maximum(y, 0.0) if upper == float("inf") else jnp.minimum(jnp.maximum(y, 0.0), upper)
+
+
+def _activation_forward(x, scale, bias, epsilon, axis_name, upper):
+    (y, mean, var), (_, _, _, rstd) = _forward(x, scale, bias, epsilon, axis_name)
+    return (_clip(y, upper), mean, var), (x, scale, bias, mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _batch_norm_activation(x, scale, bias, epsilon, axis_name, upper):
+    return _activation_forward(x, scale, bias, epsilon, axis_name, upper)[0]
+
+
+def _activation_backward(epsilon, axis_name, upper, residuals, cotangents):
+    dz = cotangents[0]  # the statistics' cotangents are zero (stopped)
+    x, scale, bias, mean, rstd = residuals
+    mul = rstd * scale
+    dbias, centered = masked_channel_sums(dz, x, mean, mul, bias, upper)
+    dscale = centered * rstd
+    if axis_name is not None:
+        dbias_all, centered_all = lax.psum((dbias, centered), axis_name)
+    else:
+        dbias_all, centered_all = dbias, centered
+    count = _count(x, axis_name)
+    y = (x - mean) * mul + bias
+    dy = jnp.where((y > 0) & (y < upper), dz, 0.0)
+    dx = mul * (dy - dbias_all / count - (x - mean) * (rstd * rstd) * (centered_all / count))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_batch_norm_activation.defvjp(_activation_forward, _activation_backward)

@@ -39,6 +39,7 @@ TARGETS = {
     "mobilenet_depthwise_forward": "MobilenetDepthwiseForward",
     "mobilenet_depthwise_backward": "MobilenetDepthwiseBackward",
     "mobilenet_channel_sums": "MobilenetChannelSums",
+    "mobilenet_masked_channel_sums": "MobilenetMaskedChannelSums",
 }
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 NATIVE = ("-march=native",)  # vector width of this CPU (AVX2 or AVX-512); dropped if the compiler refuses it

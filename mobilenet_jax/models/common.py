@@ -50,7 +50,7 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
         conv = functools.partial(nn.Conv, use_bias=True, **precision)
         return Layers(
             conv=conv,
-            norm=lambda name: _identity,
+            norm=lambda name, activation=None: _activation_only(activation),
             pointwise=lambda features, name: conv(features, (1, 1), padding="VALID", name=name),
             depthwise=functools.partial(depthwise, implementation="xla", use_bias=True),
             padding=model.padding,
@@ -84,6 +84,11 @@ def _identity(x: jax.Array) -> jax.Array:
     return x
 
 
+def _activation_only(name: str | None) -> Callable:
+    """The folded model's stand-in for a BatchNorm (gone into the convolution) that applies ``name``."""
+    return activation(name)
+
+
 def check_images(x: jax.Array, architecture: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"{architecture} expects NHWC images of rank 4, got shape {x.shape}.")
@@ -115,6 +120,8 @@ def conv_bn(make: Layers, conv: table.Conv, x: jax.Array) -> jax.Array:
     else:
         pads = tuple(layers.pad_amounts(n, conv.kernel, conv.stride, make.padding) for n in x.shape[1:3])
         x = make.conv(conv.out_channels, (conv.kernel,) * 2, strides=conv.stride, padding=pads, name=conv.name)(x)
+    if conv.activation in layers.BATCHNORM_ACTIVATIONS:  # one call: on CPU its backward recomputes the mask
+        return make.norm(name=conv.norm_name, activation=conv.activation)(x)
     return activation(conv.activation)(make.norm(name=conv.norm_name)(x))
 
 

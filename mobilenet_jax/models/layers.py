@@ -305,28 +305,43 @@ class Conv(nn.Conv):
         )
 
 
+# Activations a BatchNorm can apply itself (their masks recomputed by the kernel path's backward).
+BATCHNORM_ACTIVATIONS = {"relu": nn.relu, "relu6": nn.relu6}
+
+
 class BatchNorm(nn.BatchNorm):
     """``flax.linen.BatchNorm`` (same fields, variables and function) that, with ``implementation='ffi'``,
     computes its training-mode statistics and their gradients with the C++ CPU kernels.
 
     The kernels take the common case (last-axis features, scale and bias, float32 or float64,
     no mask, no ``axis_index_groups``); everything else, inference mode and ``init`` run
-    flax's own code. Checkpoints do not depend on ``implementation``.
+    flax's own code. Checkpoints do not depend on ``implementation``. ``activation``
+    ('relu' or 'relu6', applied to the output) lets the kernel path take the activation
+    into its ``custom_vjp``, so that its mask is recomputed instead of stored.
     """
 
     implementation: str = "xla"  # 'xla' (flax's code) or 'ffi'
+    activation: str | None = None  # None, or one of BATCHNORM_ACTIVATIONS applied after the normalisation
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
+        if self.activation is not None and self.activation not in BATCHNORM_ACTIVATIONS:
+            raise ValueError(f"BatchNorm's activation must be one of {sorted(BATCHNORM_ACTIVATIONS)} or None.")
         running = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         if running or mask is not None or self.is_initializing() or not self._kernel_applies(x):
-            return super().__call__(x, use_running_average, mask=mask)
+            y = super().__call__(x, use_running_average, mask=mask)
+            return y if self.activation is None else BATCHNORM_ACTIVATIONS[self.activation](y)
         features = (x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
         scale = self.param("scale", self.scale_init, features, self.param_dtype)
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
-        y, mean, var = batchnorm_kernels.batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
+        if self.activation is None:
+            y, mean, var = batchnorm_kernels.batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
+        else:
+            y, mean, var = batchnorm_kernels.batch_norm_activation_train(
+                x, scale, bias, self.epsilon, self.axis_name, self.activation
+            )
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y
