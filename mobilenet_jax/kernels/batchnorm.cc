@@ -26,11 +26,33 @@ using mobilenet_jax::ParallelFor;
 constexpr int64_t kChunks = 32;    // fixed: the summation order is the same on every machine
 constexpr int64_t kRowBlock = 128;  // rows summed in T before they are added in double
 
-// Adds, per channel, the sums over rows [begin, end) of a' and a' * (b - center) to sum_a, sum_ab,
-// where a' is a at the elements keep(c, b - center) accepts and 0 elsewhere.
-template <typename T, typename Keep>
-void SumRows(const T* a, const T* b, const T* center, int64_t channels, int64_t begin, int64_t end, double* sum_a,
-             double* sum_ab, Keep keep) {
+template <typename T>
+void SumRows(const T* a, const T* b, const T* center, int64_t channels, int64_t begin, int64_t end, double* sum_a, double* sum_ab) {
+  std::vector<T> block_a(channels), block_ab(channels);
+  for (int64_t start = begin; start < end; start += kRowBlock) {
+    std::fill(block_a.begin(), block_a.end(), T(0));
+    std::fill(block_ab.begin(), block_ab.end(), T(0));
+    T* __restrict acc_a = block_a.data();
+    T* __restrict acc_ab = block_ab.data();
+    for (int64_t row = start; row < std::min(end, start + kRowBlock); ++row) {
+      const T* __restrict ar = a + row * channels;
+      const T* __restrict br = b + row * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        acc_a[c] += ar[c];
+        acc_ab[c] += ar[c] * (br[c] - center[c]);
+      }
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      sum_a[c] += acc_a[c];
+      sum_ab[c] += acc_ab[c];
+    }
+  }
+}
+
+// The sums of a masked a: a[r, c] counts where lo < (b[r, c] - center[c]) * mul[c] + bias[c] < upper.
+template <typename T>
+void SumRowsMasked(const T* a, const T* b, const T* center, const T* mul, const T* bias, T upper, int64_t channels,
+                   int64_t begin, int64_t end, double* sum_a, double* sum_ab) {
   std::vector<T> block_a(channels), block_ab(channels);
   for (int64_t start = begin; start < end; start += kRowBlock) {
     std::fill(block_a.begin(), block_a.end(), T(0));
@@ -42,9 +64,10 @@ void SumRows(const T* a, const T* b, const T* center, int64_t channels, int64_t 
       const T* __restrict br = b + row * channels;
       for (int64_t c = 0; c < channels; ++c) {
         const T centered = br[c] - center[c];
-        const T value = keep(c, centered) ? ar[c] : T(0);
-        acc_a[c] += value;
-        acc_ab[c] += value * centered;
+        const T y = centered * mul[c] + bias[c];
+        const T masked = (y > T(0) && y < upper) ? ar[c] : T(0);
+        acc_a[c] += masked;
+        acc_ab[c] += masked * centered;
       }
     }
     for (int64_t c = 0; c < channels; ++c) {
@@ -82,9 +105,7 @@ void ChannelSums(ffi::ThreadPool& pool, const T* a, const T* b, const T* center,
                  int64_t channels) {
   ChunkedSums(
       pool,
-      [&](int64_t first, int64_t last, double* sa, double* sab) {
-        SumRows(a, b, center, channels, first, last, sa, sab, [](int64_t, T) { return true; });
-      },
+      [&](int64_t first, int64_t last, double* sa, double* sab) { SumRows(a, b, center, channels, first, last, sa, sab); },
       out_a, out_ab, rows, channels);
 }
 
@@ -94,10 +115,7 @@ void MaskedChannelSums(ffi::ThreadPool& pool, const T* a, const T* b, const T* c
   ChunkedSums(
       pool,
       [&](int64_t first, int64_t last, double* sa, double* sab) {
-        SumRows(a, b, center, channels, first, last, sa, sab, [&](int64_t c, T centered) {
-          const T y = centered * mul[c] + bias[c];  // the activation's input
-          return y > T(0) && y < upper;
-        });
+        SumRowsMasked(a, b, center, mul, bias, upper, channels, first, last, sa, sab);
       },
       out_a, out_ab, rows, channels);
 }

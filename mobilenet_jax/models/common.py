@@ -66,7 +66,7 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
         ),
         norm=functools.partial(
             layers.BatchNorm,
-            implementation="ffi" if layers.resolve_depthwise_impl(model.depthwise_impl) == "ffi" else "xla",
+            implementation=_batchnorm_implementation(model.depthwise_impl),
             use_running_average=not train,
             momentum=model.bn_momentum,
             epsilon=model.bn_epsilon,
@@ -82,6 +82,13 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
 
 def _identity(x: jax.Array) -> jax.Array:
     return x
+
+
+def _batchnorm_implementation(depthwise_impl: str) -> str:
+    """The BatchNorm's: the kernels with depthwise_impl 'ffi', by size with 'auto' on CPU, flax's code otherwise."""
+    if layers.resolve_depthwise_impl(depthwise_impl) != "ffi":
+        return "xla"
+    return "ffi" if depthwise_impl == "ffi" else "auto"
 
 
 def _activation_only(name: str | None) -> Callable:
