@@ -255,22 +255,13 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: int, padding) -> ja
     ``padding`` is ``((top, bottom), (left, right))``. The patches are the k*k strided windows
     of the padded input, side by side in the kernel's (i, j, c_in) order.
     """
-    k_h, k_w, c_in, c_out = kernel.shape
+    k, _, c_in, c_out = kernel.shape  # square: Conv._patches_apply checks
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     n, height, width, _ = x.shape
-    out_h, out_w = (height - k_h) // strides + 1, (width - k_w) // strides + 1
-    windows = [
-        lax.slice(
-            x,
-            (0, i, j, 0),
-            (n, i + strides * (out_h - 1) + 1, j + strides * (out_w - 1) + 1, c_in),
-            (1, strides, strides, 1),
-        )
-        for i in range(k_h)
-        for j in range(k_w)
-    ]
-    patches = jnp.concatenate(windows, axis=-1).reshape(n * out_h * out_w, k_h * k_w * c_in)
-    y = lax.dot_general(patches, kernel.reshape(k_h * k_w * c_in, c_out), (((1,), (0,)), ((), ())))
+    out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
+    windows = [window for _, _, window in _windows(x, k, strides, out_h, out_w)]
+    patches = jnp.concatenate(windows, axis=-1).reshape(n * out_h * out_w, k * k * c_in)
+    y = lax.dot_general(patches, kernel.reshape(k * k * c_in, c_out), (((1,), (0,)), ((), ())))
     return y.reshape(n, out_h, out_w, c_out)
 
 
@@ -302,6 +293,7 @@ class Conv(nn.Conv):
             resolve_depthwise_impl(self.implementation) != "xla"
             and x.ndim == 4
             and len(self.kernel_size) == 2
+            and self.kernel_size[0] == self.kernel_size[1]
             and strides[0] == strides[1]
             and explicit_padding
             and not self.use_bias
