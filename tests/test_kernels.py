@@ -158,3 +158,86 @@ def test_without_a_compiler_one_warning_and_the_xla_implementation(monkeypatch, 
         layers.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), 1, 1, "ffi")
     with pytest.raises(ValueError, match="CPU only"):
         layers.resolve_depthwise_impl("ffi", "gpu")
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_depthwise_with_an_inference_batchnorm_equals_the_convolution_then_the_batchnorm(activation):
+    """One custom call for act((conv(x) - mean) * scale + bias): values in float32 and float64, and the gradients
+    of all five inputs (the custom_vjp recomputes the convolution) against JAX differentiating the composition."""
+    act = {None: lambda y: y, "relu": nn.relu, "relu6": nn.relu6}[activation]
+    with jax.enable_x64(True):
+        for (n, h, w, c, k, s), padding in ((SHAPES[1], 1), (SHAPES[5], 1), (SHAPES[3], 2)):
+            for dtype in (jnp.float32, jnp.float64):
+                keys = jax.random.split(jax.random.key(k * s + c), 5)
+                x = jax.random.normal(keys[0], (n, h, w, c), dtype) * 3.0
+                kernel = jax.random.normal(keys[1], (k, k, 1, c), dtype)
+                center = jax.random.normal(keys[2], (c,), dtype)
+                scale = jax.random.uniform(keys[3], (c,), dtype, 0.2, 2.0)
+                offset = jax.random.normal(keys[4], (c,), dtype) * 2.0
+
+                def reference(x, kernel, center, scale, offset, s=s, padding=padding):
+                    return act((layers.depthwise_conv(x, kernel, s, padding, "xla") - center) * scale + offset)
+
+                def fused(x, kernel, center, scale, offset, s=s, padding=padding):
+                    return depthwise.depthwise_conv_batchnorm(x, kernel, s, padding, center, scale, offset, activation)
+
+                inputs = (x, kernel, center, scale, offset)
+                want, got = reference(*inputs), jax.jit(fused)(*inputs)
+                assert got.dtype == dtype
+                np.testing.assert_allclose(got, want, atol=TOLERANCE[dtype] * max(1.0, float(jnp.abs(want).max())))
+                if activation == "relu6":  # clipped on both sides
+                    assert float(jnp.mean(want == 0)) > 0.05 and float(jnp.mean(want == 6)) > 0.05
+                if dtype == jnp.float64:
+                    weights = jnp.cos(jnp.arange(c, dtype=dtype))
+                    losses = [lambda *a, f=f, w=weights: jnp.sum(jnp.sin(f(*a)) * w) for f in (fused, reference)]
+                    grads = [jax.jit(jax.grad(loss, argnums=range(5)))(*inputs) for loss in losses]
+                    for a, b in zip(*grads, strict=True):
+                        np.testing.assert_allclose(a, b, atol=1e-12 * max(1.0, float(jnp.abs(b).max())))
+
+
+def test_inference_applies_each_depthwise_batchnorm_inside_the_kernel_call():
+    """A MobileNetV2's inference logits, and their gradients, on the kernels' path (every depthwise conv with its
+    BatchNorm + ReLU6 in one call) equal XLA's grouped convolution followed by flax's BatchNorm; BatchNorm
+    statistics far from their initial values, so that the affine and the clipping matter."""
+    from mobilenet_jax import MobileNetV2
+    from mobilenet_jax.compression import quantization
+
+    blocks = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2))
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (2, 19, 17, 3), jnp.float64)
+        models = {
+            impl: MobileNetV2(num_classes=5, width=0.35, block_table=blocks, depthwise_impl=impl, dtype=jnp.float64)
+            for impl in ("xla", "ffi")
+        }
+        variables = jax.tree.map(lambda a: a.astype(jnp.float64), models["xla"].init(jax.random.key(1), x))
+        leaves, treedef = jax.tree.flatten(variables["batch_stats"])
+        keys = jax.random.split(jax.random.key(2), len(leaves))
+        stats = [  # the leaves alternate mean and var: mean ~ N(0, 1), var in [0.2, 2]
+            jax.random.uniform(key, a.shape, a.dtype, 0.2, 2) if i % 2 else jax.random.normal(key, a.shape, a.dtype)
+            for i, (key, a) in enumerate(zip(keys, leaves, strict=True))
+        ]
+        variables = {**variables, "batch_stats": jax.tree.unflatten(treedef, stats)}
+
+        def logits(params, model):
+            return model.apply({**variables, "params": params}, x, train=False)
+
+        results = {impl: jax.jit(lambda p, m=m: logits(p, m))(variables["params"]) for impl, m in models.items()}
+        assert float(jnp.abs(results["xla"]).max()) > 0.1
+        np.testing.assert_allclose(results["ffi"], results["xla"], rtol=1e-10, atol=1e-12)
+        grads = {
+            impl: jax.jit(jax.grad(lambda p, m=m: jnp.sum(jnp.sin(logits(p, m)))))(variables["params"])
+            for impl, m in models.items()
+        }
+        for a, b in zip(jax.tree.leaves(grads["ffi"]), jax.tree.leaves(grads["xla"]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+
+        def custom_calls(model):
+            hlo = jax.jit(lambda p: logits(p, model)).lower(variables["params"]).as_text()
+            return hlo.count(f"@{depthwise.FORWARD_BATCHNORM}("), hlo.count(f"@{depthwise.FORWARD}(")
+
+        depthwise_layers = len([c for c in models["ffi"].network().convs() if c.kind == "depthwise"])
+        assert custom_calls(models["ffi"]) == (depthwise_layers, 0)
+        assert custom_calls(models["ffi"].clone(fuse_batchnorm=False)) == (0, depthwise_layers)
+        # Code that records BatchNorm inputs (synthetic calibration) still sees every BatchNorm called.
+        _, seen = quantization.batchnorm_inputs(models["ffi"], variables, x)
+        assert len(seen) == len(list(models["ffi"].network().convs()))

@@ -355,8 +355,9 @@ def batchnorm_inputs(model: nn.Module, variables: dict, x: jax.Array) -> tuple[j
             seen["/".join(context.module.scope.path)] = args[0]
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(record):
-        logits = model.apply(variables, x, train=False)
+    with nn.intercept_methods(record):  # every BatchNorm called (none applied inside a depthwise kernel call)
+        unfused = model.clone(fuse_batchnorm=False) if hasattr(model, "fuse_batchnorm") else model
+        logits = unfused.apply(variables, x, train=False)
     return logits, seen
 
 

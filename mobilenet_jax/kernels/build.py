@@ -37,6 +37,7 @@ HEADERS = (HERE / "parallel.h", HERE / "vec.h")
 # XLA custom-call target -> the handler symbol the library exports.
 TARGETS = {
     "mobilenet_depthwise_forward": "MobilenetDepthwiseForward",
+    "mobilenet_depthwise_forward_bn": "MobilenetDepthwiseForwardBn",
     "mobilenet_depthwise_backward": "MobilenetDepthwiseBackward",
     "mobilenet_channel_sums": "MobilenetChannelSums",
     "mobilenet_masked_channel_sums": "MobilenetMaskedChannelSums",

@@ -2,6 +2,9 @@
 //   mobilenet_depthwise_forward   y[n, oh, ow, c]  = sum_ij x[n, oh*s + i - p, ow*s + j - p, c] * w[i, j, c]
 //   mobilenet_depthwise_backward  dx (the same sum gathered from dy with the kernel) and
 //                                 dw[i, j, c] = sum_{n, oh, ow} x[n, oh*s + i - p, ow*s + j - p, c] * dy[n, oh, ow, c]
+//   mobilenet_depthwise_forward_bn  act((y - center[c]) * scale[c] + offset[c]): the forward pass with an
+//                                 inference-mode BatchNorm and ReLU/ReLU6 applied in registers before the
+//                                 store, so the output is written once instead of written, read and written
 // Zero padding p on every side (asymmetric padding is applied before the call), stride s.
 //
 // Each pass reads its inputs once: the taps of a block of channels are accumulated in registers
@@ -49,9 +52,42 @@ inline void InteriorColumns(const Geometry& g, int64_t* lo, int64_t* hi) {
   *hi = std::max(*lo, last_start < 0 ? 0 : std::min(g.out_w, last_start / g.stride + 1));
 }
 
+// What the forward pass applies to each output before storing it: nothing (center == nullptr), or
+// act((y - center) * scale + offset) per channel, act = none (0), ReLU (1) or ReLU6 (2).
+template <typename T>
+struct Epilogue {
+  const T* center = nullptr;
+  const T* scale = nullptr;
+  const T* offset = nullptr;
+  int64_t activation = 0;
+};
+
+// The activation of one value; NaN stays NaN, as jnp.maximum/minimum keep it.
+template <typename T>
+inline T Activate(T v, int64_t activation) {
+  if (activation == 0) return v;
+  v = v < T(0) ? T(0) : v;
+  return activation == 2 && v > T(6) ? T(6) : v;
+}
+
+// The same on a register block (vector selects, as Activate: NaN compares false and stays).
+template <typename V, typename T>
+inline void ApplyEpilogue(typename V::type* acc, int64_t count, const Epilogue<T>& e, int64_t c) {
+  using Type = typename V::type;
+  const Type center = V::Load(e.center + c), scale = V::Load(e.scale + c), offset = V::Load(e.offset + c);
+  const Type zero = {}, six = zero + T(6);
+  for (int64_t p = 0; p < count; ++p) {
+    Type v = (acc[p] - center) * scale + offset;
+    if (e.activation != 0) v = v < zero ? zero : v;
+    if (e.activation == 2) v = v > six ? six : v;
+    acc[p] = v;
+  }
+}
+
 // y[row] for rows (n, oh) in [begin, end).
 template <typename T>
-void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, int64_t begin, int64_t end) {
+void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, const Epilogue<T>& e, int64_t begin,
+                 int64_t end) {
   const int64_t C = g.channels, s = g.stride, k = g.k;
   int64_t lo, hi;
   InteriorColumns(g, &lo, &hi);
@@ -74,6 +110,9 @@ void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, int64_t begin,
           const T* kv = w + (i * k + j) * C;
           for (int64_t c = 0; c < C; ++c) out[c] += xv[c] * kv[c];
         }
+      if (e.center != nullptr)
+        for (int64_t c = 0; c < C; ++c)
+          out[c] = Activate<T>((out[c] - e.center[c]) * e.scale[c] + e.offset[c], e.activation);
     };
     int64_t ow = 0;
     for (; ow < lo; ++ow) one_pixel(ow);
@@ -91,6 +130,7 @@ void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, int64_t begin,
             for (int64_t p = 0; p < kPixels; ++p) acc[p] += V::Load(x_row + (p * s + j) * C) * kv;
           }
         }
+        if (e.center != nullptr) ApplyEpilogue<V, T>(acc, kPixels, e, c);
         for (int64_t p = 0; p < kPixels; ++p) V::Store(out + p * C + c, acc[p]);
       });
     }
@@ -240,9 +280,9 @@ ffi::Error CheckShapes(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, int64_t
 int64_t Grain(int64_t row_elements) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elements)); }
 
 template <typename T>
-void Forward(ffi::ThreadPool& pool, const T* x, const T* w, T* y, const Geometry& g) {
+void Forward(ffi::ThreadPool& pool, const T* x, const T* w, T* y, const Geometry& g, const Epilogue<T>& epilogue) {
   ParallelFor(pool, g.batch * g.out_h, Grain(g.out_w * g.channels),
-              [&](int64_t b, int64_t e) { ForwardRows<T>(x, w, y, g, b, e); });
+              [&](int64_t b, int64_t e) { ForwardRows<T>(x, w, y, g, epilogue, b, e); });
 }
 
 template <typename T>
@@ -271,10 +311,40 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (ffi::Error error = CheckShapes(x, w, stride, padding, &g); error.failure()) return error;
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      Forward(pool, x.typed_data<float>(), w.typed_data<float>(), y->typed_data<float>(), g);
+      Forward(pool, x.typed_data<float>(), w.typed_data<float>(), y->typed_data<float>(), g, Epilogue<float>{});
       return ffi::Error::Success();
     case ffi::DataType::F64:
-      Forward(pool, x.typed_data<double>(), w.typed_data<double>(), y->typed_data<double>(), g);
+      Forward(pool, x.typed_data<double>(), w.typed_data<double>(), y->typed_data<double>(), g, Epilogue<double>{});
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("depthwise: only float32 and float64 are implemented");
+  }
+}
+
+template <typename T>
+Epilogue<T> MakeEpilogue(const ffi::AnyBuffer& center, const ffi::AnyBuffer& scale, const ffi::AnyBuffer& offset,
+                         int64_t activation) {
+  return {center.typed_data<T>(), scale.typed_data<T>(), offset.typed_data<T>(), activation};
+}
+
+ffi::Error ForwardBnImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer center,
+                         ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> y, int64_t stride,
+                         int64_t padding, int64_t activation) {
+  Geometry g;
+  if (ffi::Error error = CheckShapes(x, w, stride, padding, &g); error.failure()) return error;
+  for (const ffi::AnyBuffer* v : {&center, &scale, &offset})
+    if (v->dimensions().size() != 1 || v->dimensions()[0] != g.channels || v->element_type() != x.element_type())
+      return ffi::Error::InvalidArgument("depthwise: center, scale and offset must be (C,) in x's dtype");
+  if (activation < 0 || activation > 2)
+    return ffi::Error::InvalidArgument("depthwise: activation must be 0 (none), 1 (ReLU) or 2 (ReLU6)");
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      Forward(pool, x.typed_data<float>(), w.typed_data<float>(), y->typed_data<float>(), g,
+              MakeEpilogue<float>(center, scale, offset, activation));
+      return ffi::Error::Success();
+    case ffi::DataType::F64:
+      Forward(pool, x.typed_data<double>(), w.typed_data<double>(), y->typed_data<double>(), g,
+              MakeEpilogue<double>(center, scale, offset, activation));
       return ffi::Error::Success();
     default:
       return ffi::Error::InvalidArgument("depthwise: only float32 and float64 are implemented");
@@ -313,6 +383,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetDepthwiseForward, ForwardImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetDepthwiseForwardBn, ForwardBnImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding")
+                                  .Attr<int64_t>("activation"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetDepthwiseBackward, BackwardImpl,
                               ffi::Ffi::Bind()

@@ -3,8 +3,10 @@
 :func:`depthwise_conv` computes what ``lax.conv_general_dilated(..., feature_group_count=C)``
 computes, for NHWC float32/float64 inputs and a ``(k, k, 1, C)`` kernel with symmetric zero
 padding, with a ``custom_vjp`` whose backward pass is one more custom call (input and kernel
-gradients). Under ``vmap`` the calls run once per mapped element. The kernels exist for the
-CPU only: :func:`available` says whether they are built and registered here.
+gradients). :func:`depthwise_conv_batchnorm` is the same forward pass with an inference-mode
+BatchNorm and ReLU/ReLU6 applied before each output is stored (one pass over the output
+instead of three). Under ``vmap`` the calls run once per mapped element. The kernels exist
+for the CPU only: :func:`available` says whether they are built and registered here.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import numpy as np
 from mobilenet_jax.kernels import build, shard
 
 FORWARD = "mobilenet_depthwise_forward"
+FORWARD_BATCHNORM = "mobilenet_depthwise_forward_bn"
 BACKWARD = "mobilenet_depthwise_backward"
 DTYPES = (jnp.float32, jnp.float64)
+# The activations the forward call can apply, as depthwise.cc numbers them.
+ACTIVATIONS = {None: (0, lambda v: v), "relu": (1, jax.nn.relu), "relu6": (2, jax.nn.relu6)}
 
 
 def available() -> bool:
@@ -68,3 +73,60 @@ def _backward(strides, padding, residuals, dy):
 
 
 _depthwise.defvjp(_forward, _backward)
+
+
+def depthwise_conv_batchnorm(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: int,
+    padding: int,
+    center: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    activation: str | None = None,
+) -> jax.Array:
+    """``activation((depthwise_conv(x, kernel) - center) * scale + offset)`` as one custom call.
+
+    ``center``, ``scale`` and ``offset`` are per-channel (C,) arrays: an inference-mode BatchNorm
+    is ``(running mean, scale * rsqrt(running var + epsilon), bias)``, flax's own formula.
+    ``activation`` is None, 'relu' or 'relu6'. Differentiable: the backward pass recomputes the
+    convolution and differentiates the composition.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(a for a in ACTIVATIONS if a)} or None.")
+    x, kernel, center, scale, offset = shard.same_varying_axes(x, kernel, center, scale, offset)
+    return _depthwise_batchnorm(x, kernel, center, scale, offset, strides, padding, activation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _depthwise_batchnorm(x, kernel, center, scale, offset, strides, padding, activation):
+    k = kernel.shape[0]
+    n, h, w, c = x.shape
+    out = shard.result_like(x, (n, _out_size(h, k, strides, padding), _out_size(w, k, strides, padding), c))
+    call = jax.ffi.ffi_call(FORWARD_BATCHNORM, out, vmap_method="sequential")
+    return call(
+        x,
+        kernel,
+        *(v.astype(x.dtype) for v in (center, scale, offset)),
+        stride=np.int64(strides),
+        padding=np.int64(padding),
+        activation=np.int64(ACTIVATIONS[activation][0]),
+    )
+
+
+def _composition(x, kernel, center, scale, offset, strides, padding, activation):
+    """What the forward call computes, from the differentiable convolution: its backward pass."""
+    return ACTIVATIONS[activation][1]((_depthwise(x, kernel, strides, padding) - center) * scale + offset)
+
+
+def _batchnorm_forward(x, kernel, center, scale, offset, strides, padding, activation):
+    y = _depthwise_batchnorm(x, kernel, center, scale, offset, strides, padding, activation)
+    return y, (x, kernel, center, scale, offset)
+
+
+def _batchnorm_backward(strides, padding, activation, residuals, dy):
+    composition = functools.partial(_composition, strides=strides, padding=padding, activation=activation)
+    return jax.vjp(composition, *residuals)[1](dy)
+
+
+_depthwise_batchnorm.defvjp(_batchnorm_forward, _batchnorm_backward)

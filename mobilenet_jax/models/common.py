@@ -34,6 +34,7 @@ class Layers(NamedTuple):
     depthwise: Callable[..., nn.Module]  # per-channel k x k convolution
     padding: str
     squeeze_excite: Callable[..., nn.Module]  # the same in both forms: its convolutions have biases, no BatchNorm
+    fuse_batchnorm: bool = False  # inference: depthwise convs on the C++ kernels apply their BatchNorm (conv_bn)
 
 
 def layer_factories(model: nn.Module, train: bool) -> Layers:
@@ -77,6 +78,7 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
         depthwise=functools.partial(depthwise, implementation=model.depthwise_impl),
         padding=model.padding,
         squeeze_excite=squeeze_excite,
+        fuse_batchnorm=model.fuse_batchnorm and not train,
     )
 
 
@@ -119,17 +121,24 @@ def activation(name: str | None) -> Callable:
 
 
 def conv_bn(make: Layers, conv: table.Conv, x: jax.Array) -> jax.Array:
-    """One table row's convolution, its BatchNorm and activation, named as the table names them."""
+    """One table row's convolution, its BatchNorm and activation, named as the table names them.
+
+    ReLU/ReLU6 are the BatchNorm call's own (on CPU its backward recomputes the mask). In inference
+    on the C++ kernels' path (``make.fuse_batchnorm``), a depthwise conv applies its BatchNorm and
+    activation inside its custom call: BatchNorm's ``__call__`` then does not run.
+    """
+    own = conv.activation if conv.activation in layers.BATCHNORM_ACTIVATIONS else None
+    norm = make.norm(name=conv.norm_name, activation=own)
     if conv.kind == "depthwise":
-        x = make.depthwise(kernel_size=conv.kernel, strides=conv.stride, name=conv.name)(x)
+        layer = make.depthwise(kernel_size=conv.kernel, strides=conv.stride, name=conv.name)
+        affine = norm.inference_affine(x) if make.fuse_batchnorm and layer.uses_kernels(x) else None
+        x = norm(layer(x)) if affine is None else layer(x, batchnorm=(*affine, own))
     elif conv.kind == "pointwise":
-        x = make.pointwise(conv.out_channels, name=conv.name)(x)
+        x = norm(make.pointwise(conv.out_channels, name=conv.name)(x))
     else:
         pads = tuple(layers.pad_amounts(n, conv.kernel, conv.stride, make.padding) for n in x.shape[1:3])
-        x = make.conv(conv.out_channels, (conv.kernel,) * 2, strides=conv.stride, padding=pads, name=conv.name)(x)
-    if conv.activation in layers.BATCHNORM_ACTIVATIONS:  # one call: on CPU its backward recomputes the mask
-        return make.norm(name=conv.norm_name, activation=conv.activation)(x)
-    return activation(conv.activation)(make.norm(name=conv.norm_name)(x))
+        x = norm(make.conv(conv.out_channels, (conv.kernel,) * 2, strides=conv.stride, padding=pads, name=conv.name)(x))
+    return x if own is not None else activation(conv.activation)(x)
 
 
 class SqueezeExcite(nn.Module):
@@ -184,6 +193,9 @@ class MobileNetBase(nn.Module):
     bn_axis_name: str | None = None  # mapped/sharded axis over which to average BatchNorm statistics
     depthwise_impl: str = "auto"  # 'auto' (per backend), 'xla', 'shift' or 'ffi'; the parameters are the same
     folded: bool = False  # the inference form: BatchNorm folded into convolution biases (models.fold)
+    # Inference on the C++ kernels: each depthwise conv's BatchNorm and ReLU/ReLU6 applied inside its call.
+    # False keeps every BatchNorm a call of its own (for code that intercepts BatchNorm inputs).
+    fuse_batchnorm: bool = True
 
     def network(self) -> table.Network:
         raise NotImplementedError(f"{type(self).__name__} does not describe its architecture table.")

@@ -214,7 +214,10 @@ class DepthwiseConv(nn.Module):
     kernel_init: Any = conv_kernel_init
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, batchnorm: tuple | None = None) -> jax.Array:
+        """``batchnorm``: ``(center, scale, offset, activation)`` of the inference-mode BatchNorm (and its
+        ReLU/ReLU6 or None) that follows, applied inside the C++ kernel's forward call; only where
+        :meth:`uses_kernels` (see :func:`~mobilenet_jax.models.common.conv_bn`)."""
         channels = x.shape[-1]
         kernel = self.param(
             "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype
@@ -222,11 +225,34 @@ class DepthwiseConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         x, padding = pad_input(x, self.kernel_size, self.strides, self.padding, depthwise=True)
-        implementation = resolve_depthwise_impl(self.implementation)
-        if self.implementation == "auto" and implementation == "ffi" and x.size < KERNEL_MIN_ELEMENTS:
-            implementation = "shift"  # small activations: the kernels' per-call cost outweighs their gain
+        implementation = self._implementation(x.size)
+        if batchnorm is not None:
+            if implementation != "ffi" or bias is not None or not depthwise_kernels.supports(x):
+                raise ValueError("A BatchNorm is applied inside the depthwise call only on the C++ kernels' path.")
+            return depthwise_kernels.depthwise_conv_batchnorm(x, kernel, self.strides, padding, *batchnorm)
         y = depthwise_conv(x, kernel, self.strides, padding, implementation)
         return y if bias is None else y + bias
+
+    def uses_kernels(self, x: jax.Array) -> bool:
+        """Whether this layer runs ``x`` (its unpadded input) through the C++ CPU kernels."""
+        (top, bottom), (left, right) = (
+            pad_amounts(n, self.kernel_size, self.strides, self.padding, depthwise=True) for n in x.shape[1:3]
+        )
+        n, h, w, c = x.shape
+        size = n * h * w * c if top == bottom == left == right else n * (h + top + bottom) * (w + left + right) * c
+        dtype = jnp.result_type(x.dtype, self.param_dtype, *([self.dtype] if self.dtype else []))
+        return (
+            not self.use_bias
+            and self._implementation(size) == "ffi"
+            and depthwise_kernels.supports(jax.ShapeDtypeStruct((), dtype))
+        )
+
+    def _implementation(self, size: int) -> str:
+        """The implementation for a padded input of ``size`` elements."""
+        implementation = resolve_depthwise_impl(self.implementation)
+        if self.implementation == "auto" and implementation == "ffi" and size < KERNEL_MIN_ELEMENTS:
+            implementation = "shift"  # small activations: the kernels' per-call cost outweighs their gain
+        return implementation
 
 
 class PointwiseConv(nn.Module):
@@ -345,20 +371,34 @@ class BatchNorm(nn.BatchNorm):
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y
 
-    def _kernel_applies(self, x: jax.Array) -> bool:
-        flax_defaults = (
+    def inference_affine(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """``(mean, scale * rsqrt(var + epsilon), bias)``: what this BatchNorm, in inference mode, normalises its
+        input ``x`` with (flax's formula, ``(x - mean) * that + bias``); None in training, during ``init`` and
+        for options other than flax's defaults (then only calling it applies it)."""
+        if not self.use_running_average or self.is_initializing() or not self._flax_defaults(x):
+            return None
+        mean = self.get_variable("batch_stats", "mean")
+        var = self.get_variable("batch_stats", "var")
+        scale = lax.rsqrt(var + self.epsilon) * self.get_variable("params", "scale")
+        return mean, scale, self.get_variable("params", "bias")
+
+    def _flax_defaults(self, x: jax.Array) -> bool:
+        """Last-axis features, scale and bias, no groups, x's dtype throughout: what the kernel paths take."""
+        same_dtype = jnp.result_type(x, self.param_dtype, *([self.dtype] if self.dtype else [])) == x.dtype
+        return (
             self.axis in (-1, x.ndim - 1)
             and self.axis_index_groups is None
             and self.use_bias
             and self.use_scale
             and self.use_fast_variance
             and self.force_float32_reductions
+            and same_dtype
         )
-        same_dtype = jnp.result_type(x, self.param_dtype, *([self.dtype] if self.dtype else [])) == x.dtype
+
+    def _kernel_applies(self, x: jax.Array) -> bool:
         return (
             (self.implementation == "ffi" or (self.implementation == "auto" and x.size >= KERNEL_MIN_ELEMENTS))
-            and flax_defaults
-            and same_dtype
+            and self._flax_defaults(x)
             and batchnorm_kernels.supports(x)
             and batchnorm_kernels.available()
         )

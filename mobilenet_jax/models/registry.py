@@ -36,7 +36,16 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 
 # Fields that choose how a model runs, not what it is; they stay out of the record so
 # a checkpoint written in float32 on a GPU can be restored in bfloat16 on a TPU.
-RUNTIME_FIELDS = ("parent", "name", "dtype", "param_dtype", "bn_axis_name", "depthwise_impl", "folded")
+RUNTIME_FIELDS = (
+    "parent",
+    "name",
+    "dtype",
+    "param_dtype",
+    "bn_axis_name",
+    "depthwise_impl",
+    "folded",
+    "fuse_batchnorm",
+)
 # Fields that only matter while training: a fine-tuning config sets them, whatever the
 # model it starts from was trained with.
 TRAINING_FIELDS = ("bn_momentum", "dropout_rate")
