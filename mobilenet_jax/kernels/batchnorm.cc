@@ -6,7 +6,7 @@
 // XLA:CPU runs two column reductions (and, in the backward, materialises dy * x first).
 //
 // Rows are split into a fixed number of chunks spread over XLA's intra-op thread pool; each
-// chunk accumulates 128 rows at a time in the input's precision (vectorised over channels),
+// chunk accumulates 128 rows at a time in the input's precision (in registers, a channel block at a time),
 // then into double; the chunks' double sums are added in order, so the result does not depend
 // on the thread count or timing.
 
@@ -15,64 +15,56 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using mobilenet_jax::ForChannelBlocks;
 using mobilenet_jax::ParallelFor;
 
 constexpr int64_t kChunks = 32;    // fixed: the summation order is the same on every machine
 constexpr int64_t kRowBlock = 128;  // rows summed in T before they are added in double
 
-template <typename T>
-void SumRows(const T* a, const T* b, const T* center, int64_t channels, int64_t begin, int64_t end, double* sum_a, double* sum_ab) {
+// One chunk's sums over rows [begin, end) of a (rows, channels) pair: blocks of kRowBlock rows summed
+// in T, then added in double. The rows are read in order, four at a time: for each channel block (a
+// GCC vector), the block's running sums are loaded, the four rows added, and stored back.
+// kMasked: a[r, c] counts only where 0 < y = (b[r, c] - center[c]) * mul[c] + bias[c] < upper
+// (the mask of a ReLU/ReLU6 of y).
+template <typename T, bool kMasked>
+void SumRows(const T* a, const T* b, const T* center, const T* mul, const T* bias, T upper, int64_t channels,
+             int64_t begin, int64_t end, double* sum_a, double* sum_ab) {
   std::vector<T> block_a(channels), block_ab(channels);
   for (int64_t start = begin; start < end; start += kRowBlock) {
+    const int64_t stop = std::min(end, start + kRowBlock);
     std::fill(block_a.begin(), block_a.end(), T(0));
     std::fill(block_ab.begin(), block_ab.end(), T(0));
-    T* __restrict acc_a = block_a.data();
-    T* __restrict acc_ab = block_ab.data();
-    for (int64_t row = start; row < std::min(end, start + kRowBlock); ++row) {
-      const T* __restrict ar = a + row * channels;
-      const T* __restrict br = b + row * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        acc_a[c] += ar[c];
-        acc_ab[c] += ar[c] * (br[c] - center[c]);
-      }
+    for (int64_t row = start; row < stop; row += 4) {
+      const int64_t count = std::min<int64_t>(4, stop - row);
+      ForChannelBlocks<T>(channels, [&](auto vec, int64_t c) {
+        using V = decltype(vec);
+        using Type = typename V::type;
+        const Type zero = {}, ce = V::Load(center + c);
+        Type acc_a = V::Load(block_a.data() + c), acc_ab = V::Load(block_ab.data() + c);
+        for (int64_t r = 0; r < count; ++r) {
+          Type av = V::Load(a + (row + r) * channels + c);
+          const Type centered = V::Load(b + (row + r) * channels + c) - ce;
+          if constexpr (kMasked) {
+            const Type y = centered * V::Load(mul + c) + V::Load(bias + c);
+            av = (y > zero) & (y < zero + upper) ? av : zero;
+          }
+          acc_a += av;
+          acc_ab += av * centered;
+        }
+        V::Store(block_a.data() + c, acc_a);
+        V::Store(block_ab.data() + c, acc_ab);
+      });
     }
     for (int64_t c = 0; c < channels; ++c) {
-      sum_a[c] += acc_a[c];
-      sum_ab[c] += acc_ab[c];
-    }
-  }
-}
-
-// The sums of a masked a: a[r, c] counts where lo < (b[r, c] - center[c]) * mul[c] + bias[c] < upper.
-template <typename T>
-void SumRowsMasked(const T* a, const T* b, const T* center, const T* mul, const T* bias, T upper, int64_t channels,
-                   int64_t begin, int64_t end, double* sum_a, double* sum_ab) {
-  std::vector<T> block_a(channels), block_ab(channels);
-  for (int64_t start = begin; start < end; start += kRowBlock) {
-    std::fill(block_a.begin(), block_a.end(), T(0));
-    std::fill(block_ab.begin(), block_ab.end(), T(0));
-    T* __restrict acc_a = block_a.data();
-    T* __restrict acc_ab = block_ab.data();
-    for (int64_t row = start; row < std::min(end, start + kRowBlock); ++row) {
-      const T* __restrict ar = a + row * channels;
-      const T* __restrict br = b + row * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        const T centered = br[c] - center[c];
-        const T y = centered * mul[c] + bias[c];
-        const T masked = (y > T(0) && y < upper) ? ar[c] : T(0);
-        acc_a[c] += masked;
-        acc_ab[c] += masked * centered;
-      }
-    }
-    for (int64_t c = 0; c < channels; ++c) {
-      sum_a[c] += acc_a[c];
-      sum_ab[c] += acc_ab[c];
+      sum_a[c] += block_a[c];
+      sum_ab[c] += block_ab[c];
     }
   }
 }
@@ -105,7 +97,9 @@ void ChannelSums(ffi::ThreadPool& pool, const T* a, const T* b, const T* center,
                  int64_t channels) {
   ChunkedSums(
       pool,
-      [&](int64_t first, int64_t last, double* sa, double* sab) { SumRows(a, b, center, channels, first, last, sa, sab); },
+      [&](int64_t first, int64_t last, double* sa, double* sab) {
+        SumRows<T, false>(a, b, center, nullptr, nullptr, T(0), channels, first, last, sa, sab);
+      },
       out_a, out_ab, rows, channels);
 }
 
@@ -115,7 +109,7 @@ void MaskedChannelSums(ffi::ThreadPool& pool, const T* a, const T* b, const T* c
   ChunkedSums(
       pool,
       [&](int64_t first, int64_t last, double* sa, double* sab) {
-        SumRowsMasked(a, b, center, mul, bias, upper, channels, first, last, sa, sab);
+        SumRows<T, true>(a, b, center, mul, bias, upper, channels, first, last, sa, sab);
       },
       out_a, out_ab, rows, channels);
 }
