@@ -425,7 +425,8 @@ def test_keras_transfer_model_exports_to_int8_and_evaluates(tmp_path, image_fold
 
     reference = keras_transfer_model("MobileNetV2", 0.35, "functional", classes=4)
     reference.save(tmp_path / "model.keras")
-    convert_cli(tmp_path / "model.keras", tmp_path / "converted")
+    converted = convert.load_with_info(str(tmp_path / "model.keras"))  # what the convert command writes:
+    checkpoint.save_model(tmp_path / "converted", converted.model, converted.variables, converted.preprocessing)
     config = v2.get_config()
     config.dataset, config.data_dir, config.image_size, config.batch_size = "folder", str(image_folder), 32, 8
     config.half_precision = False

@@ -144,23 +144,21 @@ def one_device_run(tmp_path_factory, image_folder, cache_dir, teacher):
 
 
 @pytest.mark.slow
-def test_two_devices_match_one_device(one_device_run, tmp_path, image_folder, cache_dir, teacher):
-    finish(start(worker_args(tmp_path, image_folder, cache_dir, teacher, devices=2)))
+def test_two_devices_with_the_cpu_kernels_match_one_device_on_xla_ops(
+    one_device_run, tmp_path, image_folder, cache_dir, teacher
+):
+    """shard_map on 2 devices, cross-replica BatchNorm, distillation, with the C++ depthwise and BatchNorm kernels
+    (mobilenet_jax.kernels, 'ffi') trains as one device does with XLA's own operations ('auto' takes those at
+    this size: shifted multiply-adds, flax's BatchNorm). Two processes with 'auto' on two devices:
+    test_two_processes_match_one_process."""
+    args = worker_args(tmp_path, image_folder, cache_dir, teacher, devices=2)
+    args["overrides"]["model.depthwise_impl"] = "ffi"
+    finish(start(args))
     assert_same_training(one_device_run, tmp_path)
     # The distillation loss is in use: at the first step the student's logits are ~0, so its cross-entropy
     # is ~log(4) = 1.39 and its tempered distribution uniform; against the sharp teacher the soft term is
     # alpha * T^2 * KL = 0.5 * 16 * (log 4 - H(teacher)), up to 11.1. Without the teacher the loss is ~1.39.
     assert 5.0 < losses(tmp_path)[1] < 12.0
-
-
-@pytest.mark.slow
-def test_xla_ops_on_two_devices_match_the_cpu_kernels(one_device_run, tmp_path, image_folder, cache_dir, teacher):
-    """The C++ depthwise and BatchNorm kernels (mobilenet_jax.kernels) inside shard_map on 2 devices train as
-    XLA's own operations do on one ('auto' takes those at this size: shifted multiply-adds, flax's BatchNorm)."""
-    args = worker_args(tmp_path, image_folder, cache_dir, teacher, devices=2)
-    args["overrides"]["model.depthwise_impl"] = "ffi"
-    finish(start(args))
-    assert_same_training(one_device_run, tmp_path)
 
 
 @pytest.mark.slow
