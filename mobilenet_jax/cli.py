@@ -174,10 +174,21 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(0)
 
 
+def quiet_tensorflow() -> None:
+    """Keeps TensorFlow (the input pipeline, the LiteRT converter) from printing its INFO lines when it loads
+    ("oneDNN custom operations are on", the CPU-feature notice, absl's "before InitializeLog" warning), which
+    read as errors: INFO off, and TensorFlow's own oneDNN graph rewrites off (what it announces; the
+    commands run no TensorFlow matrix products or convolutions). Environment values already set win."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
 def run_absl(define_flags: Callable[[], None], main: Callable[[list[str]], Any]) -> NoReturn:
-    """Defines a command's flags (only now: importing a module defines none) and runs ``main`` under absl."""
+    """Defines a command's flags (only now: importing a module defines none) and runs ``main`` under absl,
+    with TensorFlow quiet (:func:`quiet_tensorflow`; set before anything imports it)."""
     from absl import app
 
+    quiet_tensorflow()
     define_flags()
     app.run(main, flags_parser=parse_absl_flags)
 

@@ -296,7 +296,10 @@ def test_export_and_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
     assert checkpoint.read_config(run).data_dir == str(image_folder)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+        env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+        return subprocess.run(
+            [sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=600, env=env
+        )
 
     out = tmp_path / "int8.tflite"
     # export as its command calls it without --config (config=None; .ci/run runs the command itself), then
@@ -305,6 +308,9 @@ def test_export_and_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
     assert message.startswith(f"Wrote {out}") and "32x32" in message and "dataset calibration" in message, message
     result = cli("mobilenet_jax.evaluate", "--workdir", str(run), "--tflite", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
+    # TensorFlow loaded quietly (the tests' own TF_CPP_MIN_LOG_LEVEL is not passed on): no oneDNN/CPU notices.
+    notices = [line for line in result.stderr.splitlines() if "oneDNN" in line or line.startswith("I0000")]
+    assert not notices, result.stderr
     agreement = float(result.stdout.split("top-1 agreement ")[1].split("%")[0])
     assert "over 20 images | tflite: top-1" in result.stdout and agreement >= 90.0, result.stdout
     # --step and --weights live pick that checkpoint's live weights (not the newest EMA ones).
