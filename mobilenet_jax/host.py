@@ -1,11 +1,13 @@
-"""Host settings that decide CPU speed and start-up time: the allocator and the compilation cache.
+"""Host settings that decide CPU speed and start-up time: the allocator and the compilation cache; and
+:func:`native_output_held`, which keeps native libraries' log lines out of a command's output.
 
-Both are process-wide, so the library never applies them on import; ``train.py``,
+The settings are process-wide, so the library never applies them on import; ``train.py``,
 ``python -m mobilenet_jax.evaluate`` and the benchmarks call them at start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.metadata
@@ -13,6 +15,8 @@ import importlib.util
 import os
 import pkgutil
 import sys
+import tempfile
+from collections.abc import Iterator
 
 from absl import logging
 
@@ -109,3 +113,42 @@ def enable_compilation_cache(cache_dir: str | None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return cache_dir
+
+
+@contextlib.contextmanager
+def native_output_held() -> Iterator[None]:
+    """Holds what is written to the process's stdout and stderr (file descriptors 1 and 2) while the block
+    runs, and writes it to stderr only if the block raises.
+
+    For native libraries that log as they work (the LiteRT converter: "Ignored output_format",
+    "fully_quantize: 0, ...", absl's "before InitializeLog" warning; the interpreter's "Created
+    TensorFlow Lite XNNPACK delegate"): a command prints its own result, and the libraries' lines
+    appear when they explain a failure. Keep the block to the native call: Python output inside it
+    is held the same way.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:  # no C library handle by that name (Windows)
+        libc = None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile() as sink:
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if libc is not None:
+                libc.fflush(None)  # C stdio buffers, written to the held descriptors
+            for fd, original in saved.items():
+                os.dup2(original, fd)
+                os.close(original)
+            if failed:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode(errors="replace"))
+                sys.stderr.flush()

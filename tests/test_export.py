@@ -286,7 +286,7 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
 
 
 @pytest.mark.slow
-def test_export_and_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
+def test_export_and_evaluate_cli_on_a_training_workdir(tmp_path, image_folder, capfd):
     """A workdir remembers its config: export --quantize int8 and evaluate need no --config."""
     from mobilenet_jax.training import loop as training
     from tests.test_reliability import config_for
@@ -304,13 +304,16 @@ def test_export_and_evaluate_cli_on_a_training_workdir(tmp_path, image_folder):
     out = tmp_path / "int8.tflite"
     # export as its command calls it without --config (config=None; .ci/run runs the command itself), then
     # evaluate's command line.
+    capfd.readouterr()
     message = export.export(str(run), str(out), quantize="int8")
     assert message.startswith(f"Wrote {out}") and "32x32" in message and "dataset calibration" in message, message
+    printed = capfd.readouterr()  # the converter's own lines are held (host.native_output_held)
+    assert "fully_quantize" not in printed.out + printed.err, printed
     result = cli("mobilenet_jax.evaluate", "--workdir", str(run), "--tflite", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     # TensorFlow loaded quietly (the tests' own TF_CPP_MIN_LOG_LEVEL is not passed on): no oneDNN/CPU notices.
     notices = [line for line in result.stderr.splitlines() if "oneDNN" in line or line.startswith("I0000")]
-    assert not notices, result.stderr
+    assert not notices and "XNNPACK delegate" not in result.stderr, result.stderr  # nor the interpreter's
     agreement = float(result.stdout.split("top-1 agreement ")[1].split("%")[0])
     assert "over 20 images | tflite: top-1" in result.stdout and agreement >= 90.0, result.stdout
     # --step and --weights live pick that checkpoint's live weights (not the newest EMA ones).

@@ -109,3 +109,26 @@ def test_tensorflow_starts_quietly_on_a_cpu_machine():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
     assert "cuda" not in result.stderr.lower() and "cuInit" not in result.stderr, result.stderr[-2000:]
+
+
+def test_native_output_is_held_and_shown_only_when_the_block_fails(capfd):
+    """What native code writes to file descriptors 1 and 2 (os.write, and C stdio through libc) inside the
+    block is dropped when the block succeeds and written to stderr when it raises; output outside passes."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    os.write(2, b"before\n")
+    with host.native_output_held():
+        os.write(2, b"converter log line\n")
+        os.write(1, b"fully_quantize: 0\n")
+        libc.printf(b"buffered by C stdio\n")
+    out, err = capfd.readouterr()
+    assert err == "before\n" and out == ""
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        with host.native_output_held():
+            os.write(2, b"the reason it failed\n")
+            raise RuntimeError("conversion failed")
+    out, err = capfd.readouterr()
+    assert err == "the reason it failed\n" and out == ""
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"  # descriptors restored

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mobilenet_jax import cli, errors
+from mobilenet_jax import cli, errors, host
 from mobilenet_jax.compression import qat
 from mobilenet_jax.data.preprocessing import IMAGENET, Preprocessing
 from mobilenet_jax.deployment import int8, tflite_ranges
@@ -114,7 +114,8 @@ def to_tflite(
             calibration,
             preprocessing,
         )
-        return converter.convert()
+        with host.native_output_held():  # the converter's log lines, shown only if it fails
+            return converter.convert()
 
 
 def tflite_converter(
@@ -176,12 +177,13 @@ class TFLiteModel:
         interpreter_module = _require("ai_edge_litert.interpreter")
         kind = interpreter_module.OpResolverType
         source = {"model_content": path_or_bytes} if isinstance(path_or_bytes, bytes) else {"model_path": path_or_bytes}
-        self.interpreter = interpreter_module.Interpreter(
-            **source,
-            num_threads=num_threads,
-            experimental_op_resolver_type=kind.AUTO if delegates else kind.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-        )
-        self.interpreter.allocate_tensors()
+        with host.native_output_held():  # "Created TensorFlow Lite XNNPACK delegate for CPU."
+            self.interpreter = interpreter_module.Interpreter(
+                **source,
+                num_threads=num_threads,
+                experimental_op_resolver_type=kind.AUTO if delegates else kind.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+            )
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
 
