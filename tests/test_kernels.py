@@ -241,3 +241,21 @@ def test_inference_applies_each_depthwise_batchnorm_inside_the_kernel_call():
         # Code that records BatchNorm inputs (synthetic calibration) still sees every BatchNorm called.
         _, seen = quantization.batchnorm_inputs(models["ffi"], variables, x)
         assert len(seen) == len(list(models["ffi"].network().convs()))
+
+
+def test_auto_takes_the_kernels_from_the_size_rule_on_and_only_for_what_they_compute():
+    """``uses_kernels`` (which decides the BatchNorm epilogue) says what ``__call__`` runs: 'auto' from
+    KERNEL_MIN_ELEMENTS of the padded input on, explicit 'ffi' at any size, never in a bfloat16 computation
+    (the layer's dtype) nor with 'xla' or a bias (the folded form)."""
+    shape = jax.ShapeDtypeStruct
+    edge = int(np.sqrt(layers.KERNEL_MIN_ELEMENTS // 8))  # (1, edge, edge, 8) holds exactly the rule's size
+    unpadded = shape((1, edge, edge, 8), jnp.float32)
+    below = shape((1, edge - 1, edge, 8), jnp.float32)
+    assert not layers.DepthwiseConv(implementation="auto").uses_kernels(below)
+    assert layers.DepthwiseConv(implementation="auto").uses_kernels(unpadded)
+    # 'tf' at stride 2 pads 511 rows to 513 (1, 1) and 512 columns to 513 (0, 1): the padded input is above the rule.
+    assert layers.DepthwiseConv(implementation="auto", padding="tf", strides=2).uses_kernels(below)
+    assert layers.DepthwiseConv(implementation="ffi").uses_kernels(shape((1, 4, 4, 8), jnp.float32))
+    assert not layers.DepthwiseConv(implementation="ffi", dtype=jnp.bfloat16).uses_kernels(unpadded)
+    assert not layers.DepthwiseConv(implementation="xla").uses_kernels(unpadded)
+    assert not layers.DepthwiseConv(implementation="ffi", use_bias=True).uses_kernels(unpadded)

@@ -12,6 +12,7 @@ layers always pad one pixel at the bottom and right, whatever the input size.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -223,8 +224,7 @@ class DepthwiseConv(nn.Module):
             "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype
         )
         bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype) if self.use_bias else None
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        x, padding = pad_input(x, self.kernel_size, self.strides, self.padding, depthwise=True)
+        x, kernel, bias, padding = self._promote_and_pad(x, kernel, bias)
         implementation = self._implementation(x.size)
         if batchnorm is not None:
             if implementation != "ffi" or bias is not None or not depthwise_kernels.supports(x):
@@ -234,18 +234,23 @@ class DepthwiseConv(nn.Module):
         return y if bias is None else y + bias
 
     def uses_kernels(self, x: jax.Array) -> bool:
-        """Whether this layer runs ``x`` (its unpadded input) through the C++ CPU kernels."""
-        (top, bottom), (left, right) = (
-            pad_amounts(n, self.kernel_size, self.strides, self.padding, depthwise=True) for n in x.shape[1:3]
+        """Whether this layer runs ``x`` (its unpadded input) through the C++ CPU kernels: the input
+        ``__call__`` would hand them (promoted and padded by the same code), shapes only."""
+        kernel = jax.ShapeDtypeStruct((self.kernel_size, self.kernel_size, 1, x.shape[-1]), self.param_dtype)
+        padded = jax.eval_shape(
+            lambda x, kernel: self._promote_and_pad(x, kernel, None)[0], jax.ShapeDtypeStruct(x.shape, x.dtype), kernel
         )
-        n, h, w, c = x.shape
-        size = n * h * w * c if top == bottom == left == right else n * (h + top + bottom) * (w + left + right) * c
-        dtype = jnp.result_type(x.dtype, self.param_dtype, *([self.dtype] if self.dtype else []))
         return (
             not self.use_bias
-            and self._implementation(size) == "ffi"
-            and depthwise_kernels.supports(jax.ShapeDtypeStruct((), dtype))
+            and self._implementation(math.prod(padded.shape)) == "ffi"
+            and depthwise_kernels.supports(padded)
         )
+
+    def _promote_and_pad(self, x, kernel, bias):
+        """``(x, kernel, bias, symmetric padding)`` in the computation dtype, asymmetric padding applied."""
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, padding = pad_input(x, self.kernel_size, self.strides, self.padding, depthwise=True)
+        return x, kernel, bias, padding
 
     def _implementation(self, size: int) -> str:
         """The implementation for a padded input of ``size`` elements."""
