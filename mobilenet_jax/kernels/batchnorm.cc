@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "dtypes.h"
 #include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
@@ -23,6 +24,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using mobilenet_jax::ForChannelBlocks;
+using mobilenet_jax::ForFloatType;
 using mobilenet_jax::ParallelFor;
 
 constexpr int64_t kChunks = 32;    // fixed: the summation order is the same on every machine
@@ -127,18 +129,11 @@ ffi::Error ChannelSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   if (center.dimensions().size() != 1 || center.dimensions()[0] != channels)
     return ffi::Error::InvalidArgument("channel_sums: center must be one value per channel");
   const int64_t rows = channels == 0 ? 0 : static_cast<int64_t>(a.element_count()) / channels;
-  switch (a.element_type()) {
-    case ffi::DataType::F32:
-      ChannelSums(pool, a.typed_data<float>(), b.typed_data<float>(), center.typed_data<float>(), sum_a->typed_data<float>(),
-                  sum_ab->typed_data<float>(), rows, channels);
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      ChannelSums(pool, a.typed_data<double>(), b.typed_data<double>(), center.typed_data<double>(), sum_a->typed_data<double>(),
-                  sum_ab->typed_data<double>(), rows, channels);
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("channel_sums: only float32 and float64 are implemented");
-  }
+  return ForFloatType(a.element_type(), "channel_sums", [&](auto zero) {
+    using T = decltype(zero);
+    ChannelSums(pool, a.typed_data<T>(), b.typed_data<T>(), center.typed_data<T>(), sum_a->typed_data<T>(),
+                sum_ab->typed_data<T>(), rows, channels);
+  });
 }
 
 ffi::Error MaskedChannelSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer center,
@@ -155,20 +150,12 @@ ffi::Error MaskedChannelSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::An
   }
   if (a.element_type() != b.element_type()) return ffi::Error::InvalidArgument("masked_channel_sums: dtypes differ");
   const int64_t rows = channels == 0 ? 0 : static_cast<int64_t>(a.element_count()) / channels;
-  switch (a.element_type()) {
-    case ffi::DataType::F32:
-      MaskedChannelSums(pool, a.typed_data<float>(), b.typed_data<float>(), center.typed_data<float>(),
-                        mul.typed_data<float>(), bias.typed_data<float>(), static_cast<float>(upper),
-                        sum_a->typed_data<float>(), sum_ab->typed_data<float>(), rows, channels);
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      MaskedChannelSums(pool, a.typed_data<double>(), b.typed_data<double>(), center.typed_data<double>(),
-                        mul.typed_data<double>(), bias.typed_data<double>(), upper, sum_a->typed_data<double>(),
-                        sum_ab->typed_data<double>(), rows, channels);
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("masked_channel_sums: only float32 and float64 are implemented");
-  }
+  return ForFloatType(a.element_type(), "masked_channel_sums", [&](auto zero) {
+    using T = decltype(zero);
+    MaskedChannelSums(pool, a.typed_data<T>(), b.typed_data<T>(), center.typed_data<T>(), mul.typed_data<T>(),
+                      bias.typed_data<T>(), static_cast<T>(upper), sum_a->typed_data<T>(), sum_ab->typed_data<T>(),
+                      rows, channels);
+  });
 }
 
 }  // namespace

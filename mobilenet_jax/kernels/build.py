@@ -33,7 +33,7 @@ import jaxlib
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "depthwise.cc", HERE / "batchnorm.cc")
-HEADERS = (HERE / "parallel.h", HERE / "vec.h")
+HEADERS = (HERE / "dtypes.h", HERE / "parallel.h", HERE / "vec.h")
 # XLA custom-call target -> the handler symbol the library exports.
 TARGETS = {
     "mobilenet_depthwise_forward": "MobilenetDepthwiseForward",

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "dtypes.h"
 #include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
@@ -28,6 +29,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using mobilenet_jax::ForChannelBlocks;
+using mobilenet_jax::ForFloatType;
 using mobilenet_jax::ParallelFor;
 using mobilenet_jax::Vec;
 
@@ -309,22 +311,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                        int64_t stride, int64_t padding) {
   Geometry g;
   if (ffi::Error error = CheckShapes(x, w, stride, padding, &g); error.failure()) return error;
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      Forward(pool, x.typed_data<float>(), w.typed_data<float>(), y->typed_data<float>(), g, Epilogue<float>{});
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      Forward(pool, x.typed_data<double>(), w.typed_data<double>(), y->typed_data<double>(), g, Epilogue<double>{});
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("depthwise: only float32 and float64 are implemented");
-  }
-}
-
-template <typename T>
-Epilogue<T> MakeEpilogue(const ffi::AnyBuffer& center, const ffi::AnyBuffer& scale, const ffi::AnyBuffer& offset,
-                         int64_t activation) {
-  return {center.typed_data<T>(), scale.typed_data<T>(), offset.typed_data<T>(), activation};
+  return ForFloatType(x.element_type(), "depthwise", [&](auto zero) {
+    using T = decltype(zero);
+    Forward(pool, x.typed_data<T>(), w.typed_data<T>(), y->typed_data<T>(), g, Epilogue<T>{});
+  });
 }
 
 ffi::Error ForwardBnImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer center,
@@ -337,18 +327,11 @@ ffi::Error ForwardBnImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
       return ffi::Error::InvalidArgument("depthwise: center, scale and offset must be (C,) in x's dtype");
   if (activation < 0 || activation > 2)
     return ffi::Error::InvalidArgument("depthwise: activation must be 0 (none), 1 (ReLU) or 2 (ReLU6)");
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      Forward(pool, x.typed_data<float>(), w.typed_data<float>(), y->typed_data<float>(), g,
-              MakeEpilogue<float>(center, scale, offset, activation));
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      Forward(pool, x.typed_data<double>(), w.typed_data<double>(), y->typed_data<double>(), g,
-              MakeEpilogue<double>(center, scale, offset, activation));
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("depthwise: only float32 and float64 are implemented");
-  }
+  return ForFloatType(x.element_type(), "depthwise", [&](auto zero) {
+    using T = decltype(zero);
+    const Epilogue<T> epilogue{center.typed_data<T>(), scale.typed_data<T>(), offset.typed_data<T>(), activation};
+    Forward(pool, x.typed_data<T>(), w.typed_data<T>(), y->typed_data<T>(), g, epilogue);
+  });
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy,
@@ -359,18 +342,11 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   auto dyd = dy.dimensions();
   if (dyd.size() != 4 || dyd[0] != g.batch || dyd[1] != g.out_h || dyd[2] != g.out_w || dyd[3] != g.channels)
     return ffi::Error::InvalidArgument("depthwise: the output gradient's shape does not match the output");
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      Backward(pool, x.typed_data<float>(), w.typed_data<float>(), dy.typed_data<float>(), dx->typed_data<float>(),
-               dw->typed_data<float>(), g);
-      return ffi::Error::Success();
-    case ffi::DataType::F64:
-      Backward(pool, x.typed_data<double>(), w.typed_data<double>(), dy.typed_data<double>(), dx->typed_data<double>(),
-               dw->typed_data<double>(), g);
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("depthwise: only float32 and float64 are implemented");
-  }
+  return ForFloatType(x.element_type(), "depthwise", [&](auto zero) {
+    using T = decltype(zero);
+    Backward(pool, x.typed_data<T>(), w.typed_data<T>(), dy.typed_data<T>(), dx->typed_data<T>(), dw->typed_data<T>(),
+             g);
+  });
 }
 
 }  // namespace

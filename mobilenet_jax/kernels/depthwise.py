@@ -41,11 +41,15 @@ def _out_size(size: int, k: int, strides: int, padding: int) -> int:
     return (size + 2 * padding - k) // strides + 1
 
 
-def _forward_call(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
+def _output_like(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.ShapeDtypeStruct:
+    """The forward calls' result: (N, out_h, out_w, C) in x's dtype (and, under shard_map, its varying axes)."""
     k = kernel.shape[0]
     n, h, w, c = x.shape
-    out = shard.result_like(x, (n, _out_size(h, k, strides, padding), _out_size(w, k, strides, padding), c))
-    call = jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")
+    return shard.result_like(x, (n, _out_size(h, k, strides, padding), _out_size(w, k, strides, padding), c))
+
+
+def _forward_call(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
+    call = jax.ffi.ffi_call(FORWARD, _output_like(x, kernel, strides, padding), vmap_method="sequential")
     return call(x, kernel, stride=np.int64(strides), padding=np.int64(padding))
 
 
@@ -100,9 +104,7 @@ def depthwise_conv_batchnorm(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _depthwise_batchnorm(x, kernel, center, scale, offset, strides, padding, activation):
-    k = kernel.shape[0]
-    n, h, w, c = x.shape
-    out = shard.result_like(x, (n, _out_size(h, k, strides, padding), _out_size(w, k, strides, padding), c))
+    out = _output_like(x, kernel, strides, padding)
     call = jax.ffi.ffi_call(FORWARD_BATCHNORM, out, vmap_method="sequential")
     return call(
         x,
