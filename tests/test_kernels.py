@@ -156,6 +156,10 @@ def test_without_a_compiler_one_warning_and_the_xla_implementation(monkeypatch, 
     assert layers.resolve_depthwise_impl("auto", "cpu") == "shift"
     with pytest.raises(ValueError, match="could not be built"):
         layers.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), 1, 1, "ffi")
+    # The BatchNorm epilogue's path asks for the kernels too (in a fresh process that call registers them).
+    x, variables = jnp.ones((1, 4, 4, 2)), {"params": {"kernel": jnp.ones((3, 3, 1, 2))}}
+    with pytest.raises(ValueError, match="could not be built"):
+        layers.DepthwiseConv(implementation="ffi").apply(variables, x, batchnorm=(*jnp.ones((3, 2)), None))
     with pytest.raises(ValueError, match="CPU only"):
         layers.resolve_depthwise_impl("ffi", "gpu")
 

@@ -177,12 +177,17 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int, 
             feature_group_count=x.shape[-1],
         )
     if implementation == "ffi" and depthwise_kernels.supports(x):
-        if not depthwise_kernels.available():
-            raise ValueError("depthwise_impl='ffi' needs the CPU kernels, which could not be built (see the warning).")
+        require_kernels()
         return depthwise_kernels.depthwise_conv(x, kernel, strides, padding)
     if implementation not in ("shift", "ffi"):  # 'ffi' on bfloat16/float16: the kernels take float32/float64
         raise ValueError(f"Unknown depthwise implementation {implementation!r}.")
     return _depthwise_shift(x, kernel, strides, padding)
+
+
+def require_kernels() -> None:
+    """Builds and registers the C++ CPU kernels if need be (cached); one sentence where they cannot be built."""
+    if not depthwise_kernels.available():
+        raise ValueError("depthwise_impl='ffi' needs the CPU kernels, which could not be built (see the warning).")
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -229,6 +234,7 @@ class DepthwiseConv(nn.Module):
         if batchnorm is not None:
             if implementation != "ffi" or bias is not None or not depthwise_kernels.supports(x):
                 raise ValueError("A BatchNorm is applied inside the depthwise call only on the C++ kernels' path.")
+            require_kernels()  # registered here too: this path does not pass through depthwise_conv
             return depthwise_kernels.depthwise_conv_batchnorm(x, kernel, self.strides, padding, *batchnorm)
         y = depthwise_conv(x, kernel, self.strides, padding, implementation)
         return y if bias is None else y + bias
