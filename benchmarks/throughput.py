@@ -63,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", default="train,infer,latency", help="comma-separated: train, infer, latency")
     parser.add_argument("--frameworks", default="jax,torch", help="comma-separated: jax, torch")
     parser.add_argument("--depthwise_impl", default="auto", choices=("auto", "xla", "shift", "ffi"))
+    parser.add_argument(
+        "--fuse_batchnorm",
+        choices=("on", "off", "both"),
+        default="on",
+        help="the models' fuse_batchnorm (BatchNorms inside the depthwise kernel calls); both: side by side",
+    )
     parser.add_argument("--reps", type=int, default=5, help="repetitions; every candidate runs once per repetition")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per measurement")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
@@ -101,7 +107,7 @@ class Candidate:
 class JaxCandidate(Candidate):
     framework = "jax"
 
-    def __init__(self, args):
+    def __init__(self, args, fuse_batchnorm: bool = True):
         import optax
 
         from configs import v1, v2
@@ -112,6 +118,9 @@ class JaxCandidate(Candidate):
         config = (v1 if args.arch == "v1" else v2).get_config()
         config.model.width = args.width
         config.model.depthwise_impl = args.depthwise_impl
+        config.model.fuse_batchnorm = fuse_batchnorm
+        if args.fuse_batchnorm == "both":
+            self.name += ", BatchNorm " + ("fused" if fuse_batchnorm else "unfused")
         config.half_precision = args.dtype == "bfloat16"
         config.label_smoothing = 0.1
         model = steps.create_model(config, num_classes=1000)
@@ -224,7 +233,8 @@ def measure(fn, min_seconds: float) -> float:
 def run(args) -> dict:
     candidates = []
     if "jax" in args.frameworks:
-        candidates.append(JaxCandidate(args))
+        fuse = {"on": (True,), "off": (False,), "both": (True, False)}[args.fuse_batchnorm]
+        candidates.extend(JaxCandidate(args, fuse_batchnorm) for fuse_batchnorm in fuse)
     if "torch" in args.frameworks:
         if torch is None:
             print("torch is not installed: measuring JAX only (pip install -e '.[torch]').", file=sys.stderr)
@@ -291,7 +301,12 @@ def peak_rss_of_this_process_gb() -> float:
 
 def peak_rss(args) -> dict:
     """GB of peak resident memory of a process training each candidate alone."""
-    runs = {"jax": ["--frameworks=jax"], "torch": ["--frameworks=torch"]}
+    fuse = ("on", "off") if args.fuse_batchnorm == "both" else (args.fuse_batchnorm,)
+    runs = {
+        "jax" + (f" (BatchNorm fusion {f})" if len(fuse) > 1 else ""): ["--frameworks=jax", f"--fuse_batchnorm={f}"]
+        for f in fuse
+    }
+    runs["torch"] = ["--frameworks=torch"]
     if args.torch_channels_last:
         runs["torch channels_last"] = ["--frameworks=torch", "--channels_last_only"]
     common = [

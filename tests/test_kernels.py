@@ -14,6 +14,7 @@ from flax import linen as nn
 from jax.test_util import check_grads
 
 from mobilenet_jax.kernels import batchnorm, build, depthwise
+from mobilenet_jax.kernels import conv as conv_kernels
 from mobilenet_jax.models import layers
 
 pytestmark = pytest.mark.skipif(not build.register(), reason="no C++ compiler here: the kernels are not built")
@@ -67,6 +68,42 @@ def test_depthwise_kernel_gradients_pass_numerical_differentiation_and_vmap_maps
         for i in range(3):
             reference = layers.depthwise_conv(batched[i], kernel, 2, 1, "xla")
             np.testing.assert_allclose(mapped[i], reference, atol=1e-12)
+
+
+def test_stem_conv_kernel_equals_xla_convolution_in_value_and_both_gradients():
+    """layers.Conv on the C++ stem kernel (few input channels) against flax's own convolution: values and the
+    gradients of kernel and input in float32 and float64, for strides 1/2, symmetric and 'SAME'-style
+    asymmetric padding, odd sizes, output-channel remainders; wider patches keep the matrix product."""
+    cases = [  # (n, h, w, c_in, c_out, k, stride, padding)
+        (2, 9, 8, 3, 16, 3, 2, ((1, 1), (1, 1))),
+        (1, 10, 11, 3, 35, 3, 2, ((0, 1), (1, 1))),
+        (3, 7, 6, 2, 5, 3, 1, ((1, 1), (1, 1))),
+        (1, 12, 13, 1, 24, 5, 2, ((2, 2), (2, 1))),
+    ]
+    with jax.enable_x64(True):
+        for n, h, w, c_in, c_out, k, s, padding in cases:
+            for dtype in (jnp.float32, jnp.float64):
+                x = jax.random.normal(jax.random.key(h), (n, h, w, c_in), dtype)
+                results = []
+                for impl in ("ffi", "xla"):
+                    layer = layers.Conv(c_out, (k, k), strides=s, padding=padding, use_bias=False, implementation=impl)
+                    variables = jax.tree.map(lambda a, t=dtype: a.astype(t), layer.init(jax.random.key(1), x))
+                    weights = jnp.cos(jnp.arange(c_out, dtype=dtype))
+
+                    def loss(variables, x, layer=layer, weights=weights):
+                        return jnp.sum(jnp.sin(layer.apply(variables, x)) * weights)
+
+                    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+                    results.append((jax.jit(layer.apply)(variables, x), step(variables, x)))
+                    hlo = step.lower(variables, x).as_text()
+                    calls = (hlo.count(f"@{conv_kernels.FORWARD}("), hlo.count(f"@{conv_kernels.KERNEL_GRADIENT}("))
+                    assert calls == ((1, 1) if impl == "ffi" else (0, 0))
+                for a, b in zip(*map(jax.tree.leaves, results), strict=True):
+                    np.testing.assert_allclose(a, b, atol=TOLERANCE[dtype] * max(1.0, float(jnp.abs(b).max())))
+        wide = layers.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, implementation="ffi")
+        x = jnp.ones((1, 6, 6, 4))  # 36 taps: the patches' matrix product
+        hlo = jax.jit(wide.apply).lower(wide.init(jax.random.key(0), x), x).as_text()
+        assert f"@{conv_kernels.FORWARD}(" not in hlo and "dot_general" in hlo
 
 
 @pytest.mark.parametrize(
@@ -164,55 +201,67 @@ def test_without_a_compiler_one_warning_and_the_xla_implementation(monkeypatch, 
         layers.resolve_depthwise_impl("ffi", "gpu")
 
 
-@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
-def test_depthwise_with_an_inference_batchnorm_equals_the_convolution_then_the_batchnorm(activation):
-    """One custom call for act((conv(x) - mean) * scale + bias): values in float32 and float64, and the gradients
-    of all five inputs (the custom_vjp recomputes the convolution) against JAX differentiating the composition."""
+@pytest.mark.parametrize(
+    ("maps", "activation"), [("epilogue", "relu"), ("prologue", "relu6"), ("prologue", None), ("both", "relu6")]
+)
+def test_depthwise_with_batchnorm_maps_equals_xla_on_the_mapped_input_and_output(maps, activation):
+    """One custom call for post(conv(pre(x))) with pre/post = act((v - mean) * scale + bias): values in float32 and
+    float64, with the padding around the mapped input (zeros, as padding pre(x)), and the gradients of all eight
+    inputs (the prologue recomputed row by row in the backward call) against JAX differentiating the composition
+    of XLA's grouped convolution."""
     act = {None: lambda y: y, "relu": nn.relu, "relu6": nn.relu6}[activation]
     with jax.enable_x64(True):
         for (n, h, w, c, k, s), padding in ((SHAPES[1], 1), (SHAPES[5], 1), (SHAPES[3], 2)):
             for dtype in (jnp.float32, jnp.float64):
-                keys = jax.random.split(jax.random.key(k * s + c), 5)
+                keys = jax.random.split(jax.random.key(k * s + c), 8)
                 x = jax.random.normal(keys[0], (n, h, w, c), dtype) * 3.0
                 kernel = jax.random.normal(keys[1], (k, k, 1, c), dtype)
-                center = jax.random.normal(keys[2], (c,), dtype)
-                scale = jax.random.uniform(keys[3], (c,), dtype, 0.2, 2.0)
-                offset = jax.random.normal(keys[4], (c,), dtype) * 2.0
+                pre, post = (
+                    (jax.random.normal(a, (c,), dtype), jax.random.uniform(b, (c,), dtype, 0.2, 2.0),
+                     jax.random.normal(d, (c,), dtype) * 2.0)
+                    for a, b, d in (keys[2:5], keys[5:8])
+                )  # fmt: skip
 
-                def reference(x, kernel, center, scale, offset, s=s, padding=padding):
-                    return act((layers.depthwise_conv(x, kernel, s, padding, "xla") - center) * scale + offset)
+                def mapped(v, center, scale, offset):
+                    return act((v - center) * scale + offset)
 
-                def fused(x, kernel, center, scale, offset, s=s, padding=padding):
-                    return depthwise.depthwise_conv_batchnorm(x, kernel, s, padding, center, scale, offset, activation)
+                def reference(x, kernel, pre, post, s=s, padding=padding):
+                    x = mapped(x, *pre) if maps in ("prologue", "both") else x
+                    y = layers.depthwise_conv(x, kernel, s, padding, "xla")
+                    return mapped(y, *post) if maps in ("epilogue", "both") else y
 
-                inputs = (x, kernel, center, scale, offset)
+                def fused(x, kernel, pre, post, s=s, padding=padding):
+                    prologue = (*pre, activation) if maps in ("prologue", "both") else None
+                    epilogue = (*post, activation) if maps in ("epilogue", "both") else None
+                    return depthwise.depthwise_conv_affine(x, kernel, s, padding, prologue, epilogue)
+
+                inputs = (x, kernel, pre, post)
                 want, got = reference(*inputs), jax.jit(fused)(*inputs)
                 assert got.dtype == dtype
                 np.testing.assert_allclose(got, want, atol=TOLERANCE[dtype] * max(1.0, float(jnp.abs(want).max())))
-                if activation == "relu6":  # clipped on both sides
+                if activation == "relu6" and maps == "epilogue":  # clipped on both sides
                     assert float(jnp.mean(want == 0)) > 0.05 and float(jnp.mean(want == 6)) > 0.05
                 if dtype == jnp.float64:
                     weights = jnp.cos(jnp.arange(c, dtype=dtype))
                     losses = [lambda *a, f=f, w=weights: jnp.sum(jnp.sin(f(*a)) * w) for f in (fused, reference)]
-                    grads = [jax.jit(jax.grad(loss, argnums=range(5)))(*inputs) for loss in losses]
-                    for a, b in zip(*grads, strict=True):
+                    grads = [jax.jit(jax.grad(loss, argnums=range(4)))(*inputs) for loss in losses]
+                    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
                         np.testing.assert_allclose(a, b, atol=1e-12 * max(1.0, float(jnp.abs(b).max())))
 
 
-def test_inference_applies_each_depthwise_batchnorm_inside_the_kernel_call():
-    """A MobileNetV2's inference logits, and their gradients, on the kernels' path (every depthwise conv with its
-    BatchNorm + ReLU6 in one call) equal XLA's grouped convolution followed by flax's BatchNorm; BatchNorm
-    statistics far from their initial values, so that the affine and the clipping matter."""
+def test_each_depthwise_call_applies_the_batchnorms_next_to_it_in_inference_and_training():
+    """A MobileNetV2 on the kernels' path, where every depthwise call applies the BatchNorm + ReLU6 before it (stem,
+    expansion: a prologue, in both modes) and, in inference, its own (an epilogue): logits, gradients and the
+    running averages' updates equal XLA's grouped convolution with flax's BatchNorm. BatchNorm statistics far
+    from their initial values, so that the affine maps and the clipping matter."""
     from mobilenet_jax import MobileNetV2
     from mobilenet_jax.compression import quantization
 
     blocks = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2))
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(0), (2, 19, 17, 3), jnp.float64)
-        models = {
-            impl: MobileNetV2(num_classes=5, width=0.35, block_table=blocks, depthwise_impl=impl, dtype=jnp.float64)
-            for impl in ("xla", "ffi")
-        }
+        settings = dict(num_classes=5, width=0.35, block_table=blocks, dtype=jnp.float64, dropout_rate=0.0)
+        models = {impl: MobileNetV2(**settings, depthwise_impl=impl) for impl in ("xla", "ffi")}
         variables = jax.tree.map(lambda a: a.astype(jnp.float64), models["xla"].init(jax.random.key(1), x))
         leaves, treedef = jax.tree.flatten(variables["batch_stats"])
         keys = jax.random.split(jax.random.key(2), len(leaves))
@@ -222,44 +271,52 @@ def test_inference_applies_each_depthwise_batchnorm_inside_the_kernel_call():
         ]
         variables = {**variables, "batch_stats": jax.tree.unflatten(treedef, stats)}
 
-        def logits(params, model):
-            return model.apply({**variables, "params": params}, x, train=False)
-
-        results = {impl: jax.jit(lambda p, m=m: logits(p, m))(variables["params"]) for impl, m in models.items()}
-        assert float(jnp.abs(results["xla"]).max()) > 0.1
-        np.testing.assert_allclose(results["ffi"], results["xla"], rtol=1e-10, atol=1e-12)
-        grads = {
-            impl: jax.jit(jax.grad(lambda p, m=m: jnp.sum(jnp.sin(logits(p, m)))))(variables["params"])
-            for impl, m in models.items()
-        }
-        for a, b in zip(jax.tree.leaves(grads["ffi"]), jax.tree.leaves(grads["xla"]), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
-
-        def custom_calls(model):
-            hlo = jax.jit(lambda p: logits(p, model)).lower(variables["params"]).as_text()
-            return hlo.count(f"@{depthwise.FORWARD_BATCHNORM}("), hlo.count(f"@{depthwise.FORWARD}(")
+        def loss(params, model, train):
+            out = model.apply({**variables, "params": params}, x, train=train, mutable=["batch_stats"] if train else [])
+            return jnp.sum(jnp.sin(out[0])), out
 
         depthwise_layers = len([c for c in models["ffi"].network().convs() if c.kind == "depthwise"])
-        assert custom_calls(models["ffi"]) == (depthwise_layers, 0)
-        assert custom_calls(models["ffi"].clone(fuse_batchnorm=False)) == (0, depthwise_layers)
+        for train in (False, True):
+            step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+            results = {impl: step(variables["params"], m, train) for impl, m in models.items()}
+            assert float(jnp.abs(results["xla"][0][1][0]).max()) > 0.1
+            for a, b in zip(*(jax.tree.leaves(results[impl]) for impl in ("ffi", "xla")), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)  # logits, updates and gradients
+
+            def custom_calls(model, train=train, step=step):
+                forward = jax.jit(loss, static_argnums=(1, 2)).lower(variables["params"], model, train).as_text()
+                backward = step.lower(variables["params"], model, train).as_text()
+                calls = [forward.count(f"@{name}(") for name in (depthwise.FORWARD_AFFINE, depthwise.FORWARD)]
+                return (*calls, backward.count(f"@{depthwise.BACKWARD_PROLOGUE}("))
+
+            assert custom_calls(models["ffi"]) == (depthwise_layers, 0, depthwise_layers)
+            assert custom_calls(models["ffi"].clone(fuse_batchnorm=False)) == (0, depthwise_layers, 0)
         # Code that records BatchNorm inputs (synthetic calibration) still sees every BatchNorm called.
         _, seen = quantization.batchnorm_inputs(models["ffi"], variables, x)
         assert len(seen) == len(list(models["ffi"].network().convs()))
 
 
-def test_auto_takes_the_kernels_from_the_size_rule_on_and_only_for_what_they_compute():
-    """``uses_kernels`` (which decides the BatchNorm epilogue) says what ``__call__`` runs: 'auto' from
-    KERNEL_MIN_ELEMENTS of the padded input on, explicit 'ffi' at any size, never in a bfloat16 computation
-    (the layer's dtype) nor with 'xla' or a bias (the folded form)."""
+def test_auto_takes_the_kernels_on_cpu_at_any_size_and_only_for_what_they_compute():
+    """``uses_kernels`` (which decides the BatchNorm maps) says what ``__call__`` runs: 'auto' on the CPU and 'ffi'
+    at any size, never in a bfloat16 computation (the layer's dtype) nor with 'xla' or a bias (the folded form);
+    and flax's BatchNorm takes the kernels in training with 'auto' too."""
     shape = jax.ShapeDtypeStruct
-    edge = int(np.sqrt(layers.KERNEL_MIN_ELEMENTS // 8))  # (1, edge, edge, 8) holds exactly the rule's size
-    unpadded = shape((1, edge, edge, 8), jnp.float32)
-    below = shape((1, edge - 1, edge, 8), jnp.float32)
-    assert not layers.DepthwiseConv(implementation="auto").uses_kernels(below)
-    assert layers.DepthwiseConv(implementation="auto").uses_kernels(unpadded)
-    # 'tf' at stride 2 pads 511 rows to 513 (1, 1) and 512 columns to 513 (0, 1): the padded input is above the rule.
-    assert layers.DepthwiseConv(implementation="auto", padding="tf", strides=2).uses_kernels(below)
-    assert layers.DepthwiseConv(implementation="ffi").uses_kernels(shape((1, 4, 4, 8), jnp.float32))
-    assert not layers.DepthwiseConv(implementation="ffi", dtype=jnp.bfloat16).uses_kernels(unpadded)
-    assert not layers.DepthwiseConv(implementation="xla").uses_kernels(unpadded)
-    assert not layers.DepthwiseConv(implementation="ffi", use_bias=True).uses_kernels(unpadded)
+    small, large = shape((1, 4, 4, 8), jnp.float32), shape((8, 64, 64, 64), jnp.float32)
+    for x in (small, large):
+        assert layers.DepthwiseConv(implementation="auto").uses_kernels(x)
+        assert layers.DepthwiseConv(implementation="ffi", padding="tf", strides=2).uses_kernels(x)
+        assert not layers.DepthwiseConv(implementation="ffi", dtype=jnp.bfloat16).uses_kernels(x)
+        assert not layers.DepthwiseConv(implementation="xla").uses_kernels(x)
+        assert not layers.DepthwiseConv(implementation="ffi", use_bias=True).uses_kernels(x)
+    norm = layers.BatchNorm(use_running_average=False, implementation="auto")
+    x = jnp.arange(2 * 3 * 3 * 5, dtype=jnp.float32).reshape(2, 3, 3, 5)
+    hlo = jax.jit(lambda v: norm.apply(v, x, mutable=["batch_stats"])).lower(norm.init(jax.random.key(0), x)).as_text()
+    assert f"@{batchnorm.SUMS}(" in hlo
+    # A BatchNorm's map is applied inside the call only where the call pads (zeros around the mapped input):
+    # not where 'tf' pads an even size (0, 1) before the call, nor where the parameters promote the input.
+    even, odd = shape((1, 4, 4, 8), jnp.float32), shape((1, 5, 5, 8), jnp.float32)
+    assert layers.DepthwiseConv(implementation="ffi", padding="tf", strides=2).takes_deferred(odd)
+    assert not layers.DepthwiseConv(implementation="ffi", padding="tf", strides=2).takes_deferred(even)
+    with jax.enable_x64(True):
+        assert not layers.DepthwiseConv(implementation="ffi", param_dtype=jnp.float64).takes_deferred(odd)
+    assert not layers.DepthwiseConv(implementation="xla").takes_deferred(odd)

@@ -72,11 +72,49 @@ def _count(x: jax.Array, axis_name: str | None):
 
 def _statistics(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
     total, squares = channel_sums(x, x, jnp.zeros(x.shape[-1], x.dtype))
+    return _statistics_of(total, squares, x, axis_name)
+
+
+def batch_statistics(x: jax.Array, axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(mean, var)`` of ``x`` per channel (over ``axis_name`` too when given), as :func:`batch_norm_train`
+    computes them (one pass of the sums' kernel), differentiable: for a BatchNorm whose normalisation is
+    applied elsewhere (a depthwise call's prologue, :func:`~mobilenet_jax.kernels.depthwise.depthwise_conv_affine`).
+
+    The sums' gradient is one elementwise pass (``dsum + 2 x dsquares``); the sum over ``axis_name``
+    and the arithmetic to ``(mean, var)`` are JAX's, differentiated as they are.
+    """
+    (x,) = shard.same_varying_axes(x)
+    total, squares = _moments(x)
+    return _statistics_of(total, squares, x, axis_name)
+
+
+def _statistics_of(total, squares, x, axis_name):
+    """``(mean, var)`` from this device's sums: summed over ``axis_name``, ``var = E[x^2] - E[x]^2`` clipped at 0."""
     if axis_name is not None:
         total, squares = lax.psum((total, squares), axis_name)
     count = _count(x, axis_name)
     mean = total / count
     return mean, jnp.maximum(0.0, squares / count - mean * mean)
+
+
+@jax.custom_vjp
+def _moments(x):
+    return channel_sums(x, x, jnp.zeros(x.shape[-1], x.dtype))
+
+
+def _moments_forward(x):
+    total, squares = _moments(x)
+    return (total, squares), (x, total / (x.size // x.shape[-1]))
+
+
+def _moments_backward(residuals, cotangents):
+    """``dsum + 2 x dsquares``, written around this device's mean (``dsum + 2 mean dsquares`` per channel first)."""
+    x, mean = residuals
+    dtotal, dsquares = cotangents
+    return ((dtotal + 2 * mean * dsquares + (x - mean) * (2 * dsquares)).astype(x.dtype),)
+
+
+_moments.defvjp(_moments_forward, _moments_backward)
 
 
 def _forward(x, scale, bias, epsilon, axis_name):

@@ -32,13 +32,16 @@ import jax
 import jaxlib
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "depthwise.cc", HERE / "batchnorm.cc")
+SOURCES = (HERE / "depthwise.cc", HERE / "batchnorm.cc", HERE / "conv.cc")
 HEADERS = (HERE / "dtypes.h", HERE / "parallel.h", HERE / "vec.h")
 # XLA custom-call target -> the handler symbol the library exports.
 TARGETS = {
     "mobilenet_depthwise_forward": "MobilenetDepthwiseForward",
-    "mobilenet_depthwise_forward_bn": "MobilenetDepthwiseForwardBn",
+    "mobilenet_depthwise_forward_affine": "MobilenetDepthwiseForwardAffine",
     "mobilenet_depthwise_backward": "MobilenetDepthwiseBackward",
+    "mobilenet_depthwise_backward_prologue": "MobilenetDepthwiseBackwardPrologue",
+    "mobilenet_conv_forward": "MobilenetConvForward",
+    "mobilenet_conv_kernel_gradient": "MobilenetConvKernelGradient",
     "mobilenet_channel_sums": "MobilenetChannelSums",
     "mobilenet_masked_channel_sums": "MobilenetMaskedChannelSums",
 }

@@ -2,9 +2,15 @@
 //   mobilenet_depthwise_forward   y[n, oh, ow, c]  = sum_ij x[n, oh*s + i - p, ow*s + j - p, c] * w[i, j, c]
 //   mobilenet_depthwise_backward  dx (the same sum gathered from dy with the kernel) and
 //                                 dw[i, j, c] = sum_{n, oh, ow} x[n, oh*s + i - p, ow*s + j - p, c] * dy[n, oh, ow, c]
-//   mobilenet_depthwise_forward_bn  act((y - center[c]) * scale[c] + offset[c]): the forward pass with an
-//                                 inference-mode BatchNorm and ReLU/ReLU6 applied in registers before the
-//                                 store, so the output is written once instead of written, read and written
+//   mobilenet_depthwise_forward_affine  the forward pass with per-channel affine maps and ReLU/ReLU6,
+//                                 act((v - center[c]) * scale[c] + offset[c]) (an inference-mode BatchNorm):
+//                                 an epilogue on each output, applied in registers before the store (the
+//                                 output is written once instead of written, read and written), and/or a
+//                                 prologue on the input, applied once per input row as it is first read
+//                                 (the BatchNorm before the convolution never writes its output)
+//   mobilenet_depthwise_backward_prologue  the backward pass of a call with a prologue: input gradient with
+//                                 respect to the prologue's output, kernel gradient from the prologue's
+//                                 output recomputed row by row (it is never stored)
 // Zero padding p on every side (asymmetric padding is applied before the call), stride s.
 //
 // Each pass reads its inputs once: the taps of a block of channels are accumulated in registers
@@ -17,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "dtypes.h"
@@ -35,6 +42,7 @@ using mobilenet_jax::Vec;
 
 struct Geometry {
   int64_t batch, height, width, channels, k, out_h, out_w, stride, pad;
+  ffi::DataType dtype;
 };
 
 constexpr int64_t kPixels = 4;  // output pixels per register block: independent accumulator chains
@@ -54,14 +62,16 @@ inline void InteriorColumns(const Geometry& g, int64_t* lo, int64_t* hi) {
   *hi = std::max(*lo, last_start < 0 ? 0 : std::min(g.out_w, last_start / g.stride + 1));
 }
 
-// What the forward pass applies to each output before storing it: nothing (center == nullptr), or
-// act((y - center) * scale + offset) per channel, act = none (0), ReLU (1) or ReLU6 (2).
+// A per-channel map applied to the input as it is read (prologue) or to each output before it is
+// stored (epilogue): nothing (center == nullptr), or act((v - center) * scale + offset), act = none
+// (0), ReLU (1) or ReLU6 (2).
 template <typename T>
-struct Epilogue {
+struct Affine {
   const T* center = nullptr;
   const T* scale = nullptr;
   const T* offset = nullptr;
   int64_t activation = 0;
+  bool active() const { return center != nullptr; }
 };
 
 // The activation of one value; NaN stays NaN, as jnp.maximum/minimum keep it.
@@ -74,7 +84,7 @@ inline T Activate(T v, int64_t activation) {
 
 // The same on a register block (vector selects, as Activate: NaN compares false and stays).
 template <typename V, typename T>
-inline void ApplyEpilogue(typename V::type* acc, int64_t count, const Epilogue<T>& e, int64_t c) {
+inline void ApplyAffine(typename V::type* acc, int64_t count, const Affine<T>& e, int64_t c) {
   using Type = typename V::type;
   const Type center = V::Load(e.center + c), scale = V::Load(e.scale + c), offset = V::Load(e.offset + c);
   const Type zero = {}, six = zero + T(6);
@@ -86,19 +96,70 @@ inline void ApplyEpilogue(typename V::type* acc, int64_t count, const Epilogue<T
   }
 }
 
+// The input rows (n, ih) as the forward and kernel-gradient passes read them: x's own, or with a
+// prologue the mapped row, computed when first asked for into a ring of k rows (this thread's
+// scratch). Rows are asked for k at a time, in increasing order, so each is mapped once per run
+// of consecutive output rows; the k rows one output row reads are k consecutive ih, distinct mod k.
+template <typename T>
+class InputRows {
+ public:
+  InputRows(const T* x, const Geometry& g, const Affine<T>& prologue)
+      : x_(x), g_(g), prologue_(prologue), row_size_(g.width * g.channels) {
+    if (!prologue.active()) return;
+    thread_local std::vector<T> scratch;
+    if (scratch.size() < static_cast<size_t>(g.k * row_size_)) scratch.resize(g.k * row_size_);
+    ring_ = scratch.data();
+    std::fill(tag_, tag_ + kMaxKernel, int64_t{-1});
+  }
+
+  const T* Row(int64_t n, int64_t ih) {
+    const int64_t index = n * g_.height + ih;
+    const T* source = x_ + index * row_size_;
+    if (!prologue_.active()) return source;
+    const int64_t slot = ih % g_.k;
+    T* mapped = ring_ + slot * row_size_;
+    if (tag_[slot] != index) {
+      Map(source, mapped);
+      tag_[slot] = index;
+    }
+    return mapped;
+  }
+
+ private:
+  void Map(const T* source, T* mapped) const {
+    const int64_t C = g_.channels;
+    for (int64_t w = 0; w < g_.width; ++w)
+      ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
+        using V = decltype(vec);
+        typename V::type v[1] = {V::Load(source + w * C + c)};
+        ApplyAffine<V, T>(v, 1, prologue_, c);
+        V::Store(mapped + w * C + c, v[0]);
+      });
+  }
+
+  const T* x_;
+  const Geometry& g_;
+  const Affine<T>& prologue_;
+  const int64_t row_size_;
+  T* ring_ = nullptr;
+  int64_t tag_[kMaxKernel];
+};
+
 // y[row] for rows (n, oh) in [begin, end).
 template <typename T>
-void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, const Epilogue<T>& e, int64_t begin,
-                 int64_t end) {
+void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, const Affine<T>& prologue, const Affine<T>& e,
+                 int64_t begin, int64_t end) {
   const int64_t C = g.channels, s = g.stride, k = g.k;
   int64_t lo, hi;
   InteriorColumns(g, &lo, &hi);
+  InputRows<T> input(x, g, prologue);
+  const T* in[kMaxKernel];  // in[i]: the input row of tap row i (for i in [i0, i1))
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.out_h, oh = row % g.out_h;
     int64_t i0, i1;
     TapRange(oh, g, g.height, &i0, &i1);
     const int64_t ih0 = oh * s - g.pad;
-    const T* x_image = x + n * g.height * g.width * C;
+    for (int64_t i = i0; i < i1; ++i) in[i] = input.Row(n, ih0 + i);
     T* y_row = y + row * g.out_w * C;
     auto one_pixel = [&](int64_t ow) {  // any column, taps clipped at the border
       int64_t j0, j1;
@@ -108,7 +169,7 @@ void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, const Epilogue
       std::fill(out, out + C, T(0));
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t j = j0; j < j1; ++j) {
-          const T* xv = x_image + ((ih0 + i) * g.width + iw0 + j) * C;
+          const T* xv = in[i] + (iw0 + j) * C;
           const T* kv = w + (i * k + j) * C;
           for (int64_t c = 0; c < C; ++c) out[c] += xv[c] * kv[c];
         }
@@ -125,14 +186,14 @@ void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, const Epilogue
         using V = decltype(vec);
         typename V::type acc[kPixels] = {};
         for (int64_t i = i0; i < i1; ++i) {
-          const T* x_row = x_image + ((ih0 + i) * g.width + iw0) * C + c;
+          const T* x_row = in[i] + iw0 * C + c;
           const T* w_row = w + i * k * C + c;
           for (int64_t j = 0; j < k; ++j) {
             const typename V::type kv = V::Load(w_row + j * C);
             for (int64_t p = 0; p < kPixels; ++p) acc[p] += V::Load(x_row + (p * s + j) * C) * kv;
           }
         }
-        if (e.center != nullptr) ApplyEpilogue<V, T>(acc, kPixels, e, c);
+        if (e.center != nullptr) ApplyAffine<V, T>(acc, kPixels, e, c);
         for (int64_t p = 0; p < kPixels; ++p) V::Store(out + p * C + c, acc[p]);
       });
     }
@@ -226,17 +287,18 @@ void InputGradRows(const T* dy, const T* w, T* dx, const Geometry& g, int64_t be
 
 // Adds sum over output rows (n, oh) in [begin, end) of x-window * dy to dw_partial (k * k * C).
 template <typename T>
-void KernelGradRows(const T* x, const T* dy, T* dw_partial, const Geometry& g, int64_t begin, int64_t end) {
+void KernelGradRows(const T* x, const T* dy, T* dw_partial, const Geometry& g, const Affine<T>& prologue,
+                    int64_t begin, int64_t end) {
   const int64_t C = g.channels, s = g.stride;
+  InputRows<T> input(x, g, prologue);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.out_h, oh = row % g.out_h;
     int64_t i0, i1;
     TapRange(oh, g, g.height, &i0, &i1);
-    const T* x_image = x + n * g.height * g.width * C;
     const T* dy_row = dy + row * g.out_w * C;
     const int64_t ih0 = oh * s - g.pad;
     for (int64_t i = i0; i < i1; ++i) {
-      const T* x_row = x_image + (ih0 + i) * g.width * C;
+      const T* x_row = input.Row(n, ih0 + i);
       for (int64_t j = 0; j < g.k; ++j) {
         T* dw = dw_partial + (i * g.k + j) * C;
         // Output columns whose tap j is inside the image: o * s + j - p in [0, width).
@@ -264,6 +326,7 @@ ffi::Error CheckShapes(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, int64_t
     return ffi::Error::InvalidArgument("depthwise: x must be (N, H, W, C) and the kernel (k, k, 1, C)");
   if (stride < 1 || pad < 0) return ffi::Error::InvalidArgument("depthwise: stride must be >= 1 and padding >= 0");
   if (x.element_type() != w.element_type()) return ffi::Error::InvalidArgument("depthwise: x and kernel dtypes differ");
+  g->dtype = x.element_type();
   g->batch = xd[0];
   g->height = xd[1];
   g->width = xd[2];
@@ -278,17 +341,22 @@ ffi::Error CheckShapes(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, int64_t
   return ffi::Error::Success();
 }
 
-// Rows per task: about 64 KiB of output per chunk, at least one row.
-int64_t Grain(int64_t row_elements) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elements)); }
-
-template <typename T>
-void Forward(ffi::ThreadPool& pool, const T* x, const T* w, T* y, const Geometry& g, const Epilogue<T>& epilogue) {
-  ParallelFor(pool, g.batch * g.out_h, Grain(g.out_w * g.channels),
-              [&](int64_t b, int64_t e) { ForwardRows<T>(x, w, y, g, epilogue, b, e); });
+// Rows per task: about 64 KiB of output per chunk, at least one row; with a prologue at least 8 rows,
+// so that the k - 1 input rows a chunk maps for its first output row are a small share of its work.
+int64_t Grain(int64_t row_elements, bool prologue = false) {
+  return std::max<int64_t>(prologue ? 8 : 1, 16384 / std::max<int64_t>(1, row_elements));
 }
 
 template <typename T>
-void Backward(ffi::ThreadPool& pool, const T* x, const T* w, const T* dy, T* dx, T* dw, const Geometry& g) {
+void Forward(ffi::ThreadPool& pool, const T* x, const T* w, T* y, const Geometry& g, const Affine<T>& prologue,
+             const Affine<T>& epilogue) {
+  ParallelFor(pool, g.batch * g.out_h, Grain(g.out_w * g.channels, prologue.active()),
+              [&](int64_t b, int64_t e) { ForwardRows<T>(x, w, y, g, prologue, epilogue, b, e); });
+}
+
+template <typename T>
+void Backward(ffi::ThreadPool& pool, const T* x, const T* w, const T* dy, T* dx, T* dw, const Geometry& g,
+              const Affine<T>& prologue) {
   ParallelFor(pool, g.batch * g.height, Grain(g.width * g.channels),
               [&](int64_t b, int64_t e) { InputGradRows<T>(dy, w, dx, g, b, e); });
   // Kernel gradient: a partial sum per chunk of output rows (deterministic: chunks are fixed and
@@ -299,12 +367,38 @@ void Backward(ffi::ThreadPool& pool, const T* x, const T* w, const T* dy, T* dx,
   std::vector<T> partial(chunks * taps, T(0));
   ParallelFor(pool, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t chunk = b; chunk < e; ++chunk)
-      KernelGradRows<T>(x, dy, partial.data() + chunk * taps, g, chunk * grain,
-                                std::min(rows, (chunk + 1) * grain));
+      KernelGradRows<T>(x, dy, partial.data() + chunk * taps, g, prologue, chunk * grain,
+                        std::min(rows, (chunk + 1) * grain));
   });
   std::fill(dw, dw + taps, T(0));
   for (int64_t chunk = 0; chunk < chunks; ++chunk)
     for (int64_t t = 0; t < taps; ++t) dw[t] += partial[chunk * taps + t];
+}
+
+ffi::Error CheckOutputGradient(const ffi::AnyBuffer& dy, const Geometry& g) {
+  auto dyd = dy.dimensions();
+  if (dyd.size() != 4 || dyd[0] != g.batch || dyd[1] != g.out_h || dyd[2] != g.out_w || dyd[3] != g.channels)
+    return ffi::Error::InvalidArgument("depthwise: the output gradient's shape does not match the output");
+  if (dy.element_type() != g.dtype) return ffi::Error::InvalidArgument("depthwise: x and the output gradient dtypes differ");
+  return ffi::Error::Success();
+}
+
+// An Affine from its three (C,) buffers and its activation attribute (-1: none, the map is not applied).
+template <typename T>
+Affine<T> AffineOf(const ffi::AnyBuffer& center, const ffi::AnyBuffer& scale, const ffi::AnyBuffer& offset,
+                   int64_t activation) {
+  if (activation < 0) return Affine<T>{};
+  return Affine<T>{center.typed_data<T>(), scale.typed_data<T>(), offset.typed_data<T>(), activation};
+}
+
+ffi::Error CheckAffine(const ffi::AnyBuffer& center, const ffi::AnyBuffer& scale, const ffi::AnyBuffer& offset,
+                       int64_t activation, const Geometry& g) {
+  if (activation < -1 || activation > 2)
+    return ffi::Error::InvalidArgument("depthwise: an activation must be -1 (no map), 0 (none), 1 (ReLU) or 2 (ReLU6)");
+  for (const ffi::AnyBuffer* v : {&center, &scale, &offset})
+    if (v->dimensions().size() != 1 || v->dimensions()[0] != g.channels || v->element_type() != g.dtype)
+      return ffi::Error::InvalidArgument("depthwise: center, scale and offset must be (C,) in x's dtype");
+  return ffi::Error::Success();
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
@@ -313,24 +407,23 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (ffi::Error error = CheckShapes(x, w, stride, padding, &g); error.failure()) return error;
   return ForFloatType(x.element_type(), "depthwise", [&](auto zero) {
     using T = decltype(zero);
-    Forward(pool, x.typed_data<T>(), w.typed_data<T>(), y->typed_data<T>(), g, Epilogue<T>{});
+    Forward(pool, x.typed_data<T>(), w.typed_data<T>(), y->typed_data<T>(), g, Affine<T>{}, Affine<T>{});
   });
 }
 
-ffi::Error ForwardBnImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer center,
-                         ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> y, int64_t stride,
-                         int64_t padding, int64_t activation) {
+ffi::Error ForwardAffineImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer in_center,
+                             ffi::AnyBuffer in_scale, ffi::AnyBuffer in_offset, ffi::AnyBuffer out_center,
+                             ffi::AnyBuffer out_scale, ffi::AnyBuffer out_offset, ffi::Result<ffi::AnyBuffer> y,
+                             int64_t stride, int64_t padding, int64_t prologue, int64_t epilogue) {
   Geometry g;
   if (ffi::Error error = CheckShapes(x, w, stride, padding, &g); error.failure()) return error;
-  for (const ffi::AnyBuffer* v : {&center, &scale, &offset})
-    if (v->dimensions().size() != 1 || v->dimensions()[0] != g.channels || v->element_type() != x.element_type())
-      return ffi::Error::InvalidArgument("depthwise: center, scale and offset must be (C,) in x's dtype");
-  if (activation < 0 || activation > 2)
-    return ffi::Error::InvalidArgument("depthwise: activation must be 0 (none), 1 (ReLU) or 2 (ReLU6)");
+  if (ffi::Error error = CheckAffine(in_center, in_scale, in_offset, prologue, g); error.failure()) return error;
+  if (ffi::Error error = CheckAffine(out_center, out_scale, out_offset, epilogue, g); error.failure()) return error;
   return ForFloatType(x.element_type(), "depthwise", [&](auto zero) {
     using T = decltype(zero);
-    const Epilogue<T> epilogue{center.typed_data<T>(), scale.typed_data<T>(), offset.typed_data<T>(), activation};
-    Forward(pool, x.typed_data<T>(), w.typed_data<T>(), y->typed_data<T>(), g, epilogue);
+    Forward(pool, x.typed_data<T>(), w.typed_data<T>(), y->typed_data<T>(), g,
+            AffineOf<T>(in_center, in_scale, in_offset, prologue),
+            AffineOf<T>(out_center, out_scale, out_offset, epilogue));
   });
 }
 
@@ -339,13 +432,26 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
                         int64_t padding) {
   Geometry g;
   if (ffi::Error error = CheckShapes(x, w, stride, padding, &g); error.failure()) return error;
-  auto dyd = dy.dimensions();
-  if (dyd.size() != 4 || dyd[0] != g.batch || dyd[1] != g.out_h || dyd[2] != g.out_w || dyd[3] != g.channels)
-    return ffi::Error::InvalidArgument("depthwise: the output gradient's shape does not match the output");
+  if (ffi::Error error = CheckOutputGradient(dy, g); error.failure()) return error;
   return ForFloatType(x.element_type(), "depthwise", [&](auto zero) {
     using T = decltype(zero);
     Backward(pool, x.typed_data<T>(), w.typed_data<T>(), dy.typed_data<T>(), dx->typed_data<T>(), dw->typed_data<T>(),
-             g);
+             g, Affine<T>{});
+  });
+}
+
+ffi::Error BackwardPrologueImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy,
+                                ffi::AnyBuffer in_center, ffi::AnyBuffer in_scale, ffi::AnyBuffer in_offset,
+                                ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dw, int64_t stride,
+                                int64_t padding, int64_t prologue) {
+  Geometry g;
+  if (ffi::Error error = CheckShapes(x, w, stride, padding, &g); error.failure()) return error;
+  if (ffi::Error error = CheckOutputGradient(dy, g); error.failure()) return error;
+  if (ffi::Error error = CheckAffine(in_center, in_scale, in_offset, prologue, g); error.failure()) return error;
+  return ForFloatType(x.element_type(), "depthwise", [&](auto zero) {
+    using T = decltype(zero);
+    Backward(pool, x.typed_data<T>(), w.typed_data<T>(), dy.typed_data<T>(), dx->typed_data<T>(), dw->typed_data<T>(),
+             g, AffineOf<T>(in_center, in_scale, in_offset, prologue));
   });
 }
 
@@ -360,18 +466,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetDepthwiseForward, ForwardImpl,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetDepthwiseForwardBn, ForwardBnImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetDepthwiseForwardAffine, ForwardAffineImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // kernel
+                                  .Arg<ffi::AnyBuffer>()  // prologue center, scale, offset
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()  // epilogue center, scale, offset
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding")
-                                  .Attr<int64_t>("activation"));
+                                  .Attr<int64_t>("prologue")
+                                  .Attr<int64_t>("epilogue"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetDepthwiseBackward, BackwardImpl,
                               ffi::Ffi::Bind()
@@ -383,3 +493,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetDepthwiseBackward, BackwardImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MobilenetDepthwiseBackwardPrologue, BackwardPrologueImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // kernel
+                                  .Arg<ffi::AnyBuffer>()  // output gradient
+                                  .Arg<ffi::AnyBuffer>()  // prologue center, scale, offset
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding")
+                                  .Attr<int64_t>("prologue"));

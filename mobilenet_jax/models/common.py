@@ -34,7 +34,7 @@ class Layers(NamedTuple):
     depthwise: Callable[..., nn.Module]  # per-channel k x k convolution
     padding: str
     squeeze_excite: Callable[..., nn.Module]  # the same in both forms: its convolutions have biases, no BatchNorm
-    fuse_batchnorm: bool = False  # inference: depthwise convs on the C++ kernels apply their BatchNorm (conv_bn)
+    fuse_batchnorm: bool = False  # depthwise convs on the C++ kernels apply the BatchNorms next to them (conv_bn)
 
 
 def layer_factories(model: nn.Module, train: bool) -> Layers:
@@ -78,7 +78,7 @@ def layer_factories(model: nn.Module, train: bool) -> Layers:
         depthwise=functools.partial(depthwise, implementation=model.depthwise_impl),
         padding=model.padding,
         squeeze_excite=squeeze_excite,
-        fuse_batchnorm=model.fuse_batchnorm and not train,
+        fuse_batchnorm=model.fuse_batchnorm,
     )
 
 
@@ -87,10 +87,8 @@ def _identity(x: jax.Array) -> jax.Array:
 
 
 def _batchnorm_implementation(depthwise_impl: str) -> str:
-    """The BatchNorm's: the kernels with depthwise_impl 'ffi', by size with 'auto' on CPU, flax's code otherwise."""
-    if layers.resolve_depthwise_impl(depthwise_impl) != "ffi":
-        return "xla"
-    return "ffi" if depthwise_impl == "ffi" else "auto"
+    """The BatchNorm's: the kernels where the depthwise convs take them ('ffi', 'auto' on CPU), else flax's code."""
+    return "ffi" if layers.resolve_depthwise_impl(depthwise_impl) == "ffi" else "xla"
 
 
 def _activation_only(name: str | None) -> Callable:
@@ -120,25 +118,48 @@ def activation(name: str | None) -> Callable:
     return ACTIVATIONS[name]
 
 
-def conv_bn(make: Layers, conv: table.Conv, x: jax.Array) -> jax.Array:
+def conv_bn(make: Layers, conv: table.Conv, x: jax.Array | layers.Deferred, following: table.Conv | None = None):
     """One table row's convolution, its BatchNorm and activation, named as the table names them.
 
-    ReLU/ReLU6 are the BatchNorm call's own (on CPU its backward recomputes the mask). In inference
-    on the C++ kernels' path (``make.fuse_batchnorm``), a depthwise conv applies its BatchNorm and
-    activation inside its custom call: BatchNorm's ``__call__`` then does not run.
+    ReLU/ReLU6 are the BatchNorm call's own (on CPU its backward recomputes the mask). On the C++
+    kernels' path (``make.fuse_batchnorm``) the BatchNorms next to a depthwise conv run inside its
+    custom call: in inference its own BatchNorm and activation are applied to each output before it
+    is stored; and where ``following`` (the table's next convolution, if this one's output feeds it
+    alone) is a depthwise conv on the kernels, this row's BatchNorm and activation are returned
+    undone (a :class:`~mobilenet_jax.models.layers.Deferred`) for that call to apply as it reads its
+    input, in training and inference. BatchNorm's ``__call__`` then does not run.
     """
     own = conv.activation if conv.activation in layers.BATCHNORM_ACTIVATIONS else None
     norm = make.norm(name=conv.norm_name, activation=own)
     if conv.kind == "depthwise":
         layer = make.depthwise(kernel_size=conv.kernel, strides=conv.stride, name=conv.name)
         affine = norm.inference_affine(x) if make.fuse_batchnorm and layer.uses_kernels(x) else None
-        x = norm(layer(x)) if affine is None else layer(x, batchnorm=(*affine, own))
+        if affine is not None:
+            y = layer(x, batchnorm=(*affine, own))
+            return y if own is not None else activation(conv.activation)(y)
+        y = layer(x)
     elif conv.kind == "pointwise":
-        x = norm(make.pointwise(conv.out_channels, name=conv.name)(x))
+        y = make.pointwise(conv.out_channels, name=conv.name)(layers.materialize(x))
     else:
         pads = tuple(layers.pad_amounts(n, conv.kernel, conv.stride, make.padding) for n in x.shape[1:3])
-        x = norm(make.conv(conv.out_channels, (conv.kernel,) * 2, strides=conv.stride, padding=pads, name=conv.name)(x))
+        layer = make.conv(conv.out_channels, (conv.kernel,) * 2, strides=conv.stride, padding=pads, name=conv.name)
+        y = layer(layers.materialize(x))
+    deferred = _deferred(make, norm, conv, y, following)
+    if deferred is not None:
+        return deferred
+    x = norm(y)
     return x if own is not None else activation(conv.activation)(x)
+
+
+def _deferred(make: Layers, norm, conv: table.Conv, y: jax.Array, following: table.Conv | None):
+    """``norm`` and ``conv``'s activation on ``y``, left to ``following`` where it is a depthwise conv that
+    applies them inside its kernel call (else None: they are applied now)."""
+    if not make.fuse_batchnorm or following is None or following.kind != "depthwise":
+        return None
+    if conv.activation is not None and conv.activation not in layers.BATCHNORM_ACTIVATIONS:
+        return None
+    reader = make.depthwise(kernel_size=following.kernel, strides=following.stride, parent=None)
+    return norm.deferred(y) if reader.takes_deferred(y) else None
 
 
 class SqueezeExcite(nn.Module):
@@ -159,16 +180,24 @@ class SqueezeExcite(nn.Module):
 
 class TableBlock(nn.Module):
     """One :class:`~mobilenet_jax.models.table.Block` row: its convolutions in order, the squeeze-excitation
-    after the depthwise one, and the shortcut."""
+    after the depthwise one, and the shortcut. ``following``: the next block's first convolution, where this
+    block's output feeds it alone (see :func:`conv_bn`)."""
 
     block: table.Block
     make: Layers
+    following: table.Conv | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array | layers.Deferred) -> jax.Array | layers.Deferred:
+        if self.block.residual:
+            x = layers.materialize(x)
         shortcut = x
-        for conv in self.block.convs(""):
-            x = conv_bn(self.make, conv, x)
+        convs = self.block.convs("")
+        for i, conv in enumerate(convs):
+            following = convs[i + 1] if i + 1 < len(convs) else self.following
+            if (conv.kind == "depthwise" and self.block.se_channels) or (self.block.residual and i + 1 == len(convs)):
+                following = None  # read by the squeeze-excitation, or added to the shortcut
+            x = conv_bn(self.make, conv, x, following)
             if conv.kind == "depthwise" and self.block.se_channels:
                 x = self.make.squeeze_excite(self.block, name="se")(x)
         return x + shortcut if self.block.residual else x
@@ -218,17 +247,24 @@ def forward(
     check_images(x, type(model).__name__)
     make = layer_factories(model, train)
     convs = network.convs()
-    x = conv_bn(make, convs[0], x)
+    blocks = network.blocks
+    # The conv each layer's output feeds alone (a residual block's input is also its shortcut): the stem's
+    # feeds block 0's first, block i's block i + 1's first, the last block's the head conv (if any).
+    feeds = [None if b.residual else b.convs("")[0] for b in blocks]
+    feeds.append(network.head_conv() if network.head_channels else None)
+    x = conv_bn(make, convs[0], x, feeds[0])
     stride = convs[0].stride
     features = {f"stride_{stride}": x}
-    for i, block in enumerate(network.blocks):
-        x = TableBlock(block, make, name=f"block_{i}")(x)
+    for i, block in enumerate(blocks):
+        x = TableBlock(block, make, feeds[i + 1], name=f"block_{i}")(x)
         stride *= block.stride
         features[f"stride_{stride}"] = x
     if network.head_channels:
         features[f"stride_{stride}"] = x = conv_bn(make, network.head_conv(), x)
-    x, features = head(model, x, features, train, dropout_rate, network.head_fc(), make)
-    return (x, features) if return_features else x
+    x, features = head(model, layers.materialize(x), features, train, dropout_rate, network.head_fc(), make)
+    if not return_features:
+        return x
+    return x, {name: layers.materialize(value) for name, value in features.items()}
 
 
 def head(

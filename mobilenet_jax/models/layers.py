@@ -12,8 +12,7 @@ layers always pad one pixel at the bottom and right, whatever the input size.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 from mobilenet_jax.kernels import batchnorm as batchnorm_kernels
+from mobilenet_jax.kernels import conv as conv_kernels
 from mobilenet_jax.kernels import depthwise as depthwise_kernels
 
 Dtype = Any
@@ -33,10 +33,6 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_kernel_init = nn.initializers.normal(stddev=0.01)
 
 DEPTHWISE_IMPLEMENTATIONS = ("auto", "xla", "shift", "ffi")
-# 'auto' on CPU uses the C++ kernels where they pay: on activations of at least this many elements.
-# Below it the custom calls' fixed cost outweighs their gain (the quickstart's MobileNetV1 0.5 at 32 px,
-# batch 128, largest activation 1M elements: 1,617 img/s training on XLA's ops, 1,440 with the kernels).
-KERNEL_MIN_ELEMENTS = 2**21
 PADDINGS = ("torch", "tf", "keras_v1")
 
 
@@ -201,6 +197,50 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(n, h, w, kernel.shape[-1])
 
 
+class Deferred(NamedTuple):
+    """A BatchNorm's output not yet computed: ``activation((x - center) * scale + offset)`` per channel.
+
+    What a layer whose BatchNorm feeds a depthwise convolution on the C++ kernels returns instead of
+    that output (:func:`~mobilenet_jax.models.common.conv_bn`): the depthwise call applies the map to
+    each input row as it reads it, so the BatchNorm's output is neither written nor kept for the
+    backward pass. ``(center, scale, offset)`` are the BatchNorm's ``(mean, scale * rsqrt(var + epsilon),
+    bias)``, with the batch statistics in training (differentiable) and the running ones in inference.
+    Anything else that reads it calls :meth:`materialize`, which is flax's own formula.
+    """
+
+    x: jax.Array
+    center: jax.Array
+    scale: jax.Array
+    offset: jax.Array
+    activation: str | None  # None, 'relu' or 'relu6'
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.x.ndim
+
+    @property
+    def affine(self) -> tuple:
+        """``(center, scale, offset, activation)``: the prologue of a depthwise kernel call."""
+        return self.center, self.scale, self.offset, self.activation
+
+    def materialize(self) -> jax.Array:
+        y = (self.x - self.center) * self.scale + self.offset
+        return y if self.activation is None else BATCHNORM_ACTIVATIONS[self.activation](y)
+
+
+def materialize(x: jax.Array | Deferred) -> jax.Array:
+    """``x`` itself, or a :class:`Deferred` BatchNorm output computed."""
+    return x.materialize() if isinstance(x, Deferred) else x
+
+
 class DepthwiseConv(nn.Module):
     """k x k depthwise convolution (without bias unless ``use_bias``).
 
@@ -220,24 +260,44 @@ class DepthwiseConv(nn.Module):
     kernel_init: Any = conv_kernel_init
 
     @nn.compact
-    def __call__(self, x: jax.Array, batchnorm: tuple | None = None) -> jax.Array:
-        """``batchnorm``: ``(center, scale, offset, activation)`` of the inference-mode BatchNorm (and its
-        ReLU/ReLU6 or None) that follows, applied inside the C++ kernel's forward call; only where
+    def __call__(self, x: jax.Array | Deferred, batchnorm: tuple | None = None) -> jax.Array:
+        """``x``: an array, or a :class:`Deferred` BatchNorm output, whose normalisation and activation the C++
+        kernel applies to each input row as it reads it where :meth:`takes_deferred` (else it is applied
+        here first). ``batchnorm``: ``(center, scale, offset, activation)`` of the inference-mode BatchNorm
+        (and its ReLU/ReLU6 or None) that follows, applied inside the C++ kernel's forward call; only where
         :meth:`uses_kernels` (see :func:`~mobilenet_jax.models.common.conv_bn`)."""
+        prologue = None
+        if isinstance(x, Deferred):
+            x, prologue = (x.x, x.affine) if self.takes_deferred(x) else (x.materialize(), None)
         channels = x.shape[-1]
         kernel = self.param(
             "kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype
         )
         bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype) if self.use_bias else None
         x, kernel, bias, padding = self._promote_and_pad(x, kernel, bias)
-        implementation = self._implementation(x.size)
-        if batchnorm is not None:
+        implementation = resolve_depthwise_impl(self.implementation)
+        if batchnorm is not None or prologue is not None:
             if implementation != "ffi" or bias is not None or not depthwise_kernels.supports(x):
                 raise ValueError("A BatchNorm is applied inside the depthwise call only on the C++ kernels' path.")
             require_kernels()  # registered here too: this path does not pass through depthwise_conv
-            return depthwise_kernels.depthwise_conv_batchnorm(x, kernel, self.strides, padding, *batchnorm)
+            return depthwise_kernels.depthwise_conv_affine(x, kernel, self.strides, padding, prologue, batchnorm)
         y = depthwise_conv(x, kernel, self.strides, padding, implementation)
         return y if bias is None else y + bias
+
+    def takes_deferred(self, x: jax.Array | Deferred) -> bool:
+        """Whether this layer applies a :class:`Deferred` input's map inside its kernel call: on the kernels'
+        path, with the padding inside the call (zeros around the mapped input, as padding the mapped input)."""
+        if not self.uses_kernels(x):
+            return False
+        pads = {
+            amount
+            for size in x.shape[1:3]
+            for amount in pad_amounts(size, self.kernel_size, self.strides, self.padding, depthwise=True)
+        }
+        return (
+            len(pads) == 1
+            and jnp.result_type(x.dtype, self.param_dtype, *([self.dtype] if self.dtype else [])) == x.dtype
+        )
 
     def uses_kernels(self, x: jax.Array) -> bool:
         """Whether this layer runs ``x`` (its unpadded input) through the C++ CPU kernels: the input
@@ -248,7 +308,7 @@ class DepthwiseConv(nn.Module):
         )
         return (
             not self.use_bias
-            and self._implementation(math.prod(padded.shape)) == "ffi"
+            and resolve_depthwise_impl(self.implementation) == "ffi"
             and depthwise_kernels.supports(padded)
         )
 
@@ -257,13 +317,6 @@ class DepthwiseConv(nn.Module):
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         x, padding = pad_input(x, self.kernel_size, self.strides, self.padding, depthwise=True)
         return x, kernel, bias, padding
-
-    def _implementation(self, size: int) -> str:
-        """The implementation for a padded input of ``size`` elements."""
-        implementation = resolve_depthwise_impl(self.implementation)
-        if self.implementation == "auto" and implementation == "ffi" and size < KERNEL_MIN_ELEMENTS:
-            implementation = "shift"  # small activations: the kernels' per-call cost outweighs their gain
-        return implementation
 
 
 class PointwiseConv(nn.Module):
@@ -304,11 +357,14 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, strides: int, padding) -> ja
 
 class Conv(nn.Conv):
     """``flax.linen.Conv`` (same fields and parameters) that, on CPU, runs a k x k convolution without
-    bias or groups as one matrix product over patches (:func:`conv_as_matmul`).
+    bias or groups as one matrix product over patches (:func:`conv_as_matmul`), or, with few input
+    channels (a stem: k * k * C_in up to ``kernels.conv.MAX_TAPS``), on the C++ kernel, which gathers
+    each output row's patches in cache instead of writing them all out.
 
     XLA:CPU's convolution takes 2-3x longer for the stem (3 input channels; measured at 224 px,
     batch 32: forward 42 -> 22 ms, with the kernel gradient 77 -> 32 ms). ``implementation``
-    follows the depthwise one: 'auto' (per backend), 'xla' is flax's code.
+    follows the depthwise one: 'auto' (per backend: on CPU the kernel where it applies), 'xla' is
+    flax's code.
     """
 
     implementation: str = "auto"
@@ -321,7 +377,15 @@ class Conv(nn.Conv):
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         x, kernel = promote_dtype(inputs, kernel, dtype=self.dtype)
         strides = self.strides if isinstance(self.strides, int) else self.strides[0]
-        return conv_as_matmul(x, kernel, strides, tuple(tuple(p) for p in self.padding))
+        padding = tuple(tuple(p) for p in self.padding)
+        if self._kernel_applies(x, kernel):
+            require_kernels()
+            return conv_kernels.conv(x, kernel, strides, padding)
+        return conv_as_matmul(x, kernel, strides, padding)
+
+    def _kernel_applies(self, x: jax.Array, kernel: jax.Array) -> bool:
+        """The C++ kernel where the layer resolves to the kernels ('auto' on CPU, 'ffi') and has few input channels."""
+        return resolve_depthwise_impl(self.implementation) == "ffi" and conv_kernels.supports(x, kernel.shape)
 
     def _patches_apply(self, x: jax.Array) -> bool:
         strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
@@ -356,7 +420,9 @@ class BatchNorm(nn.BatchNorm):
     into its ``custom_vjp``, so that its mask is recomputed instead of stored.
     """
 
-    implementation: str = "xla"  # 'xla' (flax's code), 'ffi', or 'auto': 'ffi' from KERNEL_MIN_ELEMENTS on
+    implementation: str = (
+        "xla"  # 'xla' (flax's code), 'ffi', or 'auto' (the same as 'ffi': where the kernels are built)
+    )
     activation: str | None = None  # None, or one of BATCHNORM_ACTIVATIONS applied after the normalisation
 
     @nn.compact
@@ -393,6 +459,26 @@ class BatchNorm(nn.BatchNorm):
         scale = lax.rsqrt(var + self.epsilon) * self.get_variable("params", "scale")
         return mean, scale, self.get_variable("params", "bias")
 
+    def deferred(self, x: jax.Array) -> Deferred | None:
+        """This BatchNorm and its activation on ``x``, left to the layer that reads the result (a depthwise
+        kernel call's prologue): in inference with the running statistics, in training with the batch
+        statistics (the running averages updated here, as ``__call__`` does). None where only calling it
+        applies it: during ``init``, for other options than flax's defaults, or without the kernels."""
+        activation = self.activation
+        if self.use_running_average:
+            affine = self.inference_affine(x)
+            return None if affine is None else Deferred(x, *affine, activation)
+        if self.is_initializing() or not self._kernel_applies(x):
+            return None
+        mean, var = batchnorm_kernels.batch_statistics(x, self.axis_name)
+        for name, value in (("mean", mean), ("var", var)):  # the running averages, as __call__ updates them
+            running = self.get_variable("batch_stats", name)
+            self.put_variable(
+                "batch_stats", name, self.momentum * running + (1 - self.momentum) * lax.stop_gradient(value)
+            )
+        scale, bias = self.get_variable("params", "scale"), self.get_variable("params", "bias")
+        return Deferred(x, mean, lax.rsqrt(var + self.epsilon) * scale, bias, activation)
+
     def _flax_defaults(self, x: jax.Array) -> bool:
         """Last-axis features, scale and bias, no groups, x's dtype throughout: what the kernel paths take."""
         same_dtype = jnp.result_type(x, self.param_dtype, *([self.dtype] if self.dtype else [])) == x.dtype
@@ -408,7 +494,7 @@ class BatchNorm(nn.BatchNorm):
 
     def _kernel_applies(self, x: jax.Array) -> bool:
         return (
-            (self.implementation == "ffi" or (self.implementation == "auto" and x.size >= KERNEL_MIN_ELEMENTS))
+            self.implementation in ("ffi", "auto")
             and self._flax_defaults(x)
             and batchnorm_kernels.supports(x)
             and batchnorm_kernels.available()
