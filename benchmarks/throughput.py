@@ -248,6 +248,9 @@ def run(args) -> dict:
     for c in candidates:  # the first call of every mode: compilation (JAX) or warm-up (PyTorch)
         for mode in args.modes:
             first.setdefault(c.name, {})[mode] = timed(getattr(c, mode))
+    if args.print_peak_rss:  # the peak so far includes compiling the step; then the steps' own peak
+        print(f"first_call_peak_rss_gb {peak_rss_of_this_process_gb():.3f}", flush=True)
+        reset_peak_rss()
     for c in candidates:  # then a discarded round, until the allocator has the steps' working sets
         for mode in args.modes:
             measure(getattr(c, mode), args.seconds)
@@ -289,6 +292,15 @@ def ratios(results: dict) -> dict:
     return out
 
 
+def reset_peak_rss() -> None:
+    """Starts VmHWM again from the current RSS (Linux: ``5`` to ``/proc/self/clear_refs``); elsewhere a no-op."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_of_this_process_gb() -> float:
     """VmHWM: this process's own peak. (``ru_maxrss`` would include the parent's peak: Linux carries it
     across the exec of a child that a large process started.)"""
@@ -327,7 +339,9 @@ def peak_rss(args) -> dict:
         result = subprocess.run([sys.executable, __file__, *common, *extra], capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"the {name} peak-RSS process failed: {result.stderr.strip().splitlines()[-1:]}")
-        out[name] = float(result.stdout.strip().splitlines()[-1].split()[-1])
+        values = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("peak_rss", "first_")))
+        out[name] = float(values["peak_rss_gb"])  # while training, after the first step
+        out[name + ", first step (compilation)"] = float(values["first_call_peak_rss_gb"])
     return out
 
 
@@ -439,7 +453,7 @@ def main(argv=None):
     if args.peak_rss:
         report["peak_rss_gb"] = peak_rss(args)
         print(
-            "peak RSS while training (a process each): "
+            "peak RSS (a process each; while training after the first step, and during the first step): "
             + ", ".join(f"{k} {v:.2f} GB" for k, v in report["peak_rss_gb"].items())
         )
     if args.pipeline or args.pipeline_only:
