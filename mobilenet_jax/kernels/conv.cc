@@ -99,7 +99,7 @@ void ForwardRows(const T* x, const T* w, T* y, const ConvGeometry& g, int64_t be
         typename V::type acc[kPixels] = {};
         for (int64_t t = 0; t < taps; ++t) {
           const typename V::type wv = V::Load(w + t * O + o);
-          for (int64_t q = 0; q < kPixels; ++q) acc[q] += base[q][offset[q][t]] * wv;
+          MOBILENET_UNROLL for (int64_t q = 0; q < kPixels; ++q) acc[q] += base[q][offset[q][t]] * wv;
         }
         for (int64_t q = 0; q < pixels; ++q) V::Store(y_row + (ow + q) * O + o, acc[q]);
       });

@@ -88,7 +88,7 @@ inline void ApplyAffine(typename V::type* acc, int64_t count, const Affine<T>& e
   using Type = typename V::type;
   const Type center = V::Load(e.center + c), scale = V::Load(e.scale + c), offset = V::Load(e.offset + c);
   const Type zero = {}, six = zero + T(6);
-  for (int64_t p = 0; p < count; ++p) {
+  MOBILENET_UNROLL for (int64_t p = 0; p < count; ++p) {
     Type v = (acc[p] - center) * scale + offset;
     if (e.activation != 0) v = v < zero ? zero : v;
     if (e.activation == 2) v = v > six ? six : v;
@@ -190,11 +190,11 @@ void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, const Affine<T
           const T* w_row = w + i * k * C + c;
           for (int64_t j = 0; j < k; ++j) {
             const typename V::type kv = V::Load(w_row + j * C);
-            for (int64_t p = 0; p < kPixels; ++p) acc[p] += V::Load(x_row + (p * s + j) * C) * kv;
+            MOBILENET_UNROLL for (int64_t p = 0; p < kPixels; ++p) acc[p] += V::Load(x_row + (p * s + j) * C) * kv;
           }
         }
         if (e.center != nullptr) ApplyAffine<V, T>(acc, kPixels, e, c);
-        for (int64_t p = 0; p < kPixels; ++p) V::Store(out + p * C + c, acc[p]);
+        MOBILENET_UNROLL for (int64_t p = 0; p < kPixels; ++p) V::Store(out + p * C + c, acc[p]);
       });
     }
     for (; ow < g.out_w; ++ow) one_pixel(ow);
@@ -236,7 +236,7 @@ void InputGradRows(const T* dy, const T* w, T* dx, const Geometry& g, int64_t be
   }
   auto same_taps = [&](int64_t iw) {  // iw, iw + s, ..., iw + (kPixels - 1) s: one residue class, all complete
     if (iw + (kPixels - 1) * s >= g.width || columns[iw].count == 0) return false;
-    for (int64_t p = 0; p < kPixels; ++p)
+    MOBILENET_UNROLL for (int64_t p = 0; p < kPixels; ++p)
       if (!complete[iw + p * s]) return false;
     return true;
   };
@@ -274,10 +274,10 @@ void InputGradRows(const T* dy, const T* w, T* dx, const Geometry& g, int64_t be
             for (int64_t e = 0; e < cols.count; ++e) {
               const T* d = dy_row + cols.out[e] * C;
               const typename V::type kv = V::Load(w_row + cols.tap[e] * C);
-              for (int64_t p = 0; p < kPixels; ++p) acc[p] += V::Load(d + p * C) * kv;
+              MOBILENET_UNROLL for (int64_t p = 0; p < kPixels; ++p) acc[p] += V::Load(d + p * C) * kv;
             }
           }
-          for (int64_t p = 0; p < kPixels; ++p) V::Store(dx_row + (iw + p * s) * C + c, acc[p]);
+          MOBILENET_UNROLL for (int64_t p = 0; p < kPixels; ++p) V::Store(dx_row + (iw + p * s) * C + c, acc[p]);
         });
         iw += kPixels * s;
       }
@@ -309,7 +309,7 @@ void KernelGradRows(const T* x, const T* dy, T* dw_partial, const Geometry& g, c
           typename V::type acc[kPixels] = {};  // kPixels partial sums: independent chains
           int64_t o = o0;
           for (; o + kPixels <= o1; o += kPixels)
-            for (int64_t p = 0; p < kPixels; ++p)
+            MOBILENET_UNROLL for (int64_t p = 0; p < kPixels; ++p)
               acc[p] += V::Load(x_row + ((o + p) * s + j - g.pad) * C + c) * V::Load(dy_row + (o + p) * C + c);
           for (; o < o1; ++o) acc[0] += V::Load(x_row + (o * s + j - g.pad) * C + c) * V::Load(dy_row + o * C + c);
           V::Store(dw + c, V::Load(dw + c) + ((acc[0] + acc[1]) + (acc[2] + acc[3])));

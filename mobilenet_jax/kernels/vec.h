@@ -4,6 +4,11 @@
 
 #include <cstdint>
 
+// Before a loop over a register block's accumulators (a compile-time count): unrolled early, so
+// GCC keeps the block in registers; without it the array lived on the stack, zeroed with rep stos
+// for every block (measured on AVX2: the depthwise forward 25-30% slower).
+#define MOBILENET_UNROLL _Pragma("GCC unroll 16")
+
 namespace mobilenet_jax {
 
 // A GCC/Clang vector of Bytes bytes of T (one zmm register with AVX-512, one ymm with AVX2 at 32);
