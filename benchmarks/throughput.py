@@ -410,7 +410,11 @@ def machine() -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            cpuinfo = f.read().splitlines()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in cpuinfo if line.startswith(("flags", "Features")))
+        # The widest vector extension: the kernels' and XLA's code differ by it (AVX-512 or AVX2 machines).
+        info["vector_extension"] = next((name for name in ("avx512f", "avx2", "avx", "asimd") if name in flags), "")
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     if torch is not None:
