@@ -420,9 +420,8 @@ class BatchNorm(nn.BatchNorm):
     into its ``custom_vjp``, so that its mask is recomputed instead of stored.
     """
 
-    implementation: str = (
-        "xla"  # 'xla' (flax's code), 'ffi', or 'auto' (the same as 'ffi': where the kernels are built)
-    )
+    # 'xla' (flax's code), 'ffi', or 'auto' (the same as 'ffi': where the kernels are built)
+    implementation: str = "xla"
     activation: str | None = None  # None, or one of BATCHNORM_ACTIVATIONS applied after the normalisation
 
     @nn.compact
@@ -434,8 +433,6 @@ class BatchNorm(nn.BatchNorm):
             y = super().__call__(x, use_running_average, mask=mask)
             return y if self.activation is None else BATCHNORM_ACTIVATIONS[self.activation](y)
         features = (x.shape[-1],)
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
         scale = self.param("scale", self.scale_init, features, self.param_dtype)
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
         if self.activation is None:
@@ -444,9 +441,16 @@ class BatchNorm(nn.BatchNorm):
             y, mean, var = batchnorm_kernels.batch_norm_activation_train(
                 x, scale, bias, self.epsilon, self.axis_name, self.activation
             )
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        self._update_running_averages(mean, var)
         return y
+
+    def _update_running_averages(self, mean: jax.Array, var: jax.Array) -> None:
+        """The running averages, as flax's BatchNorm updates them in training (no gradient flows into them)."""
+        for name, value in (("mean", mean), ("var", var)):
+            running = self.get_variable("batch_stats", name)
+            self.put_variable(
+                "batch_stats", name, self.momentum * running + (1 - self.momentum) * lax.stop_gradient(value)
+            )
 
     def inference_affine(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array] | None:
         """``(mean, scale * rsqrt(var + epsilon), bias)``: what this BatchNorm, in inference mode, normalises its
@@ -471,11 +475,7 @@ class BatchNorm(nn.BatchNorm):
         if self.is_initializing() or not self._kernel_applies(x):
             return None
         mean, var = batchnorm_kernels.batch_statistics(x, self.axis_name)
-        for name, value in (("mean", mean), ("var", var)):  # the running averages, as __call__ updates them
-            running = self.get_variable("batch_stats", name)
-            self.put_variable(
-                "batch_stats", name, self.momentum * running + (1 - self.momentum) * lax.stop_gradient(value)
-            )
+        self._update_running_averages(mean, var)
         scale, bias = self.get_variable("params", "scale"), self.get_variable("params", "bias")
         return Deferred(x, mean, lax.rsqrt(var + self.epsilon) * scale, bias, activation)
 
