@@ -34,100 +34,113 @@ struct ConvGeometry {
   int64_t taps() const { return k * k * in_channels; }
 };
 
-constexpr int64_t kPixels = 4;    // output pixels per register block in the forward pass
-constexpr int64_t kTapBlock = 28;  // taps per register block in the kernel gradient (28 + 2 of 32 zmm)
 constexpr int64_t kMaxTaps = 64;   // the Python side sends at most conv.MAX_TAPS
 
-// Where a pixel's k*k*C input values are: base[offset[t]] for tap t = (i * k + j) * C + c. Inside the
-// image, base is the window's top-left input value and offset the taps' distances from it; at the
-// border, base is a local copy of the patch with zeros outside the image and offset the identity.
+// The k*k*C input values of output pixel (n, oh, ow) in tap order t = (i * k + j) * C + c, with zeros
+// outside the image, copied to dst: per kernel row one contiguous run of k*C values where the window
+// lies inside the image's width.
 template <typename T>
-class Patches {
- public:
-  Patches(const T* x, const ConvGeometry& g) : x_(x), g_(g) {
-    const int64_t C = g.in_channels;
-    for (int64_t i = 0; i < g.k; ++i)
-      for (int64_t j = 0; j < g.k; ++j)
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t t = (i * g.k + j) * C + c;
-          inside_[t] = (i * g.width + j) * C + c;
-          local_[t] = t;
-        }
-  }
-
-  // The pixel (n, oh, ow): its base (written into `copy`, kMaxTaps values, at the border) and offsets.
-  const T* Pixel(int64_t n, int64_t oh, int64_t ow, T* copy, const int64_t** offsets) const {
-    const int64_t C = g_.in_channels, ih0 = oh * g_.stride - g_.top, iw0 = ow * g_.stride - g_.left;
-    const T* image = x_ + n * g_.height * g_.width * C;
-    if (ih0 >= 0 && iw0 >= 0 && ih0 + g_.k <= g_.height && iw0 + g_.k <= g_.width) {
-      *offsets = inside_;
-      return image + (ih0 * g_.width + iw0) * C;
-    }
-    for (int64_t i = 0; i < g_.k; ++i)
-      for (int64_t j = 0; j < g_.k; ++j) {
-        const int64_t ih = ih0 + i, iw = iw0 + j;
-        const bool in = ih >= 0 && ih < g_.height && iw >= 0 && iw < g_.width;
-        for (int64_t c = 0; c < C; ++c) copy[(i * g_.k + j) * C + c] = in ? image[(ih * g_.width + iw) * C + c] : T(0);
+void CopyPatch(const T* x, const ConvGeometry& g, int64_t n, int64_t oh, int64_t ow, T* dst) {
+  const int64_t C = g.in_channels, k = g.k, run = k * C;
+  const int64_t ih0 = oh * g.stride - g.top, iw0 = ow * g.stride - g.left;
+  const T* image = x + n * g.height * g.width * C;
+  const bool columns_inside = iw0 >= 0 && iw0 + k <= g.width;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t ih = ih0 + i;
+    T* out = dst + i * run;
+    if (ih < 0 || ih >= g.height) {
+      for (int64_t m = 0; m < run; ++m) out[m] = T(0);
+    } else if (columns_inside) {
+      const T* in = image + (ih * g.width + iw0) * C;
+      for (int64_t m = 0; m < run; ++m) out[m] = in[m];
+    } else {
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t iw = iw0 + j;
+        const bool in = iw >= 0 && iw < g.width;
+        for (int64_t c = 0; c < C; ++c) out[j * C + c] = in ? image[(ih * g.width + iw) * C + c] : T(0);
       }
-    *offsets = local_;
-    return copy;
-  }
-
- private:
-  const T* x_;
-  const ConvGeometry& g_;
-  int64_t inside_[kMaxTaps];
-  int64_t local_[kMaxTaps];
-};
-
-template <typename T>
-void ForwardRows(const T* x, const T* w, T* y, const ConvGeometry& g, int64_t begin, int64_t end) {
-  const int64_t taps = g.taps(), O = g.out_channels;
-  const Patches<T> patches(x, g);
-  T copies[kPixels][kMaxTaps];
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / g.out_h, oh = row % g.out_h;
-    T* y_row = y + row * g.out_w * O;
-    for (int64_t ow = 0; ow < g.out_w; ow += kPixels) {
-      const int64_t pixels = std::min(kPixels, g.out_w - ow);
-      const T* base[kPixels];
-      const int64_t* offset[kPixels];
-      for (int64_t q = 0; q < kPixels; ++q)  // a short last block repeats its first pixel (not stored)
-        base[q] = patches.Pixel(n, oh, ow + (q < pixels ? q : 0), copies[q], &offset[q]);
-      ForChannelBlocks<T>(O, [&](auto vec, int64_t o) {
-        using V = decltype(vec);
-        typename V::type acc[kPixels] = {};
-        for (int64_t t = 0; t < taps; ++t) {
-          const typename V::type wv = V::Load(w + t * O + o);
-          MOBILENET_UNROLL for (int64_t q = 0; q < kPixels; ++q) acc[q] += base[q][offset[q][t]] * wv;
-        }
-        for (int64_t q = 0; q < pixels; ++q) V::Store(y_row + (ow + q) * O + o, acc[q]);
-      });
     }
   }
 }
 
-// Adds the kernel gradient of output rows [begin, end) to dw_partial (taps x O).
+// Output pixels per forward register block: one accumulator register per pixel and channel block,
+// with the weight vector and the broadcast value beside them (12 + 2 of 16 ymm, 24 + 2 of 32 zmm).
+constexpr int64_t kPixels = mobilenet_jax::kBlockBytes == 64 ? 24 : 12;
+
+// The forward pass of pixels [ow, ow + pixels) of one output row is a small matrix product of their
+// patches and the kernel. Pixel q's value of tap (i, m), m < k * C, is at rows[i] + q * step + m: in
+// the image itself when the block's windows lie inside it (step = stride * C), else in `patch`
+// (copied, zeros outside the image and past the row's end; step = kMaxTaps).
 template <typename T>
-void KernelGradRows(const T* x, const T* dy, T* dw_partial, const ConvGeometry& g, int64_t begin, int64_t end) {
+void ForwardBlock(const T* x, const T* w, T* y_row, const ConvGeometry& g, int64_t n, int64_t oh, int64_t ow,
+                  int64_t pixels, T* patch) {
+  const int64_t C = g.in_channels, k = g.k, run = k * C, O = g.out_channels;
+  const int64_t ih0 = oh * g.stride - g.top, iw0 = ow * g.stride - g.left;
+  const T* rows[kMaxTaps];
+  int64_t step;
+  if (pixels == kPixels && ih0 >= 0 && ih0 + k <= g.height && iw0 >= 0 &&
+      iw0 + (kPixels - 1) * g.stride + k <= g.width) {
+    step = g.stride * C;
+    for (int64_t i = 0; i < k; ++i) rows[i] = x + ((n * g.height + ih0 + i) * g.width + iw0) * C;
+  } else {
+    step = kMaxTaps;
+    for (int64_t q = 0; q < kPixels; ++q) {
+      if (q < pixels) {
+        CopyPatch<T>(x, g, n, oh, ow + q, patch + q * kMaxTaps);
+      } else {
+        for (int64_t t = 0; t < g.taps(); ++t) patch[q * kMaxTaps + t] = T(0);
+      }
+    }
+    for (int64_t i = 0; i < k; ++i) rows[i] = patch + i * run;
+  }
+  ForChannelBlocks<T>(O, [&](auto vec, int64_t o) {
+    using V = decltype(vec);
+    typename V::type acc[kPixels] = {};
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t m = 0; m < run; ++m) {
+        const typename V::type wv = V::Load(w + (i * run + m) * O + o);
+        const T* p = rows[i] + m;
+        MOBILENET_UNROLL for (int64_t q = 0; q < kPixels; ++q) acc[q] += p[q * step] * wv;
+      }
+    }
+    for (int64_t q = 0; q < pixels; ++q) V::Store(y_row + (ow + q) * O + o, acc[q]);
+  });
+}
+
+template <typename T>
+void ForwardRows(const T* x, const T* w, T* y, const ConvGeometry& g, int64_t begin, int64_t end) {
+  alignas(64) T patch[kPixels * kMaxTaps];
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / g.out_h, oh = row % g.out_h;
+    T* y_row = y + row * g.out_w * g.out_channels;
+    for (int64_t ow = 0; ow < g.out_w; ow += kPixels)
+      ForwardBlock<T>(x, w, y_row, g, n, oh, ow, std::min(kPixels, g.out_w - ow), patch);
+  }
+}
+
+// Taps per kernel-gradient register block: one accumulator register per tap, with the output
+// gradient vector and the broadcast value beside them (12 + 2 of 16 ymm, 28 + 2 of 32 zmm).
+constexpr int64_t kTapBlock = mobilenet_jax::kBlockBytes == 64 ? 28 : 12;
+constexpr int64_t kGradPixels = 32;  // pixels whose patches are copied out at once in the kernel gradient
+// A pixel's patch in the kernel gradient: kMaxTaps rounded up to whole tap blocks, zeros past its taps.
+constexpr int64_t kGradStride = (kMaxTaps + kTapBlock - 1) / kTapBlock * kTapBlock;
+
+// Adds the kernel gradient of pixels [ow, ow + pixels) of one output row to dw_partial (taps x O): for
+// each block of output channels and of taps, the accumulators stay in registers over the pixels.
+template <typename T>
+void KernelGradBlock(const T* x, const T* dy_row, T* dw_partial, const ConvGeometry& g, int64_t n, int64_t oh,
+                     int64_t ow, int64_t pixels, T* patch) {
   const int64_t taps = g.taps(), O = g.out_channels;
-  const Patches<T> patches(x, g);
-  T copy[kMaxTaps];
+  for (int64_t q = 0; q < pixels; ++q) CopyPatch<T>(x, g, n, oh, ow + q, patch + q * kGradStride);
   ForChannelBlocks<T>(O, [&](auto vec, int64_t o) {
     using V = decltype(vec);
     for (int64_t t0 = 0; t0 < taps; t0 += kTapBlock) {
       const int64_t count = std::min(kTapBlock, taps - t0);
       typename V::type acc[kTapBlock] = {};
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / g.out_h, oh = row % g.out_h;
-        const T* dy_row = dy + row * g.out_w * O + o;
-        for (int64_t ow = 0; ow < g.out_w; ++ow) {
-          const int64_t* offset;
-          const T* base = patches.Pixel(n, oh, ow, copy, &offset);
-          const typename V::type d = V::Load(dy_row + ow * O);
-          for (int64_t t = 0; t < kTapBlock; ++t)
-            if (t < count) acc[t] += base[offset[t0 + t]] * d;
-        }
+      for (int64_t q = 0; q < pixels; ++q) {  // a short last block adds the patch's zeros past its taps
+        const typename V::type d = V::Load(dy_row + (ow + q) * O + o);
+        const T* p = patch + q * kGradStride + t0;
+        MOBILENET_UNROLL for (int64_t t = 0; t < kTapBlock; ++t) acc[t] += p[t] * d;
       }
       for (int64_t t = 0; t < count; ++t) {
         T* out = dw_partial + (t0 + t) * O + o;
@@ -135,6 +148,18 @@ void KernelGradRows(const T* x, const T* dy, T* dw_partial, const ConvGeometry& 
       }
     }
   });
+}
+
+// Adds the kernel gradient of output rows [begin, end) to dw_partial (taps x O).
+template <typename T>
+void KernelGradRows(const T* x, const T* dy, T* dw_partial, const ConvGeometry& g, int64_t begin, int64_t end) {
+  alignas(64) T patch[kGradPixels * kGradStride] = {};  // the zeros past each pixel's taps stay
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / g.out_h, oh = row % g.out_h;
+    const T* dy_row = dy + row * g.out_w * g.out_channels;
+    for (int64_t ow = 0; ow < g.out_w; ow += kGradPixels)
+      KernelGradBlock<T>(x, dy_row, dw_partial, g, n, oh, ow, std::min(kGradPixels, g.out_w - ow), patch);
+  }
 }
 
 ffi::Error CheckShapes(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, int64_t out_h, int64_t out_w, int64_t stride,
