@@ -201,6 +201,70 @@ void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, const Affine<T
   }
 }
 
+// Output pixels per register block of ForwardRowsInRegisters: independent accumulator chains beside
+// a tap row's K weights and the input column being read. Measured on an AVX2 Zen 3, one core, 3x3
+// stride 1: 6 pixels 174-179 us per 56x56x128 image, 4 pixels 280-300 us (latency-bound chains).
+constexpr int kRegisterPixels = 6;
+
+// ForwardRows for a K x K kernel at stride S, a channel block at a time with its K * K weights in
+// registers: interior columns kPixels at once, the rest of the row one pixel at a time (taps clipped
+// at the border, weights from memory there). Tap rows outside the image read a row of zeros.
+template <typename T, int K, int S>
+void ForwardRowsInRegisters(const T* x, const T* w, T* y, const Geometry& g, const Affine<T>& prologue,
+                            const Affine<T>& e, int64_t begin, int64_t end) {
+  const int64_t C = g.channels, s = S;
+  int64_t lo, hi;
+  InteriorColumns(g, &lo, &hi);
+  const int64_t blocks_end = lo + (hi - lo) / kRegisterPixels * kRegisterPixels;
+  InputRows<T> input(x, g, prologue);
+  thread_local std::vector<T> zeros;  // only ever zeros
+  if (zeros.size() < static_cast<size_t>(g.width * C)) zeros.assign(g.width * C, T(0));
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / g.out_h, oh = row % g.out_h, ih0 = oh * s - g.pad;
+    int64_t i0, i1;
+    TapRange(oh, g, g.height, &i0, &i1);
+    const T* x_rows[K];
+    for (int64_t i = 0; i < K; ++i) x_rows[i] = i >= i0 && i < i1 ? input.Row(n, ih0 + i) : zeros.data();
+    T* y_row = y + row * g.out_w * C;
+    for (int64_t ow = lo; ow < blocks_end; ow += kRegisterPixels) {
+      const int64_t at = (ow * S - g.pad) * C;
+      ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
+        using V = decltype(vec);
+        typename V::type acc[kRegisterPixels] = {};
+        // The block reads input columns m = p * S + j; each is loaded once per tap row and used by
+        // every (pixel p, tap j) it feeds.
+        MOBILENET_UNROLL for (int i = 0; i < K; ++i) {
+          const T* column = x_rows[i] + at + c;
+          typename V::type wv[K];
+          MOBILENET_UNROLL for (int j = 0; j < K; ++j) wv[j] = V::Load(w + (i * K + j) * C + c);
+          MOBILENET_UNROLL for (int m = 0; m < (kRegisterPixels - 1) * S + K; ++m) {
+            const typename V::type v = V::Load(column + m * C);
+            MOBILENET_UNROLL for (int p = 0; p < kRegisterPixels; ++p)
+              if (m - p * S >= 0 && m - p * S < K) acc[p] += v * wv[m - p * S];
+          }
+        }
+        if (e.center != nullptr) ApplyAffine<V, T>(acc, kRegisterPixels, e, c);
+        MOBILENET_UNROLL for (int p = 0; p < kRegisterPixels; ++p) V::Store(y_row + (ow + p) * C + c, acc[p]);
+      });
+    }
+    auto one_pixel = [&](int64_t ow) {  // taps clipped at the border
+      int64_t j0, j1;
+      TapRange(ow, g, g.width, &j0, &j1);
+      ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
+        using V = decltype(vec);
+        typename V::type acc[1] = {};
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t j = j0; j < j1; ++j)
+            acc[0] += V::Load(x_rows[i] + (ow * S + j - g.pad) * C + c) * V::Load(w + (i * K + j) * C + c);
+        if (e.center != nullptr) ApplyAffine<V, T>(acc, 1, e, c);
+        V::Store(y_row + ow * C + c, acc[0]);
+      });
+    };
+    for (int64_t ow = 0; ow < lo; ++ow) one_pixel(ow);
+    for (int64_t ow = blocks_end; ow < g.out_w; ++ow) one_pixel(ow);
+  }
+}
+
 // The taps of input position t (a row or a column) in the backward pass: kernel offsets u with
 // (t + p - u) divisible by s and output position (t + p - u) / s inside [0, out).
 struct Taps {
@@ -285,6 +349,61 @@ void InputGradRows(const T* dy, const T* w, T* dx, const Geometry& g, int64_t be
   }
 }
 
+// InputGradRows for a K x K kernel at stride 1: dx[ih, iw] = sum_ij dy[ih + p - i, iw + p - j] w[i, j],
+// the forward pass's structure with the kernel flipped. Interior columns kRegisterPixels at once
+// (each output-gradient column loaded once per tap row), the border one pixel at a time; tap rows
+// outside the output read a row of zeros.
+template <typename T, int K>
+void InputGradRowsInRegisters(const T* dy, const T* w, T* dx, const Geometry& g, int64_t begin, int64_t end) {
+  const int64_t C = g.channels, p = g.pad;
+  const int64_t lo = std::min(g.width, std::max<int64_t>(0, K - 1 - p));
+  const int64_t hi = std::max(lo, std::min(g.width, g.out_w - p));  // columns whose K taps are all inside
+  const int64_t blocks_end = lo + (hi - lo) / kRegisterPixels * kRegisterPixels;
+  thread_local std::vector<T> zeros;
+  if (zeros.size() < static_cast<size_t>(g.out_w * C)) zeros.assign(g.out_w * C, T(0));
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / g.height, ih = row % g.height;
+    const T* dy_rows[K];
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t oh = ih + p - i;
+      dy_rows[i] = oh >= 0 && oh < g.out_h ? dy + (n * g.out_h + oh) * g.out_w * C : zeros.data();
+    }
+    T* dx_row = dx + row * g.width * C;
+    for (int64_t iw = lo; iw < blocks_end; iw += kRegisterPixels) {
+      const int64_t at = (iw + p - (K - 1)) * C;  // column m of the block: iw + p - (K - 1) + m
+      ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
+        using V = decltype(vec);
+        typename V::type acc[kRegisterPixels] = {};
+        MOBILENET_UNROLL for (int i = 0; i < K; ++i) {
+          const T* column = dy_rows[i] + at + c;
+          typename V::type wv[K];
+          MOBILENET_UNROLL for (int j = 0; j < K; ++j) wv[j] = V::Load(w + (i * K + j) * C + c);
+          MOBILENET_UNROLL for (int m = 0; m < kRegisterPixels + K - 1; ++m) {
+            const typename V::type v = V::Load(column + m * C);
+            MOBILENET_UNROLL for (int q = 0; q < kRegisterPixels; ++q)
+              if (m - q >= 0 && m - q < K) acc[q] += v * wv[K - 1 - (m - q)];
+          }
+        }
+        MOBILENET_UNROLL for (int q = 0; q < kRegisterPixels; ++q) V::Store(dx_row + (iw + q) * C + c, acc[q]);
+      });
+    }
+    auto one_pixel = [&](int64_t iw) {  // the taps whose output column is inside
+      ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
+        using V = decltype(vec);
+        typename V::type acc[1] = {};
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t ow = iw + p - j;
+            if (ow >= 0 && ow < g.out_w) acc[0] += V::Load(dy_rows[i] + ow * C + c) * V::Load(w + (i * K + j) * C + c);
+          }
+        V::Store(dx_row + iw * C + c, acc[0]);
+      });
+    };
+    for (int64_t iw = 0; iw < lo; ++iw) one_pixel(iw);
+    for (int64_t iw = blocks_end; iw < g.width; ++iw) one_pixel(iw);
+  }
+}
+
 // Adds sum over output rows (n, oh) in [begin, end) of x-window * dy to dw_partial (k * k * C).
 template <typename T>
 void KernelGradRows(const T* x, const T* dy, T* dw_partial, const Geometry& g, const Affine<T>& prologue,
@@ -319,6 +438,53 @@ void KernelGradRows(const T* x, const T* dy, T* dw_partial, const Geometry& g, c
   }
 }
 
+// KernelGradRows for a K x K kernel with all K * K taps of a channel block in registers: each
+// interior output column loads its output gradient once and adds it, times the K * K input values
+// under its window, to K * K independent accumulators, stored once per row. Tap rows outside the
+// image read a row of zeros; the border columns add their in-range taps to dw_partial directly.
+template <typename T, int K>
+void KernelGradRowsInRegisters(const T* x, const T* dy, T* dw_partial, const Geometry& g, const Affine<T>& prologue,
+                               int64_t begin, int64_t end) {
+  const int64_t C = g.channels, s = g.stride;
+  int64_t lo, hi;
+  InteriorColumns(g, &lo, &hi);
+  InputRows<T> input(x, g, prologue);
+  thread_local std::vector<T> zeros;  // only ever zeros
+  if (zeros.size() < static_cast<size_t>(g.width * C)) zeros.assign(g.width * C, T(0));
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / g.out_h, oh = row % g.out_h, ih0 = oh * s - g.pad;
+    int64_t i0, i1;
+    TapRange(oh, g, g.height, &i0, &i1);
+    const T* x_rows[K];
+    for (int64_t i = 0; i < K; ++i) x_rows[i] = i >= i0 && i < i1 ? input.Row(n, ih0 + i) : zeros.data();
+    const T* dy_row = dy + row * g.out_w * C;
+    ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
+      using V = decltype(vec);
+      typename V::type acc[K * K] = {};
+      for (int64_t o = lo; o < hi; ++o) {
+        const typename V::type d = V::Load(dy_row + o * C + c);
+        const int64_t at = (o * s - g.pad) * C + c;
+        MOBILENET_UNROLL for (int i = 0; i < K; ++i)
+          MOBILENET_UNROLL for (int j = 0; j < K; ++j) acc[i * K + j] += V::Load(x_rows[i] + at + j * C) * d;
+      }
+      MOBILENET_UNROLL for (int t = 0; t < K * K; ++t) V::Store(dw_partial + t * C + c, V::Load(dw_partial + t * C + c) + acc[t]);
+    });
+    auto border_column = [&](int64_t o) {
+      int64_t j0, j1;
+      TapRange(o, g, g.width, &j0, &j1);
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = j0; j < j1; ++j) {
+          const T* xv = x_rows[i] + (o * s + j - g.pad) * C;
+          const T* d = dy_row + o * C;
+          T* out = dw_partial + (i * K + j) * C;
+          for (int64_t c = 0; c < C; ++c) out[c] += xv[c] * d[c];
+        }
+    };
+    for (int64_t o = 0; o < lo; ++o) border_column(o);
+    for (int64_t o = hi; o < g.out_w; ++o) border_column(o);
+  }
+}
+
 ffi::Error CheckShapes(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, int64_t stride, int64_t pad, Geometry* g) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
@@ -350,15 +516,26 @@ int64_t Grain(int64_t row_elements, bool prologue = false) {
 template <typename T>
 void Forward(ffi::ThreadPool& pool, const T* x, const T* w, T* y, const Geometry& g, const Affine<T>& prologue,
              const Affine<T>& epilogue) {
-  ParallelFor(pool, g.batch * g.out_h, Grain(g.out_w * g.channels, prologue.active()),
-              [&](int64_t b, int64_t e) { ForwardRows<T>(x, w, y, g, prologue, epilogue, b, e); });
+  ParallelFor(pool, g.batch * g.out_h, Grain(g.out_w * g.channels, prologue.active()), [&](int64_t b, int64_t e) {
+    if (g.k == 3 && g.stride == 1)
+      ForwardRowsInRegisters<T, 3, 1>(x, w, y, g, prologue, epilogue, b, e);
+    else if (g.k == 3 && g.stride == 2)
+      ForwardRowsInRegisters<T, 3, 2>(x, w, y, g, prologue, epilogue, b, e);
+    else
+      ForwardRows<T>(x, w, y, g, prologue, epilogue, b, e);
+  });
 }
 
 template <typename T>
 void Backward(ffi::ThreadPool& pool, const T* x, const T* w, const T* dy, T* dx, T* dw, const Geometry& g,
               const Affine<T>& prologue) {
   ParallelFor(pool, g.batch * g.height, Grain(g.width * g.channels),
-              [&](int64_t b, int64_t e) { InputGradRows<T>(dy, w, dx, g, b, e); });
+              [&](int64_t b, int64_t e) {
+                if (g.k == 3 && g.stride == 1)
+                  InputGradRowsInRegisters<T, 3>(dy, w, dx, g, b, e);
+                else
+                  InputGradRows<T>(dy, w, dx, g, b, e);
+              });
   // Kernel gradient: a partial sum per chunk of output rows (deterministic: chunks are fixed and
   // added in order, whichever thread ran them).
   const int64_t rows = g.batch * g.out_h, taps = g.k * g.k * g.channels;
@@ -366,9 +543,14 @@ void Backward(ffi::ThreadPool& pool, const T* x, const T* w, const T* dy, T* dx,
   const int64_t chunks = (rows + grain - 1) / grain;
   std::vector<T> partial(chunks * taps, T(0));
   ParallelFor(pool, chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t chunk = b; chunk < e; ++chunk)
-      KernelGradRows<T>(x, dy, partial.data() + chunk * taps, g, prologue, chunk * grain,
-                        std::min(rows, (chunk + 1) * grain));
+    for (int64_t chunk = b; chunk < e; ++chunk) {
+      T* out = partial.data() + chunk * taps;
+      const int64_t first = chunk * grain, last = std::min(rows, (chunk + 1) * grain);
+      if (g.k == 3)
+        KernelGradRowsInRegisters<T, 3>(x, dy, out, g, prologue, first, last);
+      else
+        KernelGradRows<T>(x, dy, out, g, prologue, first, last);
+    }
   });
   std::fill(dw, dw + taps, T(0));
   for (int64_t chunk = 0; chunk < chunks; ++chunk)

@@ -18,7 +18,7 @@ struct Vec {
   typedef T type __attribute__((vector_size(Bytes)));
   // The same vector at the alignment of T: loads and stores of it are single unaligned moves. (GCC
   // 12 for Zen 3 copied a 32-byte __builtin_memcpy as two 16-byte stores plus an extract.)
-  typedef T unaligned __attribute__((vector_size(Bytes), aligned(sizeof(T)), may_alias));
+  typedef T unaligned __attribute__((vector_size(Bytes), aligned(sizeof(T))));
   static constexpr int64_t kLanes = Bytes / sizeof(T);
   static inline type Load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
   static inline void Store(T* p, const type& v) { *reinterpret_cast<unaligned*>(p) = v; }
