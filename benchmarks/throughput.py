@@ -127,7 +127,10 @@ class JaxCandidate(Candidate):
         lr = optax.constant_schedule(0.01)
         tx = optim.create_optimizer(config, lr)
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (distributed.BATCH_AXIS,))  # one device
-        self.state = optim.create_train_state(jax.random.key(0), model, tx, args.resolution)
+        state = optim.create_train_state(jax.random.key(0), model, tx, args.resolution)
+        # Placed as train.py places it (training/loop.py): with the step's replicated sharding, the
+        # step compiles once; an uncommitted state compiled it a second time on the second call.
+        self.state = jax.device_put(state, distributed.replicated(mesh))
         self.step = steps.make_train_step(config, model, mesh, tx, lr)
         rng = np.random.default_rng(0)
         self.batch = distributed.global_batch(
