@@ -201,48 +201,71 @@ void ForwardRows(const T* x, const T* w, T* y, const Geometry& g, const Affine<T
   }
 }
 
+// A row of `size` zeros (this thread's; only ever zeros): what a tap row outside the image reads.
+template <typename T>
+const T* ZeroRow(int64_t size) {
+  thread_local std::vector<T> zeros;
+  if (zeros.size() < static_cast<size_t>(size)) zeros.assign(size, T(0));
+  return zeros.data();
+}
+
+// The K input rows under output row `row` = (n, oh): rows[i] is input row oh * s - pad + i, or
+// `zeros` where that is outside the image. Asked for in increasing order, as InputRows wants.
+template <typename T, int K>
+void WindowRows(InputRows<T>& input, const Geometry& g, int64_t row, const T* zeros, const T** rows) {
+  const int64_t n = row / g.out_h, oh = row % g.out_h, ih0 = oh * g.stride - g.pad;
+  int64_t i0, i1;
+  TapRange(oh, g, g.height, &i0, &i1);
+  for (int64_t i = 0; i < K; ++i) rows[i] = i >= i0 && i < i1 ? input.Row(n, ih0 + i) : zeros;
+}
+
 // Output pixels per register block of ForwardRowsInRegisters: independent accumulator chains beside
 // a tap row's K weights and the input column being read. Measured on an AVX2 Zen 3, one core, 3x3
 // stride 1: 6 pixels 174-179 us per 56x56x128 image, 4 pixels 280-300 us (latency-bound chains).
 constexpr int kRegisterPixels = 6;
 
+// acc[p] += the K x K taps of block pixel p, for kRegisterPixels pixels at stride S whose tap rows
+// are rows[i] + at: block column m = p * S + j' is loaded once per tap row and used by every pixel
+// it feeds, with tap j = j' (a forward pass) or K - 1 - j' (the input gradient: the kernel flipped).
+template <typename V, typename T, int K, int S, bool kFlipped>
+inline void AccumulateBlock(const T* const* rows, int64_t at, const T* w, int64_t C, int64_t c,
+                            typename V::type* acc) {
+  MOBILENET_UNROLL for (int i = 0; i < K; ++i) {
+    const T* column = rows[i] + at + c;
+    typename V::type wv[K];
+    MOBILENET_UNROLL for (int j = 0; j < K; ++j) wv[j] = V::Load(w + (i * K + j) * C + c);
+    MOBILENET_UNROLL for (int m = 0; m < (kRegisterPixels - 1) * S + K; ++m) {
+      const typename V::type v = V::Load(column + m * C);
+      MOBILENET_UNROLL for (int p = 0; p < kRegisterPixels; ++p) {
+        const int tap = m - p * S;
+        if (tap >= 0 && tap < K) acc[p] += v * wv[kFlipped ? K - 1 - tap : tap];
+      }
+    }
+  }
+}
+
 // ForwardRows for a K x K kernel at stride S, a channel block at a time with its K * K weights in
-// registers: interior columns kPixels at once, the rest of the row one pixel at a time (taps clipped
+// registers: interior columns kRegisterPixels at once, the rest of the row one pixel at a time (taps clipped
 // at the border, weights from memory there). Tap rows outside the image read a row of zeros.
 template <typename T, int K, int S>
 void ForwardRowsInRegisters(const T* x, const T* w, T* y, const Geometry& g, const Affine<T>& prologue,
                             const Affine<T>& e, int64_t begin, int64_t end) {
-  const int64_t C = g.channels, s = S;
+  const int64_t C = g.channels;
   int64_t lo, hi;
   InteriorColumns(g, &lo, &hi);
   const int64_t blocks_end = lo + (hi - lo) / kRegisterPixels * kRegisterPixels;
   InputRows<T> input(x, g, prologue);
-  thread_local std::vector<T> zeros;  // only ever zeros
-  if (zeros.size() < static_cast<size_t>(g.width * C)) zeros.assign(g.width * C, T(0));
+  const T* zeros = ZeroRow<T>(g.width * C);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / g.out_h, oh = row % g.out_h, ih0 = oh * s - g.pad;
-    int64_t i0, i1;
-    TapRange(oh, g, g.height, &i0, &i1);
     const T* x_rows[K];
-    for (int64_t i = 0; i < K; ++i) x_rows[i] = i >= i0 && i < i1 ? input.Row(n, ih0 + i) : zeros.data();
+    WindowRows<T, K>(input, g, row, zeros, x_rows);
     T* y_row = y + row * g.out_w * C;
     for (int64_t ow = lo; ow < blocks_end; ow += kRegisterPixels) {
       const int64_t at = (ow * S - g.pad) * C;
       ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
         using V = decltype(vec);
         typename V::type acc[kRegisterPixels] = {};
-        // The block reads input columns m = p * S + j; each is loaded once per tap row and used by
-        // every (pixel p, tap j) it feeds.
-        MOBILENET_UNROLL for (int i = 0; i < K; ++i) {
-          const T* column = x_rows[i] + at + c;
-          typename V::type wv[K];
-          MOBILENET_UNROLL for (int j = 0; j < K; ++j) wv[j] = V::Load(w + (i * K + j) * C + c);
-          MOBILENET_UNROLL for (int m = 0; m < (kRegisterPixels - 1) * S + K; ++m) {
-            const typename V::type v = V::Load(column + m * C);
-            MOBILENET_UNROLL for (int p = 0; p < kRegisterPixels; ++p)
-              if (m - p * S >= 0 && m - p * S < K) acc[p] += v * wv[m - p * S];
-          }
-        }
+        AccumulateBlock<V, T, K, S, false>(x_rows, at, w, C, c, acc);
         if (e.center != nullptr) ApplyAffine<V, T>(acc, kRegisterPixels, e, c);
         MOBILENET_UNROLL for (int p = 0; p < kRegisterPixels; ++p) V::Store(y_row + (ow + p) * C + c, acc[p]);
       });
@@ -359,14 +382,13 @@ void InputGradRowsInRegisters(const T* dy, const T* w, T* dx, const Geometry& g,
   const int64_t lo = std::min(g.width, std::max<int64_t>(0, K - 1 - p));
   const int64_t hi = std::max(lo, std::min(g.width, g.out_w - p));  // columns whose K taps are all inside
   const int64_t blocks_end = lo + (hi - lo) / kRegisterPixels * kRegisterPixels;
-  thread_local std::vector<T> zeros;
-  if (zeros.size() < static_cast<size_t>(g.out_w * C)) zeros.assign(g.out_w * C, T(0));
+  const T* zeros = ZeroRow<T>(g.out_w * C);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.height, ih = row % g.height;
     const T* dy_rows[K];
     for (int64_t i = 0; i < K; ++i) {
       const int64_t oh = ih + p - i;
-      dy_rows[i] = oh >= 0 && oh < g.out_h ? dy + (n * g.out_h + oh) * g.out_w * C : zeros.data();
+      dy_rows[i] = oh >= 0 && oh < g.out_h ? dy + (n * g.out_h + oh) * g.out_w * C : zeros;
     }
     T* dx_row = dx + row * g.width * C;
     for (int64_t iw = lo; iw < blocks_end; iw += kRegisterPixels) {
@@ -374,16 +396,7 @@ void InputGradRowsInRegisters(const T* dy, const T* w, T* dx, const Geometry& g,
       ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
         using V = decltype(vec);
         typename V::type acc[kRegisterPixels] = {};
-        MOBILENET_UNROLL for (int i = 0; i < K; ++i) {
-          const T* column = dy_rows[i] + at + c;
-          typename V::type wv[K];
-          MOBILENET_UNROLL for (int j = 0; j < K; ++j) wv[j] = V::Load(w + (i * K + j) * C + c);
-          MOBILENET_UNROLL for (int m = 0; m < kRegisterPixels + K - 1; ++m) {
-            const typename V::type v = V::Load(column + m * C);
-            MOBILENET_UNROLL for (int q = 0; q < kRegisterPixels; ++q)
-              if (m - q >= 0 && m - q < K) acc[q] += v * wv[K - 1 - (m - q)];
-          }
-        }
+        AccumulateBlock<V, T, K, 1, true>(dy_rows, at, w, C, c, acc);
         MOBILENET_UNROLL for (int q = 0; q < kRegisterPixels; ++q) V::Store(dx_row + (iw + q) * C + c, acc[q]);
       });
     }
@@ -449,14 +462,10 @@ void KernelGradRowsInRegisters(const T* x, const T* dy, T* dw_partial, const Geo
   int64_t lo, hi;
   InteriorColumns(g, &lo, &hi);
   InputRows<T> input(x, g, prologue);
-  thread_local std::vector<T> zeros;  // only ever zeros
-  if (zeros.size() < static_cast<size_t>(g.width * C)) zeros.assign(g.width * C, T(0));
+  const T* zeros = ZeroRow<T>(g.width * C);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / g.out_h, oh = row % g.out_h, ih0 = oh * s - g.pad;
-    int64_t i0, i1;
-    TapRange(oh, g, g.height, &i0, &i1);
     const T* x_rows[K];
-    for (int64_t i = 0; i < K; ++i) x_rows[i] = i >= i0 && i < i1 ? input.Row(n, ih0 + i) : zeros.data();
+    WindowRows<T, K>(input, g, row, zeros, x_rows);
     const T* dy_row = dy + row * g.out_w * C;
     ForChannelBlocks<T>(C, [&](auto vec, int64_t c) {
       using V = decltype(vec);
