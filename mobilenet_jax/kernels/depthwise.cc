@@ -244,9 +244,9 @@ inline void AccumulateBlock(const T* const* rows, int64_t at, const T* w, int64_
   }
 }
 
-// ForwardRows for a K x K kernel at stride S, a channel block at a time with its K * K weights in
-// registers: interior columns kRegisterPixels at once, the rest of the row one pixel at a time (taps clipped
-// at the border, weights from memory there). Tap rows outside the image read a row of zeros.
+// ForwardRows for a K x K kernel at stride S: interior columns kRegisterPixels at once (AccumulateBlock,
+// for each channel block), the rest of the row one pixel at a time (taps clipped at the border).
+// Tap rows outside the image read a row of zeros.
 template <typename T, int K, int S>
 void ForwardRowsInRegisters(const T* x, const T* w, T* y, const Geometry& g, const Affine<T>& prologue,
                             const Affine<T>& e, int64_t begin, int64_t end) {
