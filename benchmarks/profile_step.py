@@ -54,6 +54,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mode", choices=("train", "infer"), default="train", help="a train step or inference")
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--per_layer", action="store_true", help="group by each layer's op name, not by layer type")
     args = parser.parse_args(argv)
 
     host.keep_freed_memory()
@@ -90,7 +91,7 @@ def main(argv=None):
         if op_name is None:
             continue
         direction = "backward" if "transpose(" in op_name or "_bwd" in op_name else "forward"
-        operation = re.sub(r".*/", "", op_name)
+        operation = op_name if args.per_layer else re.sub(r".*/", "", op_name)
         totals[(layer_kind(op_name), direction, operation)] += event["dur"] / 1e3 / args.steps
     kernel_ms = sum(totals.values())
     print(

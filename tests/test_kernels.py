@@ -80,6 +80,10 @@ def test_stem_conv_kernel_equals_xla_convolution_in_value_and_both_gradients():
         (1, 10, 11, 3, 35, 3, 2, ((0, 1), (1, 1))),
         (3, 7, 6, 2, 5, 3, 1, ((1, 1), (1, 1))),
         (1, 12, 13, 1, 24, 5, 2, ((2, 2), (2, 1))),
+        # Rows wide enough for whole forward register blocks inside the image (12 pixels on AVX2, 24 with
+        # AVX-512) beside a border block and a short last one.
+        (1, 4, 61, 3, 16, 3, 2, ((0, 1), (0, 1))),
+        (1, 3, 53, 3, 8, 3, 1, ((1, 1), (1, 1))),
     ]
     with jax.enable_x64(True):
         for n, h, w, c_in, c_out, k, s, padding in cases:
