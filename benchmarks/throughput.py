@@ -418,6 +418,12 @@ def machine() -> dict:
         flags = next(line.split(":", 1)[1].split() for line in cpuinfo if line.startswith(("flags", "Features")))
         # The widest vector extension: the kernels' and XLA's code differ by it (AVX-512 or AVX2 machines).
         info["vector_extension"] = next((name for name in ("avx512f", "avx2", "avx", "asimd") if name in flags), "")
+        # A VM's model name may be just "AMD EPYC"; family and model tell the generation
+        # (x86: AMD family 25 is Zen 3/4, 26 Zen 5; Intel family 6 model 207 Emerald Rapids).
+        for key in ("cpu family", "model"):
+            value = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.split(":")[0].strip() == key), None)
+            if value is not None:
+                info[key.replace(" ", "_")] = value
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     if torch is not None:
