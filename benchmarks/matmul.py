@@ -26,18 +26,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# (spatial side, input channels, output channels, how many V1 layers have this shape).
-V1_POINTWISE = (
-    (112, 32, 64, 1),
-    (56, 64, 128, 1),
-    (56, 128, 128, 1),
-    (28, 128, 256, 1),
-    (28, 256, 256, 1),
-    (14, 256, 512, 1),
-    (14, 512, 512, 5),
-    (7, 512, 1024, 1),
-    (7, 1024, 1024, 1),
-)
+from mobilenet_jax.models.mobilenet_v1 import v1_architecture  # noqa: E402
+
+
+def v1_pointwise_shapes(resolution: int = 224) -> tuple[tuple[int, int, int, int], ...]:
+    """``(spatial side, input channels, output channels, how many layers)`` of V1's pointwise layers,
+    from the model's own table (``v1_architecture``), in order of first appearance."""
+    stem, blocks = v1_architecture()
+    side, channels, counts = resolution // 2, stem, {}
+    for out_channels, stride in blocks:
+        side //= stride  # the depthwise conv strides; the pointwise one keeps the size
+        counts[(side, channels, out_channels)] = counts.get((side, channels, out_channels), 0) + 1
+        channels = out_channels
+    return tuple((*shape, count) for shape, count in counts.items())
+
+
+V1_POINTWISE = v1_pointwise_shapes()
 LIBRARIES = ("xla", "torch", "numpy")
 
 
