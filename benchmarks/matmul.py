@@ -5,7 +5,7 @@
 The pointwise layers are 65-78% of V1 inference (``profile_step.py --mode infer``), and this
 project leaves them to XLA, so whether V1 inference beats PyTorch's depends on these products
 more than on the C++ kernels. Each library runs in its own process (an idle OpenBLAS or OpenMP
-pool spins after a call and slows the next library's threads), on 2 threads, with the output
+pool spins after a call and slows the next library's threads), on every core, with the output
 written into a preallocated buffer where the library allows (PyTorch ``out=``, NumPy ``out=``;
 XLA allocates its result, which the project's allocator settings keep from page-faulting).
 The libraries take turns, a process each per round (``--rounds``). Prints milliseconds per
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +54,7 @@ def _median_ms(fn, reps: int) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * statistics.median(times)
 
 
 def _xla_product(dot, a, b):
@@ -75,7 +77,7 @@ def measure(library: str, batch: int, reps: int) -> list[float]:
     elif library == "torch":
         import torch  # noqa: PLC0415
 
-        torch.set_num_threads(2)
+        torch.set_num_threads(os.cpu_count() or 1)  # XLA and OpenBLAS use every core too
     results = []
     for side, k, n, _ in V1_POINTWISE:
         a = rng.standard_normal((batch * side * side, k), dtype=np.float32)
@@ -127,7 +129,7 @@ def main() -> None:
                 sys.exit(f"The {library} measurement failed:\n{done.stderr[-2000:]}")
             samples[library].append(json.loads(done.stdout.strip().splitlines()[-1]))
     columns = {
-        name: [sorted(round_[i] for round_ in rounds)[len(rounds) // 2] for i in range(len(V1_POINTWISE))]
+        name: [statistics.median(round_[i] for round_ in rounds) for i in range(len(V1_POINTWISE))]
         for name, rounds in samples.items()
     }
     print(f"V1 pointwise products, batch {args.batch}, ms (median of {args.rounds} rounds of {args.reps} calls)")
